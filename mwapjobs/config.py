@@ -1,0 +1,227 @@
+"""Settings: `config.toml` overridden by environment variables.
+
+The daemon shares the MWAP backend's environment file, so the backend's own
+names (`MONGODB_URI`, `ENCRYPTION_KEY`, `AUTH0_DOMAIN`, `AUTH0_AUDIENCE`) are
+read as they are; everything else is `MWAPJOBS_*` with `__` for nesting.
+A wrong setting stops start-up with one line that names it (see `ConfigError`),
+because a daemon that guesses is worse than one that refuses to start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "MWAPJOBS_"
+DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/mwapjobs/config.toml"))
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased as one line for an operator."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HttpSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(1_048_576, gt=0)
+
+
+class MongoSettings(_Section):
+    server_selection_timeout: float = Field(5.0, gt=0)
+    ping_interval: float = Field(5.0, gt=0)
+    connect_retry_max: float = Field(30.0, gt=0)
+
+
+class BackoffSettings(_Section):
+    type: Literal["fixed", "exponential"] = "exponential"
+    delay: float = Field(5.0, ge=0)
+    jitter: float = Field(0.1, ge=0, le=1)
+    max_delay: float = Field(3600.0, ge=0)
+
+
+class RetentionSettings(_Section):
+    count: int | None = Field(1000, ge=0)
+    age: float | None = Field(7 * 86400.0, ge=0)
+
+
+class QueueSettings(_Section):
+    """Defaults for one queue; every field can still be overridden per job."""
+
+    attempts: int = Field(3, ge=1)
+    backoff: BackoffSettings = BackoffSettings()
+    concurrency: int = Field(10, ge=1)
+    priority: int = 0
+    timeout: float = Field(300.0, gt=0)
+    keep_completed: RetentionSettings = RetentionSettings()
+    keep_failed: RetentionSettings = RetentionSettings(count=5000, age=30 * 86400.0)
+
+
+class EngineSettings(_Section):
+    lease_seconds: float = Field(30.0, gt=0)
+    stalled_limit: int = Field(1, ge=0)
+    sweep_interval: float = Field(15.0, gt=0)
+    retention_interval: float = Field(60.0, gt=0)
+    claim_batch: int = Field(100, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told. Defaults are what `config.toml` shows."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    mongodb_uri: SecretStr = Field(validation_alias=AliasChoices("MONGODB_URI", "mongodb_uri"))
+    encryption_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("ENCRYPTION_KEY", "encryption_key")
+    )
+    auth0_domain: str | None = Field(
+        None, validation_alias=AliasChoices("AUTH0_DOMAIN", "auth0_domain")
+    )
+    auth0_audience: str | None = Field(
+        None, validation_alias=AliasChoices("AUTH0_AUDIENCE", "auth0_audience")
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_timeout: float = Field(30.0, gt=0)
+    http: HttpSettings = HttpSettings()
+    mongodb: MongoSettings = MongoSettings()
+    engine: EngineSettings = EngineSettings()
+    queues: dict[str, QueueSettings] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_toml_path))
+        return tuple(sources)
+
+    def queue(self, name: str) -> QueueSettings:
+        """The defaults for queue `name`: its own section, else the built-in defaults."""
+        return self.queues.get(name, QueueSettings())
+
+
+# pydantic-settings builds sources from a classmethod, so the file path for the
+# one load in progress is passed through this module-level slot.
+_toml_path: Path | None = None
+
+
+def resolve_config_path(explicit: str | None, env: Mapping[str, str] | None = None) -> Path | None:
+    """`--config`, else `$MWAPJOBS_CONFIG`, else ./config.toml, else /etc/mwapjobs/config.toml.
+
+    An explicitly named file must exist; the fallbacks are optional, so a
+    daemon configured purely through the environment still starts.
+    """
+    env = os.environ if env is None else env
+    named = explicit or env.get("MWAPJOBS_CONFIG")
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigError(f"config file {named}: not found")
+        return path
+    return next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
+
+
+def load_settings(path: Path | None, **overrides: Any) -> Settings:
+    """Load and validate, turning every problem into a one-line `ConfigError`."""
+    global _toml_path
+    _check_unknown_env(os.environ)
+    _toml_path = path
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    except (OSError, ValueError) as exc:  # unreadable file or TOML syntax error
+        raise ConfigError(f"config file {path}: {exc}") from None
+    finally:
+        _toml_path = None
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(part) for part in err["loc"]) or "(root)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    if err["type"] == "missing":
+        return f"{key}: required setting is missing{_hint(key)}{more}"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown setting{' in ' + str(path) if path else ''}{more}"
+    return f"{key}: {err['msg']}{more}"
+
+
+_ENV_NAMES = {
+    "mongodb_uri": "MONGODB_URI",
+    "MONGODB_URI": "MONGODB_URI",
+    "encryption_key": "ENCRYPTION_KEY",
+}
+
+
+def _hint(key: str) -> str:
+    env = _ENV_NAMES.get(key)
+    return f" (set {env} or {key.lower()} in config.toml)" if env else ""
+
+
+def _check_unknown_env(env: Mapping[str, str]) -> None:
+    """Reject `MWAPJOBS_*` variables that match no setting: a typo must not pass silently."""
+    known_top = set(Settings.model_fields) | {"config"}
+    for name in env:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if parts[0] not in known_top:
+            raise ConfigError(f"{name}: unknown setting (environment variable)")
+        field = Settings.model_fields.get(parts[0])
+        model = getattr(field, "annotation", None) if field else None
+        if (
+            len(parts) > 1
+            and isinstance(model, type)
+            and issubclass(model, BaseModel)
+            and parts[1] not in model.model_fields
+        ):
+            raise ConfigError(f"{name}: unknown setting (environment variable)")
+
+
+SECRET_MASK = "********"
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective configuration with every secret masked, for `check-config`."""
+    data = settings.model_dump(mode="json")
+    for key in ("mongodb_uri", "encryption_key"):
+        value = getattr(settings, key)
+        if value is None:
+            continue
+        data[key] = mask_uri(value.get_secret_value()) if key == "mongodb_uri" else SECRET_MASK
+    return data
+
+
+def mask_uri(uri: str) -> str:
+    """Hide the password in a MongoDB URI but keep host and database, which operators need."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or "@" not in rest:
+        return uri
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:{SECRET_MASK}@{host}"

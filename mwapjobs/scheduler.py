@@ -1,0 +1,320 @@
+"""APScheduler 3 as the one clock: it persists triggers and says when they fire.
+
+APScheduler's `MongoDBJobStore` speaks synchronous pymongo and its schedulers
+call the store on whatever thread calls them. So APScheduler runs as a
+`BackgroundScheduler` in its own thread, and every call we make into it goes
+through one dedicated worker thread (`_in_thread`). The event loop never runs a
+pymongo call.
+
+A trigger does not run job code. `FireExecutor` turns a fire into work for the
+engine:
+- a *delayed* trigger belongs to a run document that already exists, so a fire
+  only wakes the engine, which promotes every due run in one query;
+- a *repeat* trigger (cron or interval) creates a run; the executor waits until
+  the run is written before APScheduler moves the trigger on, so a crash in
+  between cannot lose the occurrence.
+
+Misfires never drop work: `misfire_grace_time=None` runs late triggers however
+late, and `coalesce=True` turns a downtime's worth of missed repeats into one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.executors.base import BaseExecutor
+from apscheduler.job import Job as ApsJob
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.jobstores.mongodb import MongoDBJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from .storage.mongo import SCHEDULER_JOBS, Mongo
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DELAYED_PREFIX = "run:"
+REPEAT_PREFIX = "repeat:"
+REPEAT_HANDOFF_TIMEOUT = 60.0
+
+
+def fire(**_: Any) -> None:
+    """The importable target APScheduler stores with each trigger.
+
+    APScheduler persists a textual reference to a callable; `FireExecutor`
+    handles every fire itself, so this is never called.
+    """
+    raise RuntimeError("mwapjobs triggers are handled by FireExecutor")
+
+
+class FireExecutor(BaseExecutor):  # type: ignore[misc]
+    """Hands each fire to the engine instead of calling the job's function."""
+
+    def __init__(self, on_fire: Callable[[dict[str, Any], datetime], None]) -> None:
+        super().__init__()
+        self._on_fire = on_fire
+
+    def submit_job(self, job: ApsJob, run_times: list[datetime]) -> None:
+        # No instance counting: a fire is over when `_on_fire` returns.
+        self._do_submit_job(job, run_times)
+
+    def _do_submit_job(self, job: ApsJob, run_times: list[datetime]) -> None:
+        self._on_fire(dict(job.kwargs), run_times[-1])
+
+
+class CountingJobStore(MongoDBJobStore):  # type: ignore[misc]
+    """`MongoDBJobStore` that counts its queries, so benchmarks can report round trips."""
+
+    round_trips = 0
+
+    def _count(self) -> None:
+        self.round_trips += 1
+
+    def lookup_job(self, job_id: str) -> Any:
+        self._count()
+        return super().lookup_job(job_id)
+
+    def get_due_jobs(self, now: datetime) -> Any:
+        self._count()
+        return super().get_due_jobs(now)
+
+    def get_next_run_time(self) -> Any:
+        self._count()
+        return super().get_next_run_time()
+
+    def get_all_jobs(self) -> Any:
+        self._count()
+        return super().get_all_jobs()
+
+    def add_job(self, job: ApsJob) -> None:
+        self._count()
+        super().add_job(job)
+
+    def update_job(self, job: ApsJob) -> None:
+        self._count()
+        super().update_job(job)
+
+    def remove_job(self, job_id: str) -> None:
+        self._count()
+        super().remove_job(job_id)
+
+    def jobs_with_prefix(self, prefix: str) -> list[ApsJob]:
+        """Jobs whose id starts with `prefix`, via an anchored (indexed) `_id` match.
+
+        Listing repeat schedules must not unpickle every delayed trigger.
+        `_get_jobs` is APScheduler 3's own helper; the dependency pins <4.
+        """
+        self._count()
+        jobs: list[ApsJob] = self._get_jobs({"_id": {"$regex": "^" + _escape(prefix)}})
+        return jobs
+
+
+def _escape(text: str) -> str:
+    return "".join("\\" + c if not c.isalnum() and c not in "-_:" else c for c in text)
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """A repeat schedule as operators see it."""
+
+    queue: str
+    job_id: str
+    data: dict[str, Any]
+    schedule: str
+    timezone: str
+    next_run_at: datetime | None
+
+
+def make_trigger(cron: str | None, every: float | None, timezone: str) -> BaseTrigger:
+    """A cron or interval trigger in `timezone`; exactly one of `cron` and `every`."""
+    if (cron is None) == (every is None):
+        raise ValueError("give exactly one of cron and every")
+    try:
+        tz = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {timezone!r}") from None
+    if cron is not None:
+        try:
+            return CronTrigger.from_crontab(cron, timezone=tz)
+        except ValueError as exc:
+            raise ValueError(f"invalid cron expression {cron!r}: {exc}") from None
+    assert every is not None
+    if every <= 0:
+        raise ValueError("every must be a positive number of seconds")
+    return IntervalTrigger(seconds=every, timezone=tz)
+
+
+class Scheduler:
+    """APScheduler in its own thread, driven from the event loop without blocking it."""
+
+    def __init__(
+        self,
+        mongo: Mongo,
+        on_due: Callable[[], None],
+        on_repeat: Callable[[str, str, dict[str, Any], datetime], Awaitable[None]],
+    ) -> None:
+        self._mongo = mongo
+        self._on_due = on_due
+        self._on_repeat = on_repeat
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="mwapjobs-scheduler-io")
+        self._aps: BackgroundScheduler | None = None
+        self._store: CountingJobStore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._aps is not None and self._aps.running
+
+    @property
+    def round_trips(self) -> int:
+        return self._store.round_trips if self._store else 0
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn)
+
+    async def start(self) -> None:
+        """Start APScheduler; raises (e.g. `ServerSelectionTimeoutError`) if MongoDB is down."""
+        self._loop = asyncio.get_running_loop()
+        await self._in_thread(self._start_sync)
+
+    def _start_sync(self) -> None:
+        store = CountingJobStore(
+            database=self._mongo.db_name,
+            collection=SCHEDULER_JOBS,
+            client=self._mongo.jobstore_client(),
+        )
+        aps = BackgroundScheduler(
+            jobstores={"default": store},
+            executors={"default": FireExecutor(self._fire)},
+            job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},
+            timezone=UTC,
+        )
+        try:
+            aps.start()
+        except BaseException:
+            aps.shutdown(wait=False) if aps.running else None
+            raise
+        self._aps, self._store = aps, store
+
+    async def shutdown(self) -> None:
+        """Stop firing. Triggers stay in MongoDB and resume at the next start."""
+        if self._aps is not None:
+            aps, self._aps = self._aps, None
+            await self._in_thread(lambda: aps.shutdown(wait=False))
+
+    def close(self) -> None:
+        self._io.shutdown(wait=False)
+
+    def _fire(self, kwargs: dict[str, Any], run_time: datetime) -> None:
+        """Runs on APScheduler's thread for every fire."""
+        loop = self._loop
+        assert loop is not None
+        if kwargs.get("kind") == "repeat":
+            handoff = self._on_repeat(kwargs["queue"], kwargs["job_id"], kwargs["data"], run_time)
+            future = asyncio.run_coroutine_threadsafe(_awaited(handoff), loop)
+            future.result(timeout=REPEAT_HANDOFF_TIMEOUT)
+        else:
+            loop.call_soon_threadsafe(self._on_due)
+
+    def _require(self) -> BackgroundScheduler:
+        if self._aps is None:
+            raise RuntimeError("the scheduler is not running")
+        return self._aps
+
+    async def add_delayed(self, run_id: str, run_at: datetime) -> None:
+        """A trigger that wakes the engine when run `run_id` falls due."""
+        aps = self._require()
+        await self._in_thread(
+            lambda: aps.add_job(
+                fire,
+                trigger=DateTrigger(run_date=run_at, timezone=UTC),
+                id=DELAYED_PREFIX + run_id,
+                kwargs={"kind": "delayed"},
+                replace_existing=True,
+            )
+        )
+
+    async def remove_delayed(self, run_ids: list[str]) -> None:
+        aps = self._require()
+
+        def remove() -> None:
+            for run_id in run_ids:
+                try:
+                    aps.remove_job(DELAYED_PREFIX + run_id)
+                except JobLookupError:
+                    pass  # already fired, or never made (the sweep promotes those)
+
+        await self._in_thread(remove)
+
+    async def set_repeat(
+        self, queue: str, job_id: str, data: dict[str, Any], trigger: BaseTrigger
+    ) -> Repeat:
+        """Create or replace a repeat schedule; an identical one is left as it is, so a
+        restart does not push an interval's next fire further out."""
+        aps = self._require()
+        job_key = f"{REPEAT_PREFIX}{queue}:{job_id}"
+        kwargs = {"kind": "repeat", "queue": queue, "job_id": job_id, "data": data}
+
+        def upsert() -> ApsJob:
+            existing = aps.get_job(job_key)
+            if existing is not None and str(existing.trigger) == str(trigger) and (
+                existing.kwargs == kwargs
+            ):
+                return existing
+            return aps.add_job(fire, trigger=trigger, id=job_key, kwargs=kwargs,
+                               replace_existing=True)
+
+        job = await self._in_thread(upsert)
+        return _repeat_info(job)
+
+    async def remove_repeat(self, queue: str, job_id: str) -> bool:
+        aps = self._require()
+
+        def remove() -> bool:
+            try:
+                aps.remove_job(f"{REPEAT_PREFIX}{queue}:{job_id}")
+                return True
+            except JobLookupError:
+                return False
+
+        return await self._in_thread(remove)
+
+    async def repeats(self, queue: str | None = None) -> list[Repeat]:
+        store = self._store
+        if store is None or not self.running:
+            raise RuntimeError("the scheduler is not running")
+        prefix = REPEAT_PREFIX + (f"{queue}:" if queue else "")
+        jobs = await self._in_thread(lambda: store.jobs_with_prefix(prefix))
+        return [_repeat_info(job) for job in jobs]
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _repeat_info(job: ApsJob) -> Repeat:
+    trigger = job.trigger
+    if isinstance(trigger, CronTrigger):
+        fields = {f.name: str(f) for f in trigger.fields}
+        schedule = " ".join(fields[n] for n in ("minute", "hour", "day", "month", "day_of_week"))
+    else:
+        schedule = f"every {trigger.interval.total_seconds():g}s"
+    return Repeat(
+        queue=job.kwargs["queue"],
+        job_id=job.kwargs["job_id"],
+        data=job.kwargs["data"],
+        schedule=schedule,
+        timezone=str(trigger.timezone),
+        next_run_at=job.next_run_time,
+    )

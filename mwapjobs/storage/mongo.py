@@ -1,0 +1,164 @@
+"""The one door to MongoDB: every database call in mwapjobs goes through `Mongo.call`.
+
+Two clients are made from the same URI, as APScheduler needs a synchronous one:
+- motor for the application's own queries, awaited on the event loop;
+- pymongo for APScheduler's `MongoDBJobStore`, used only from the scheduler's thread.
+
+`MONGODB_URI=memory://` swaps both for mongomock, sharing one in-memory
+database. mongomock-motor runs every query synchronously on the calling
+thread and mongomock scans whole collections, so for the embedded store
+`call` runs each query on a dedicated thread with its own event loop, the way a
+database server would answer from another process. The loop that serves HTTP
+never executes a query itself, embedded or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import mongomock
+import pymongo
+from mongomock_motor import AsyncMongoMockClient
+from motor.motor_asyncio import AsyncIOMotorClient
+from pymongo.uri_parser import parse_uri
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MEMORY_SCHEME = "memory://"
+DEFAULT_EMBEDDED_DB = "mwap"
+
+# Our collections carry a prefix so that they stand apart from the backend's.
+RUNS = "mwapjobs_runs"
+QUEUES = "mwapjobs_queues"
+SCHEDULER_JOBS = "mwapjobs_scheduler_jobs"
+# The MWAP backend's collections, which we read and (for integrations) update.
+INTEGRATIONS = "cloudProviderIntegrations"
+PROVIDERS = "cloudProviders"
+TENANTS = "tenants"
+SUPERADMINS = "superadmins"
+
+
+class MongoUriError(ValueError):
+    """The URI cannot be used (no database named, bad syntax)."""
+
+
+def database_name(uri: str) -> str:
+    """The database is the URI's path, as in MWAP (`mongodb://host:27017/mwap`)."""
+    if uri.startswith(MEMORY_SCHEME):
+        return uri[len(MEMORY_SCHEME) :].strip("/") or DEFAULT_EMBEDDED_DB
+    try:
+        name = parse_uri(uri)["database"]
+    except Exception as exc:  # pymongo raises several types for a bad URI
+        raise MongoUriError(f"not a valid MongoDB URI: {type(exc).__name__}") from None
+    if not name:
+        raise MongoUriError("the URI names no database (e.g. mongodb://host:27017/mwap)")
+    return str(name)
+
+
+class _EmbeddedLoop:
+    """A thread running an event loop, where mongomock-motor queries execute."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="mwapjobs-embedded-db", daemon=True
+        )
+        self._thread.start()
+
+    async def run(self, op: Callable[[Any], Awaitable[T]], db: Any) -> T:
+        future = asyncio.run_coroutine_threadsafe(_invoke(op, db), self.loop)
+        return await asyncio.wrap_future(future)
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+
+
+async def _invoke(op: Callable[[Any], Awaitable[T]], db: Any) -> T:
+    """Build and await the query on the embedded thread, cursor creation included."""
+    return await op(db)
+
+
+class Mongo:
+    """A database handle for the app plus a factory of sync clients for APScheduler.
+
+    Build it with `Mongo.connect(uri)` in production or `Mongo.from_clients(...)`
+    to inject a client (tests, embedding). `round_trips` counts every query
+    sent, which the benchmarks report per job.
+    """
+
+    def __init__(
+        self,
+        async_client: Any,
+        db_name: str,
+        jobstore_client: Callable[[], Any],
+        *,
+        embedded: bool,
+    ) -> None:
+        self.client = async_client
+        self.db_name = db_name
+        self.db = async_client[db_name]
+        self.embedded = embedded
+        self._jobstore_client = jobstore_client
+        self._embedded_loop = _EmbeddedLoop() if embedded else None
+        self.round_trips = 0
+
+    @classmethod
+    def connect(cls, uri: str, server_selection_timeout: float = 5.0) -> Mongo:
+        """Clients for `uri`; nothing is contacted until the first query."""
+        name = database_name(uri)
+        if uri.startswith(MEMORY_SCHEME):
+            return cls.from_clients(mongomock.MongoClient(tz_aware=True), name)
+        timeout_ms = int(server_selection_timeout * 1000)
+        options: dict[str, Any] = {
+            "serverSelectionTimeoutMS": timeout_ms,
+            "connectTimeoutMS": timeout_ms,
+            "tz_aware": True,
+            "appname": "mwapjobs",
+        }
+        return cls(
+            AsyncIOMotorClient(uri, **options),
+            name,
+            lambda: pymongo.MongoClient(uri, **options),
+            embedded=False,
+        )
+
+    @classmethod
+    def from_clients(
+        cls, sync_client: Any, db_name: str = DEFAULT_EMBEDDED_DB, async_client: Any = None
+    ) -> Mongo:
+        """Wrap an existing client: a `mongomock.MongoClient` (embedded, shared with
+        APScheduler), or a real pymongo client plus its motor twin."""
+        if isinstance(sync_client, mongomock.MongoClient):
+            shared = AsyncMongoMockClient(mock_mongo_client=sync_client, tz_aware=True)
+            return cls(shared, db_name, lambda: sync_client, embedded=True)
+        if async_client is None:
+            raise ValueError("a real pymongo client needs its motor twin as async_client")
+        return cls(async_client, db_name, lambda: sync_client, embedded=False)
+
+    async def call(self, op: Callable[[Any], Awaitable[T]]) -> T:
+        """Run one query, `op(db)`, without ever executing it on the caller's loop thread."""
+        self.round_trips += 1
+        if self._embedded_loop is None:
+            return await op(self.db)
+        return await self._embedded_loop.run(op, self.db)
+
+    async def ping(self) -> None:
+        await self.call(lambda db: db.command("ping"))
+
+    def jobstore_client(self) -> Any:
+        """A sync client for APScheduler's job store. APScheduler closes it on shutdown,
+        so each scheduler gets its own (the embedded one is shared: closing it is a no-op)."""
+        return self._jobstore_client()
+
+    def close(self) -> None:
+        if self._embedded_loop is not None:
+            self._embedded_loop.stop()
+        else:
+            self.client.close()
