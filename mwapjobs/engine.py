@@ -19,6 +19,7 @@ wrong moment, so handlers must be idempotent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -33,7 +34,15 @@ from bson import ObjectId
 
 from .config import EngineSettings
 from .logs import secrets
-from .queues import Backoff, Job, PermanentError, Queue, QueueRegistry, TransientError
+from .queues import (
+    Backoff,
+    Job,
+    PermanentError,
+    Queue,
+    QueueRegistry,
+    Retention,
+    TransientError,
+)
 from .scheduler import Repeat, Scheduler, make_trigger
 from .storage.mongo import Mongo
 from .storage.runs import RunStore, State
@@ -134,6 +143,7 @@ class Engine:
         self._spawn(self._promoter(), "promoter")
         self._spawn(self._renewer(), "lease-renewer")
         self._spawn(self._sweeper(), "sweeper")
+        self._spawn(self._retention(), "retention")
         log.info("engine started", extra={"owner": self.owner, "queues": self.registry.names()})
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
@@ -336,10 +346,8 @@ class Engine:
                 await self._wait(wake)
 
     async def _wait(self, event: asyncio.Event) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=self.settings.sweep_interval)
-        except TimeoutError:
-            pass
 
     def _start_run(self, queue: Queue, run: dict[str, Any]) -> None:
         self._active_by_queue[queue.name] += 1
@@ -361,6 +369,8 @@ class Engine:
             deadline=as_utc(run["deadline"]) if run.get("deadline") else None,
         )
         started_at = self.clock()
+        log.debug("run started", extra={"runId": job.run_id, "queue": job.queue,
+                                        "jobId": job.job_id, "attempt": job.attempt})
         t0 = time.monotonic()
         error: BaseException | None = None
         result: Any = None
@@ -392,6 +402,8 @@ class Engine:
             fields = {"finishedAt": now, "durationMs": duration_ms,
                       "result": _result_summary(result), "error": None}
             if await self.runs.finish(run["_id"], self.owner, "completed", fields, attempt):
+                log.debug("run completed", extra={"runId": job.run_id, "queue": job.queue,
+                                                  "durationMs": duration_ms})
                 await self._emit("completed", {**summary, "result": fields["result"],
                                                "durationMs": duration_ms})
             else:
@@ -481,6 +493,31 @@ class Engine:
                                          "jobId": run.get("jobId"), "movedTo": state})
         if await self.runs.promote_due(now):
             self.wake()
+
+    async def _retention(self) -> None:
+        """Trim finished runs to each queue's keep_completed / keep_failed limits."""
+        while True:
+            await asyncio.sleep(self.settings.retention_interval)
+            try:
+                await self.apply_retention()
+            except Exception as exc:
+                log.warning("retention failed", extra={"error": str(exc)})
+
+    async def apply_retention(self) -> int:
+        deleted = 0
+        now = self.clock()
+        for queue in self.registry:
+            rules: tuple[tuple[State, Retention], ...] = (
+                ("completed", queue.options.keep_completed),
+                ("failed", queue.options.keep_failed),
+            )
+            for state, keep in rules:
+                if keep.age is not None:
+                    deleted += await self.runs.delete_finished_before(
+                        queue.name, state, now - timedelta(seconds=keep.age))
+                if keep.count is not None:
+                    deleted += await self.runs.delete_beyond(queue.name, state, keep.count)
+        return deleted
 
     # -- pause / resume (used by operations) ----------------------------------------
 

@@ -21,6 +21,7 @@ late, and `coalesce=True` turns a downtime's worth of missed repeats into one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -250,10 +251,9 @@ class Scheduler:
 
         def remove() -> None:
             for run_id in run_ids:
-                try:
+                # Already fired, or never made (the sweep promotes those).
+                with contextlib.suppress(JobLookupError):
                     aps.remove_job(DELAYED_PREFIX + run_id)
-                except JobLookupError:
-                    pass  # already fired, or never made (the sweep promotes those)
 
         await self._in_thread(remove)
 

@@ -136,7 +136,7 @@ class Mongo:
         """Wrap an existing client: a `mongomock.MongoClient` (embedded, shared with
         APScheduler), or a real pymongo client plus its motor twin."""
         if isinstance(sync_client, mongomock.MongoClient):
-            shared = AsyncMongoMockClient(mock_mongo_client=sync_client, tz_aware=True)
+            shared: Any = AsyncMongoMockClient(mock_mongo_client=sync_client, tz_aware=True)
             return cls(shared, db_name, lambda: sync_client, embedded=True)
         if async_client is None:
             raise ValueError("a real pymongo client needs its motor twin as async_client")

@@ -15,6 +15,7 @@ nothing instead of clobbering newer state. Queries use the indexes made in
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -36,6 +37,12 @@ def parse_run_id(run_id: str) -> ObjectId | None:
         return ObjectId(run_id)
     except (InvalidId, TypeError):
         return None
+
+
+def _create_index(
+    collection: str, keys: list[tuple[str, int]], options: dict[str, Any]
+) -> Callable[[Any], Awaitable[str]]:
+    return lambda db: db[collection].create_index(keys, **options)
 
 
 class RunStore:
@@ -61,9 +68,7 @@ class RunStore:
             ([("key", ASCENDING)], {"name": "mwapjobs_dedupe", "unique": True, "sparse": True}),
         ]
         for keys, options in specs:
-            await self._mongo.call(
-                lambda db, k=keys, o=options: db[RUNS].create_index(k, **o)
-            )
+            await self._mongo.call(_create_index(RUNS, keys, options))
 
     # -- adding ------------------------------------------------------------
 
@@ -101,7 +106,7 @@ class RunStore:
         waiting to active under a batch token. A third reads back by token
         only if someone else took some of them in between.
         """
-        candidates = await self._mongo.call(
+        candidates: list[dict[str, Any]] = await self._mongo.call(
             lambda db: db[RUNS]
             .find({"queue": queue, "state": "waiting"})
             .sort([("priority", DESCENDING), ("runAt", ASCENDING)])
@@ -124,10 +129,10 @@ class RunStore:
             )
         )
         if result.modified_count != len(ids):
-            candidates = await self._mongo.call(
+            mine: list[dict[str, Any]] = await self._mongo.call(
                 lambda db: db[RUNS].find({"claimToken": token}).to_list(None)
             )
-            return candidates
+            return mine
         for doc in candidates:
             doc.update(claimed)
             doc["attemptsMade"] = doc.get("attemptsMade", 0) + 1
@@ -190,11 +195,12 @@ class RunStore:
 
     async def expired_leases(self, now: datetime, exclude: list[ObjectId]) -> list[dict[str, Any]]:
         """Active runs whose lease ran out: their worker died (or froze)."""
-        return await self._mongo.call(
+        expired: list[dict[str, Any]] = await self._mongo.call(
             lambda db: db[RUNS]
             .find({"state": "active", "leaseUntil": {"$lt": now}, "_id": {"$nin": exclude}})
             .to_list(None)
         )
+        return expired
 
     async def recover_stalled(
         self, run: dict[str, Any], stalled_limit: int, now: datetime

@@ -1,0 +1,24 @@
+"""The aiohttp application: middlewares and routes, nothing else."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from . import health
+from .envelope import envelope_middleware
+from .keys import DAEMON
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+
+def build_app(daemon: Daemon) -> web.Application:
+    app = web.Application(
+        middlewares=[envelope_middleware],
+        client_max_size=daemon.settings.http.max_body_bytes,
+    )
+    app[DAEMON] = daemon
+    health.add_routes(app)
+    return app

@@ -1,0 +1,214 @@
+"""The daemon: settings, MongoDB, engine and HTTP server in one asyncio process.
+
+`Daemon` is also the programmatic entry point (tests and embedding):
+
+    daemon = Daemon(settings, mongo=Mongo.from_clients(mongomock.MongoClient()))
+    await daemon.start()          # HTTP up; the engine comes up when MongoDB answers
+    await daemon.wait_ready()
+    ...
+    await daemon.stop()           # graceful drain, as on SIGTERM
+
+Start-up never waits for MongoDB: the HTTP server (and /healthz) come up first,
+`/readyz` says why the daemon is not ready, and a background task keeps
+retrying with backoff. So a database outage at boot does not crash-loop the
+unit, and the daemon recovers by itself when MongoDB comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from .api.app import build_app
+from .config import Settings
+from .engine import Engine, utcnow
+from .logs import secrets, stop_logging
+from .loopmon import LoopLagMonitor
+from .operations import Operations
+from .queues import QueueRegistry
+from .storage.mongo import Mongo
+from .systemd import notify, watchdog, watchdog_interval
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        mongo: Mongo | None = None,
+        registry: QueueRegistry | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        uri = settings.mongodb_uri.get_secret_value()
+        secrets.add(uri)
+        if settings.encryption_key is not None:
+            secrets.add(settings.encryption_key.get_secret_value())
+        self.mongo = mongo or Mongo.connect(uri, settings.mongodb.server_selection_timeout)
+        self.registry = registry or QueueRegistry(settings.queue)
+        self.engine = Engine(self.mongo, self.registry, settings.engine, clock=clock)
+        self.operations = Operations(self.engine)
+        self.loop_lag = LoopLagMonitor()
+        self.mongo_reachable = False
+        self.mongo_error: str | None = "not checked yet"
+        self.mongo_down_since: float | None = time.monotonic()
+        self.stopping = False
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._engine_up = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Serve HTTP now; bring the engine up in the background."""
+        if self.mongo.embedded:
+            log.warning(
+                "running on the embedded in-memory store: nothing is durable, every job "
+                "and schedule is lost when the process exits (set MONGODB_URI to persist)"
+            )
+        self.loop_lag.start()
+        self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.http.host, self.settings.http.port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self.settings.http.port
+        self._spawn(self._bring_up(), "bring-up")
+        self._spawn(self._watch_mongo(), "mongo-monitor")
+        interval = watchdog_interval()
+        if interval:
+            self._spawn(watchdog(interval), "watchdog")
+        notify("READY=1")
+        log.info("listening", extra={"host": self.settings.http.host, "port": self.port})
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"mwapjobs:{name}")
+        self._tasks.append(task)
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the engine runs (tests, embedding)."""
+        await asyncio.wait_for(self._engine_up.wait(), timeout)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Graceful stop: drain jobs for up to `shutdown_timeout`, then close everything.
+        Unfinished work stays in MongoDB and resumes at the next start."""
+        if self.stopping:
+            return
+        self.stopping = True
+        notify("STOPPING=1")
+        timeout = self.settings.shutdown_timeout if timeout is None else timeout
+        log.info("shutting down", extra={"timeout": timeout,
+                                         "activeRuns": self.engine.active_count})
+        for task in self._tasks:
+            if task.get_name() == "mwapjobs:bring-up":
+                task.cancel()
+        if self.engine.running:
+            await self.engine.stop(timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.loop_lag.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.mongo.close()
+        log.info("stopped")
+
+    # -- readiness -----------------------------------------------------------
+
+    def not_ready_reasons(self) -> list[str]:
+        reasons = []
+        if self.stopping:
+            reasons.append("shutting down")
+        if not self.mongo_reachable:
+            reasons.append(f"mongodb unreachable: {self.mongo_error}")
+        if not self.engine.running:
+            reasons.append("scheduler not running")
+        return reasons
+
+    async def _ping(self) -> None:
+        timeout = self.settings.mongodb.server_selection_timeout + 1
+        await asyncio.wait_for(self.mongo.ping(), timeout)
+
+    def _mark_mongo(self, error: BaseException | None) -> None:
+        if error is None:
+            if not self.mongo_reachable:
+                log.info("mongodb reachable")
+            self.mongo_reachable, self.mongo_error, self.mongo_down_since = True, None, None
+            return
+        message = f"{type(error).__name__}: {error}"[:300]
+        if self.mongo_reachable or self.mongo_error != message:
+            log.error("mongodb unreachable", extra={"error": message})
+        if self.mongo_down_since is None:
+            self.mongo_down_since = time.monotonic()
+        self.mongo_reachable, self.mongo_error = False, message
+
+    async def _bring_up(self) -> None:
+        """Connect and start the engine, retrying with capped exponential backoff."""
+        delay = 1.0
+        while not self.stopping:
+            try:
+                await self._ping()
+                self._mark_mongo(None)
+                await self.engine.start()
+                self._engine_up.set()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._mark_mongo(exc)
+                log.warning("engine start failed; retrying",
+                            extra={"error": f"{type(exc).__name__}: {exc}"[:300],
+                                   "retryIn": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.mongodb.connect_retry_max)
+
+    async def _watch_mongo(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.mongodb.ping_interval)
+            try:
+                await self._ping()
+                self._mark_mongo(None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._mark_mongo(exc)
+
+
+async def run_until_signalled(daemon: Daemon) -> int:
+    """Run `daemon` until SIGTERM/SIGINT, then stop gracefully and return 0.
+
+    A second signal exits at once. Work is not lost even then: active runs
+    keep their lease in MongoDB until it expires, and the next start requeues
+    them.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.error("second signal: exiting now; active runs will be retried after "
+                      "their lease expires", extra={"signal": sig.name})
+            stop_logging()
+            os._exit(1)
+        log.info("signal received", extra={"signal": sig.name})
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await daemon.start()
+    await stop.wait()
+    await daemon.stop()
+    return 0

@@ -1,0 +1,200 @@
+"""What an operator can do to queues and runs: the Python API under the HTTP admin API.
+
+Every action is one conditional write on the run, so an action racing the
+engine (retrying a run that a worker just picked up, say) either applies to
+the state the operator saw or reports a conflict; it never half-applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import timedelta
+from typing import Any
+
+from pymongo.errors import DuplicateKeyError
+
+from .engine import Engine
+from .scheduler import Repeat
+from .storage.runs import FINISHED, PENDING, STATES, State, parse_run_id
+
+MAX_PAGE_SIZE = 200
+_SECRET_KEY = re.compile(r"(?i)token|secret|password|passwd|authorization|api[_-]?key|cookie")
+REDACTED = "[redacted]"
+
+
+class NotFoundError(LookupError):
+    pass
+
+
+class ConflictError(RuntimeError):
+    pass
+
+
+def redact(value: Any) -> Any:
+    """A copy of job data with every secret-looking field masked, for display."""
+    if isinstance(value, dict):
+        return {k: REDACTED if _SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def run_view(doc: dict[str, Any]) -> dict[str, Any]:
+    """A run as the API and dashboard show it: stable names, secrets masked."""
+    return {
+        "id": str(doc["_id"]),
+        "queue": doc["queue"],
+        "jobId": doc.get("jobId"),
+        "state": doc["state"],
+        "data": redact(doc.get("data") or {}),
+        "priority": doc.get("priority", 0),
+        "runAt": doc.get("runAt"),
+        "createdAt": doc.get("createdAt"),
+        "startedAt": doc.get("startedAt"),
+        "finishedAt": doc.get("finishedAt"),
+        "durationMs": doc.get("durationMs"),
+        "attemptsMade": doc.get("attemptsMade", 0),
+        "maxAttempts": doc.get("maxAttempts"),
+        "deadline": doc.get("deadline"),
+        "stalledCount": doc.get("stalledCount", 0),
+        "result": redact(doc.get("result")),
+        "error": doc.get("error"),
+        "attempts": doc.get("attempts", []),
+    }
+
+
+def repeat_view(repeat: Repeat) -> dict[str, Any]:
+    return {
+        "queue": repeat.queue,
+        "jobId": repeat.job_id,
+        "schedule": repeat.schedule,
+        "timezone": repeat.timezone,
+        "nextRunAt": repeat.next_run_at,
+        "data": redact(repeat.data),
+    }
+
+
+class Operations:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.runs = engine.runs
+
+    def _queue(self, name: str) -> str:
+        if name not in self.engine.registry:
+            raise NotFoundError(f"no queue named {name!r}")
+        return name
+
+    async def stats(self) -> dict[str, dict[str, Any]]:
+        """Counts by state for every queue, each an indexed count."""
+        names = self.engine.registry.names()
+        counts = await asyncio.gather(
+            *(self.runs.count(q, s) for q in names for s in STATES)
+        )
+        result: dict[str, dict[str, Any]] = {}
+        for i, name in enumerate(names):
+            by_state = dict(zip(STATES, counts[i * len(STATES) : (i + 1) * len(STATES)],
+                                strict=True))
+            paused = self.engine.is_paused(name)
+            result[name] = {
+                "waiting": 0 if paused else by_state["waiting"],
+                "active": by_state["active"],
+                "delayed": by_state["delayed"],
+                "completed": by_state["completed"],
+                "failed": by_state["failed"],
+                "paused": by_state["waiting"] if paused else 0,
+                "isPaused": paused,
+            }
+        return result
+
+    async def list_runs(self, queue: str, state: State, page: int = 1,
+                        page_size: int = 20) -> dict[str, Any]:
+        self._queue(queue)
+        if state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}")
+        if page < 1 or not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page must be >= 1 and pageSize between 1 and {MAX_PAGE_SIZE}")
+        docs, total = await asyncio.gather(
+            self.runs.list(queue, state, (page - 1) * page_size, page_size),
+            self.runs.count(queue, state),
+        )
+        return {"items": [run_view(d) for d in docs], "page": page, "pageSize": page_size,
+                "total": total}
+
+    async def _get(self, run_id: str) -> dict[str, Any]:
+        oid = parse_run_id(run_id)
+        doc = await self.runs.get(oid) if oid else None
+        if doc is None:
+            raise NotFoundError(f"no run with id {run_id!r}")
+        return doc
+
+    async def get_run(self, run_id: str) -> dict[str, Any]:
+        return run_view(await self._get(run_id))
+
+    async def retry(self, run_id: str) -> dict[str, Any]:
+        """A failed run gets a fresh set of attempts, now."""
+        doc = await self._get(run_id)
+        if doc["state"] != "failed":
+            raise ConflictError(f"only failed runs can be retried (this one is {doc['state']})")
+        updated = await self._requeue(doc, ("failed",), {"attemptsMade": 0, "error": None,
+                                                         "finishedAt": None, "stalledCount": 0})
+        return run_view(updated)
+
+    async def promote(self, run_id: str) -> dict[str, Any]:
+        """A delayed run becomes waiting now."""
+        doc = await self._get(run_id)
+        if doc["state"] != "delayed":
+            raise ConflictError(f"only delayed runs can be promoted (this one is {doc['state']})")
+        updated = await self._requeue(doc, ("delayed",), {})
+        await self.engine.scheduler.remove_delayed([str(doc["_id"])])
+        return run_view(updated)
+
+    async def _requeue(self, doc: dict[str, Any], from_states: tuple[State, ...],
+                       reset: dict[str, Any]) -> dict[str, Any]:
+        key = f"{doc['queue']}:{doc['jobId']}" if doc.get("jobId") is not None else None
+        try:
+            updated = await self.runs.requeue(doc["_id"], from_states, key,
+                                              self.engine.clock(), reset)
+        except DuplicateKeyError:
+            raise ConflictError(
+                f"another run of job id {doc.get('jobId')!r} is already pending"
+            ) from None
+        if updated is None:
+            raise ConflictError("the run changed state meanwhile; reload and try again")
+        self.engine.wake(doc["queue"])
+        return updated
+
+    async def remove(self, run_id: str) -> dict[str, Any]:
+        """Delete a run that is not running (an active one would just come back)."""
+        doc = await self._get(run_id)
+        removable = tuple(s for s in STATES if s != "active")
+        deleted = await self.runs.delete(doc["_id"], removable)
+        if deleted is None:
+            raise ConflictError("active runs cannot be removed; wait for them to finish")
+        if deleted["state"] == "delayed":
+            await self.engine.scheduler.remove_delayed([str(doc["_id"])])
+        return run_view(deleted)
+
+    async def clean(self, queue: str, state: State, older_than: float) -> int:
+        """Delete finished runs of a queue older than `older_than` seconds."""
+        self._queue(queue)
+        if state not in FINISHED:
+            raise ValueError("only completed or failed runs can be cleaned")
+        if older_than < 0:
+            raise ValueError("olderThan must be >= 0 seconds")
+        before = self.engine.clock() - timedelta(seconds=older_than)
+        return await self.runs.delete_finished_before(queue, state, before)
+
+    async def pause(self, queue: str) -> None:
+        await self.engine.set_paused(self._queue(queue), True)
+
+    async def resume(self, queue: str) -> None:
+        await self.engine.set_paused(self._queue(queue), False)
+
+    async def repeats(self, queue: str | None = None) -> list[dict[str, Any]]:
+        if queue is not None:
+            self._queue(queue)
+        return [repeat_view(r) for r in await self.engine.scheduler.repeats(queue)]
+
+
+__all__ = ["PENDING", "ConflictError", "NotFoundError", "Operations", "redact", "run_view"]
