@@ -110,9 +110,12 @@ class Mongo:
         self.round_trips = 0
 
     @classmethod
-    def connect(cls, uri: str, server_selection_timeout: float = 5.0) -> Mongo:
-        """Clients for `uri`; nothing is contacted until the first query."""
-        name = database_name(uri)
+    def connect(
+        cls, uri: str, server_selection_timeout: float = 5.0, db_name: str | None = None
+    ) -> Mongo:
+        """Clients for `uri`; nothing is contacted until the first query.
+        `db_name` overrides the URI's database (tests use a fresh one each)."""
+        name = db_name or database_name(uri)
         if uri.startswith(MEMORY_SCHEME):
             return cls.from_clients(mongomock.MongoClient(tz_aware=True), name)
         timeout_ms = int(server_selection_timeout * 1000)

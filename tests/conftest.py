@@ -1,0 +1,79 @@
+"""Shared fixtures.
+
+By default every test gets a fresh embedded (mongomock) database. Set
+MWAPJOBS_TEST_MONGODB_URI=mongodb://host:27017 to run the same tests against a
+real server; each test then gets its own database, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import mongomock
+import pymongo
+import pytest
+
+from mwapjobs.config import Settings
+from mwapjobs.storage.mongo import Mongo
+
+REAL_MONGODB_URI = os.environ.get("MWAPJOBS_TEST_MONGODB_URI")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_mongo() -> tuple[Mongo, Callable[[], None]]:
+    """A fresh database and a function that disposes of it."""
+    if REAL_MONGODB_URI:
+        name = f"mwapjobs_test_{uuid.uuid4().hex[:12]}"
+        mongo = Mongo.connect(REAL_MONGODB_URI, db_name=name)
+
+        def drop() -> None:
+            with pymongo.MongoClient(REAL_MONGODB_URI) as client:
+                client.drop_database(name)
+
+        return mongo, drop
+    return Mongo.from_clients(mongomock.MongoClient(tz_aware=True)), lambda: None
+
+
+@pytest.fixture
+async def mongo() -> AsyncIterator[Mongo]:
+    m, drop = make_mongo()
+    yield m
+    m.close()
+    drop()
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings for in-process tests: port 0, short intervals, no config file."""
+    base: dict[str, Any] = {
+        "mongodb_uri": REAL_MONGODB_URI or "memory://",
+        "http": {"host": "127.0.0.1", "port": 0},
+        "engine": {"lease_seconds": 3, "sweep_interval": 0.5, "retention_interval": 3600},
+        "mongodb": {"ping_interval": 0.5, "server_selection_timeout": 1},
+        "shutdown_timeout": 5,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return Settings(**base)
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0,
+                   interval: float = 0.02, message: str = "condition") -> None:
+    """Poll until `predicate` is true; fail with `message` after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        outcome = predicate()
+        if not isinstance(outcome, bool):
+            outcome = await outcome
+        if outcome:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(interval)
