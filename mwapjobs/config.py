@@ -168,7 +168,9 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
         return f"{key}: required setting is missing{_hint(key)}{more}"
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown setting{' in ' + str(path) if path else ''}{more}"
-    return f"{key}: {err['msg']}{more}"
+    env_name = ENV_PREFIX + "__".join(str(part) for part in err["loc"]).upper()
+    source = f" (from {env_name})" if env_name in os.environ else ""
+    return f"{key}{source}: {err['msg']}{more}"
 
 
 _ENV_NAMES = {

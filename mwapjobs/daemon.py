@@ -54,6 +54,7 @@ class Daemon:
         secrets.add(uri)
         if settings.encryption_key is not None:
             secrets.add(settings.encryption_key.get_secret_value())
+        self._owns_mongo = mongo is None  # an injected client is closed by whoever made it
         self.mongo = mongo or Mongo.connect(uri, settings.mongodb.server_selection_timeout)
         self.registry = registry or QueueRegistry(settings.queue)
         self.engine = Engine(self.mongo, self.registry, settings.engine, clock=clock)
@@ -123,7 +124,8 @@ class Daemon:
         await self.loop_lag.stop()
         if self._runner is not None:
             await self._runner.cleanup()
-        self.mongo.close()
+        if self._owns_mongo:
+            self.mongo.close()
         log.info("stopped")
 
     # -- readiness -----------------------------------------------------------

@@ -108,6 +108,7 @@ class Mongo:
         self._jobstore_client = jobstore_client
         self._embedded_loop = _EmbeddedLoop() if embedded else None
         self.round_trips = 0
+        self.closed = False
 
     @classmethod
     def connect(
@@ -147,6 +148,8 @@ class Mongo:
 
     async def call(self, op: Callable[[Any], Awaitable[T]]) -> T:
         """Run one query, `op(db)`, without ever executing it on the caller's loop thread."""
+        if self.closed:
+            raise RuntimeError("the database handle is closed")
         self.round_trips += 1
         if self._embedded_loop is None:
             return await op(self.db)
@@ -161,6 +164,7 @@ class Mongo:
         return self._jobstore_client()
 
     def close(self) -> None:
+        self.closed = True
         if self._embedded_loop is not None:
             self._embedded_loop.stop()
         else:
