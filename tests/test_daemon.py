@@ -98,7 +98,7 @@ async def test_outage_after_start_reports_not_ready_and_work_resumes() -> None:
 
         mongo.down = True
         await wait_for(lambda: _not_ready(daemon), message="not ready during the outage")
-        status, body = await readyz(daemon)
+        _, body = await readyz(daemon)
         assert "injected outage" in body["error"]["message"]
         assert await healthz_status(daemon) == 200
         with pytest.raises(ServerSelectionTimeoutError):

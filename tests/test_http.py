@@ -103,10 +103,11 @@ async def test_request_body_limit_and_json_validation(daemon: Daemon) -> None:
         r = await client.post("/echo", json={"a": "x" * 5000})
         assert r.status == 413
         assert (await r.json())["error"]["code"] == "http/payload-too-large"
-        r = await client.post("/echo", data="{not json", headers={"Content-Type": "application/json"})
+        as_json = {"Content-Type": "application/json"}
+        r = await client.post("/echo", data="{not json", headers=as_json)
         assert r.status == 400
         assert (await r.json())["error"]["code"] == "validation/invalid-json"
-        r = await client.post("/echo", data="[1, 2]", headers={"Content-Type": "application/json"})
+        r = await client.post("/echo", data="[1, 2]", headers=as_json)
         assert r.status == 400
         r = await client.post("/echo", data="a=1", headers={"Content-Type": "text/plain"})
         assert r.status == 415

@@ -55,7 +55,9 @@ class DaemonProcess:
             self.lines.append(json.loads(line))  # every line must be one JSON object
             self._new.put(None)
 
-    def wait_line(self, match: Callable[[dict[str, Any]], bool], timeout: float = 20) -> dict[str, Any]:
+    def wait_line(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 20
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for entry in list(self.lines):
