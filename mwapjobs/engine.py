@@ -268,8 +268,9 @@ class Engine:
         previous fire makes the next one a no-op instead of a pile-up.
         """
         self.registry.get(queue)
-        trigger = make_trigger(cron, every, timezone)
-        return await self.scheduler.set_repeat(queue, job_id or queue, data or {}, trigger)
+        make_trigger(cron, every, timezone)  # a bad definition fails here, before any I/O
+        return await self.scheduler.set_repeat(queue, job_id or queue, data or {}, cron=cron,
+                                               every=every, timezone=timezone)
 
     async def remove_repeat(self, queue: str, job_id: str) -> bool:
         return await self.scheduler.remove_repeat(queue, job_id)

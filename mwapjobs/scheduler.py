@@ -137,8 +137,63 @@ class Repeat:
     next_run_at: datetime | None
 
 
+class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]
+    """A cron trigger that fires once per wall-clock time.
+
+    When clocks go back, 02:30 happens twice; a job "at 02:30" must run once
+    that night, not twice. Crons whose hour field is a wildcard ("every hour")
+    keep firing in both hours, because there the interval is what counts.
+    """
+
+    def get_next_fire_time(self, previous: datetime | None, now: datetime) -> datetime | None:
+        candidate: datetime | None = super().get_next_fire_time(previous, now)
+        if previous is None or candidate is None or "*" in str(self.fields[5]):
+            return candidate
+        tz = self.timezone
+        if candidate.astimezone(tz).replace(tzinfo=None) == previous.astimezone(tz).replace(
+            tzinfo=None
+        ):
+            return self.get_next_fire_time(candidate, candidate)
+        return candidate
+
+
+_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _crontab_days(field: str) -> str:
+    """Standard crontab weekdays (0 or 7 = Sunday) as names APScheduler reads right.
+
+    APScheduler 3 numbers weekdays from Monday = 0, so "1-5" would mean
+    Tuesday to Saturday; names mean the same to both.
+    """
+    if field == "*":
+        return field
+
+    def day(token: str) -> int:
+        token = token.lower()[:3]
+        if token in _DAY_NAMES:
+            return _DAY_NAMES.index(token)
+        if not token.isdigit() or int(token) > 7:
+            raise ValueError(f"bad day of week {token!r}")
+        return int(token)
+
+    days: set[int] = set()
+    for item in field.split(","):
+        span, _, step = item.partition("/")
+        if span == "*":
+            low, high = 0, 6
+        elif "-" in span:
+            first, last = span.split("-", 1)
+            low, high = day(first), day(last)
+        else:
+            low = high = day(span)
+            high = 6 if step else high
+        days |= {d % 7 for d in range(low, high + 1, int(step) if step else 1)}
+    return ",".join(_DAY_NAMES[d] for d in sorted(days))
+
+
 def make_trigger(cron: str | None, every: float | None, timezone: str) -> BaseTrigger:
-    """A cron or interval trigger in `timezone`; exactly one of `cron` and `every`."""
+    """A cron (standard 5-field crontab) or interval trigger in `timezone`."""
     if (cron is None) == (every is None):
         raise ValueError("give exactly one of cron and every")
     try:
@@ -146,8 +201,15 @@ def make_trigger(cron: str | None, every: float | None, timezone: str) -> BaseTr
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown time zone {timezone!r}") from None
     if cron is not None:
+        fields = cron.split()
         try:
-            return CronTrigger.from_crontab(cron, timezone=tz)
+            if len(fields) != 5:
+                raise ValueError("expected 5 fields: minute hour day month day-of-week")
+            minute, hour, day, month, weekdays = fields
+            return WallClockCronTrigger(
+                minute=minute, hour=hour, day=day, month=month,
+                day_of_week=_crontab_days(weekdays), timezone=tz,
+            )
         except ValueError as exc:
             raise ValueError(f"invalid cron expression {cron!r}: {exc}") from None
     assert every is not None
@@ -258,19 +320,22 @@ class Scheduler:
         await self._in_thread(remove)
 
     async def set_repeat(
-        self, queue: str, job_id: str, data: dict[str, Any], trigger: BaseTrigger
+        self, queue: str, job_id: str, data: dict[str, Any], *, cron: str | None = None,
+        every: float | None = None, timezone: str = "UTC",
     ) -> Repeat:
         """Create or replace a repeat schedule; an identical one is left as it is, so a
         restart does not push an interval's next fire further out."""
         aps = self._require()
+        trigger = make_trigger(cron, every, timezone)
         job_key = f"{REPEAT_PREFIX}{queue}:{job_id}"
-        kwargs = {"kind": "repeat", "queue": queue, "job_id": job_id, "data": data}
+        kwargs = {
+            "kind": "repeat", "queue": queue, "job_id": job_id, "data": data,
+            "schedule": cron if cron is not None else f"every {every:g}s", "timezone": timezone,
+        }
 
         def upsert() -> ApsJob:
             existing = aps.get_job(job_key)
-            if existing is not None and str(existing.trigger) == str(trigger) and (
-                existing.kwargs == kwargs
-            ):
+            if existing is not None and existing.kwargs == kwargs:
                 return existing
             return aps.add_job(fire, trigger=trigger, id=job_key, kwargs=kwargs,
                                replace_existing=True)
@@ -304,17 +369,11 @@ async def _awaited(awaitable: Awaitable[T]) -> T:
 
 
 def _repeat_info(job: ApsJob) -> Repeat:
-    trigger = job.trigger
-    if isinstance(trigger, CronTrigger):
-        fields = {f.name: str(f) for f in trigger.fields}
-        schedule = " ".join(fields[n] for n in ("minute", "hour", "day", "month", "day_of_week"))
-    else:
-        schedule = f"every {trigger.interval.total_seconds():g}s"
     return Repeat(
         queue=job.kwargs["queue"],
         job_id=job.kwargs["job_id"],
         data=job.kwargs["data"],
-        schedule=schedule,
-        timezone=str(trigger.timezone),
+        schedule=job.kwargs["schedule"],
+        timezone=job.kwargs["timezone"],
         next_run_at=job.next_run_time,
     )

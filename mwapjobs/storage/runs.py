@@ -309,24 +309,25 @@ class RunStore:
         )
         return int(result.deleted_count)
 
-    async def delete_beyond(self, queue: str, state: State, keep: int) -> int:
-        """Keep the newest `keep` finished runs of a queue and state; delete the rest.
-
-        Two round trips: find the boundary by index, then delete below it.
-        """
-        boundary = await self._mongo.call(
+    async def delete_beyond(self, queue: str, state: State, keep: int,
+                            batch: int = 10_000) -> int:
+        """Keep the newest `keep` finished runs of a queue and state; delete up to
+        `batch` of the rest (the next pass takes more). Two round trips."""
+        older: list[dict[str, Any]] = await self._mongo.call(
             lambda db: db[RUNS]
-            .find({"queue": queue, "state": state}, {"finishedAt": 1})
-            .sort("finishedAt", DESCENDING)
+            .find({"queue": queue, "state": state}, {"_id": 1})
+            .sort([("finishedAt", DESCENDING), ("_id", DESCENDING)])
             .skip(keep)
-            .limit(1)
-            .to_list(1)
+            .limit(batch)
+            .to_list(batch)
         )
-        if not boundary:
+        if not older:
             return 0
-        return await self.delete_finished_before(
-            queue, state, boundary[0]["finishedAt"] + timedelta(microseconds=1)
+        ids = [doc["_id"] for doc in older]
+        result = await self._mongo.call(
+            lambda db: db[RUNS].delete_many({"_id": {"$in": ids}, "state": state})
         )
+        return int(result.deleted_count)
 
     async def replace_pending(self, key: str, fields: dict[str, Any]) -> dict[str, Any] | None:
         """Update the not-yet-started run of a job id (new time or data); None if there is
