@@ -78,6 +78,67 @@ class EngineSettings(_Section):
     claim_batch: int = Field(100, ge=1)
 
 
+class AdminToken(_Section):
+    """An admin API token, stored only as the SHA-256 of the token (`mwapjobs admin-token`)."""
+
+    name: str = Field(min_length=1, max_length=100)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class AdminSettings(_Section):
+    tokens: list[AdminToken] = Field(default_factory=list)
+    session_ttl: float = Field(12 * 3600.0, gt=0)
+    cookie_secure: bool = True
+    jwks_cache_ttl: float = Field(3600.0, gt=0)
+
+
+class MetricsSettings(_Section):
+    access: Literal["loopback", "token", "open"] = "loopback"
+
+
+class RefreshSettings(_Section):
+    enabled: bool = True
+    lead: float = Field(300.0, ge=0)
+    jitter: float = Field(30.0, ge=0)
+    sync_interval: float = Field(60.0, gt=0)
+    request_timeout: float = Field(30.0, gt=0)
+    user_agent: str = "MWAP-OAuth-Client/1.0"
+    provider_concurrency: int = Field(4, ge=1)
+    provider_rate: float = Field(10.0, gt=0)
+    wait_timeout: float = Field(30.0, gt=0)
+
+
+class HealthSettings(_Section):
+    enabled: bool = True
+    cron: str = "0 */4 * * *"
+    timezone: str = "UTC"
+    spread: bool = True
+    concurrency: int = Field(20, ge=1)
+    provider_concurrency: int = Field(5, ge=1)
+    provider_rate: float = Field(10.0, gt=0)
+    request_timeout: float = Field(15.0, gt=0)
+    failure_threshold: int = Field(3, ge=1)
+    history_size: int = Field(20, ge=1)
+
+
+class AlertSettings(_Section):
+    cooldown: float = Field(900.0, ge=0)
+    check_interval: float = Field(30.0, gt=0)
+    failed_runs_threshold: int = Field(10, ge=1)
+    failed_runs_window: float = Field(900.0, gt=0)
+    refresh_failure_rate: float = Field(0.2, gt=0, le=1)
+    refresh_failure_min: int = Field(5, ge=1)
+    backlog_age: float = Field(900.0, gt=0)
+    health_sweep_missed_intervals: float = Field(2.0, gt=0)
+    mongodb_down_for: float = Field(60.0, gt=0)
+    email_from: str = "mwapjobs@localhost"
+
+
+def _mwap(name: str) -> AliasChoices:
+    """Read a setting under the MWAP backend's own environment name, or its key in the file."""
+    return AliasChoices(name, name.lower())
+
+
 class Settings(BaseSettings):
     """Everything the daemon can be told. Defaults are what `config.toml` shows."""
 
@@ -88,22 +149,32 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
-    mongodb_uri: SecretStr = Field(validation_alias=AliasChoices("MONGODB_URI", "mongodb_uri"))
-    encryption_key: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("ENCRYPTION_KEY", "encryption_key")
+    mongodb_uri: SecretStr = Field(validation_alias=_mwap("MONGODB_URI"))
+    encryption_key: SecretStr | None = Field(None, validation_alias=_mwap("ENCRYPTION_KEY"))
+    auth0_domain: str | None = Field(None, validation_alias=_mwap("AUTH0_DOMAIN"))
+    auth0_audience: str | None = Field(None, validation_alias=_mwap("AUTH0_AUDIENCE"))
+    alerting_enabled: bool = Field(True, validation_alias=_mwap("ALERTING_ENABLED"))
+    smtp_host: str | None = Field(None, validation_alias=_mwap("SMTP_HOST"))
+    smtp_port: int = Field(587, ge=1, le=65535, validation_alias=_mwap("SMTP_PORT"))
+    smtp_secure: bool = Field(False, validation_alias=_mwap("SMTP_SECURE"))
+    smtp_user: str | None = Field(None, validation_alias=_mwap("SMTP_USER"))
+    smtp_pass: SecretStr | None = Field(None, validation_alias=_mwap("SMTP_PASS"))
+    alert_email_recipients: str | None = Field(
+        None, validation_alias=_mwap("ALERT_EMAIL_RECIPIENTS")
     )
-    auth0_domain: str | None = Field(
-        None, validation_alias=AliasChoices("AUTH0_DOMAIN", "auth0_domain")
-    )
-    auth0_audience: str | None = Field(
-        None, validation_alias=AliasChoices("AUTH0_AUDIENCE", "auth0_audience")
-    )
+    slack_webhook_url: SecretStr | None = Field(None, validation_alias=_mwap("SLACK_WEBHOOK_URL"))
+    alert_webhook_url: SecretStr | None = Field(None, validation_alias=_mwap("ALERT_WEBHOOK_URL"))
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_timeout: float = Field(30.0, gt=0)
     http: HttpSettings = HttpSettings()
     mongodb: MongoSettings = MongoSettings()
     engine: EngineSettings = EngineSettings()
     queues: dict[str, QueueSettings] = Field(default_factory=dict)
+    admin: AdminSettings = AdminSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    refresh: RefreshSettings = RefreshSettings()
+    health: HealthSettings = HealthSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -173,16 +244,10 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
     return f"{key}{source}: {err['msg']}{more}"
 
 
-_ENV_NAMES = {
-    "mongodb_uri": "MONGODB_URI",
-    "MONGODB_URI": "MONGODB_URI",
-    "encryption_key": "ENCRYPTION_KEY",
-}
-
-
 def _hint(key: str) -> str:
-    env = _ENV_NAMES.get(key)
-    return f" (set {env} or {key.lower()} in config.toml)" if env else ""
+    if key == "MONGODB_URI":
+        return " (set MONGODB_URI or mongodb_uri in config.toml)"
+    return ""
 
 
 def _check_unknown_env(env: Mapping[str, str]) -> None:
@@ -211,11 +276,12 @@ SECRET_MASK = "********"
 def masked(settings: Settings) -> dict[str, Any]:
     """The effective configuration with every secret masked, for `check-config`."""
     data = settings.model_dump(mode="json")
-    for key in ("mongodb_uri", "encryption_key"):
-        value = getattr(settings, key)
-        if value is None:
-            continue
-        data[key] = mask_uri(value.get_secret_value()) if key == "mongodb_uri" else SECRET_MASK
+    for key, value in settings:
+        if isinstance(value, SecretStr):
+            secret = value.get_secret_value()
+            data[key] = mask_uri(secret) if key == "mongodb_uri" else SECRET_MASK
+    data["admin"]["tokens"] = [{"name": t.name, "sha256": SECRET_MASK}
+                               for t in settings.admin.tokens]
     return data
 
 

@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
+from pydantic import SecretStr
 
 from .api.app import build_app
 from .config import Settings
@@ -51,9 +52,9 @@ class Daemon:
     ) -> None:
         self.settings = settings
         uri = settings.mongodb_uri.get_secret_value()
-        secrets.add(uri)
-        if settings.encryption_key is not None:
-            secrets.add(settings.encryption_key.get_secret_value())
+        for _, value in settings:
+            if isinstance(value, SecretStr):
+                secrets.add(value.get_secret_value())
         self._owns_mongo = mongo is None  # an injected client is closed by whoever made it
         self.mongo = mongo or Mongo.connect(uri, settings.mongodb.server_selection_timeout)
         self.registry = registry or QueueRegistry(settings.queue)

@@ -56,7 +56,8 @@ def test_shipped_config_file_mentions_every_setting() -> None:
     text = (ROOT / "config.toml").read_text()
     tomllib.loads(text)  # it parses
     names = set(Settings.model_fields)
-    for section in ("http", "mongodb", "engine"):
+    for section in ("http", "mongodb", "engine", "admin", "metrics", "refresh", "health",
+                    "alerts"):
         names |= set(type(getattr(Settings(mongodb_uri="memory://"), section)).model_fields)
     missing = sorted(n for n in names if n not in text)
     assert not missing, f"config.toml does not document: {missing}"
