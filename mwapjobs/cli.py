@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
+import re
+import secrets
 import sys
 from collections.abc import Sequence
 
@@ -37,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "demo":
             cmd.add_argument("--job-seconds", type=float, default=1.0,
                              help="how long each sample job sleeps (default 1)")
+    text = "make a new admin API token and print the config entry that enables it"
+    cmd = sub.add_parser("admin-token", help=text, description=text)
+    cmd.add_argument("name", help="what the token is for, e.g. ops-laptop (shown in audit lines)")
     return parser
 
 
@@ -51,8 +57,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "admin-token":  # needs no configuration: it only prints
+        return _admin_token(args.name)
     if args.command == "demo":
         os.environ.setdefault("MONGODB_URI", "memory://")
+        os.environ.setdefault("ENCRYPTION_KEY", "mwapjobs-demo-key-not-for-production")
     try:
         settings = _settings(args)
     except ConfigError as exc:
@@ -82,6 +91,31 @@ async def _demo(daemon: Daemon, job_seconds: float) -> int:
         return await run_until_signalled(daemon)
     finally:
         seeding.cancel()
+
+
+ADMIN_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _admin_token(name: str) -> int:
+    """Print a new token once, with its SHA-256 entry for config.toml or the environment.
+
+    Only the hash goes into the configuration, so the token itself exists
+    nowhere but in this output: lose it and you make another.
+    """
+    if not ADMIN_TOKEN_NAME.fullmatch(name):
+        print("mwapjobs: admin-token: NAME must be 1-100 characters of A-Z a-z 0-9 . _ - "
+              "and start with a letter or digit", file=sys.stderr)
+        return EXIT_CONFIG
+    token = "mwj_" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    env = json.dumps([{"name": name, "sha256": digest}])
+    print(f"Admin token {name!r} (shown only now; keep it somewhere safe):\n\n"
+          f"    {token}\n\n"
+          f"Add to config.toml:\n\n"
+          f'[[admin.tokens]]\nname = "{name}"\nsha256 = "{digest}"\n\n'
+          f"Or in the environment (this replaces the whole list, so include every token):\n\n"
+          f"MWAPJOBS_ADMIN__TOKENS='{env}'")
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -176,6 +184,16 @@ class Settings(BaseSettings):
     health: HealthSettings = HealthSettings()
     alerts: AlertSettings = AlertSettings()
 
+    @model_validator(mode="after")
+    def _key_when_needed(self) -> Settings:
+        key = self.encryption_key.get_secret_value() if self.encryption_key else ""
+        if not key and (self.refresh.enabled or self.health.enabled):
+            raise ValueError(
+                "ENCRYPTION_KEY: required while refresh or health checks are enabled "
+                "(the same key as the MWAP backend)"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -233,6 +251,8 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
 
 def _describe(exc: ValidationError, path: Path | None) -> str:
     err = exc.errors()[0]
+    if not err["loc"]:  # a rule across settings; its message names the key
+        return str(err["msg"]).removeprefix("Value error, ")
     key = ".".join(str(part) for part in err["loc"]) or "(root)"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     if err["type"] == "missing":

@@ -25,10 +25,15 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from pydantic import SecretStr
 
 from .api.app import build_app
+from .crypto import MwapCipher
+from .jobs.refresh_sync import RefreshSync
+from .jobs.token_refresh import TokenRefresher, subscribe_expiry_marking
+from .storage.integrations import IntegrationStore
 from .config import Settings
 from .engine import Engine, utcnow
 from .logs import secrets, stop_logging
@@ -58,8 +63,15 @@ class Daemon:
         self._owns_mongo = mongo is None  # an injected client is closed by whoever made it
         self.mongo = mongo or Mongo.connect(uri, settings.mongodb.server_selection_timeout)
         self.registry = registry or QueueRegistry(settings.queue)
+        self.clock = clock
         self.engine = Engine(self.mongo, self.registry, settings.engine, clock=clock)
         self.operations = Operations(self.engine)
+        self.integrations = IntegrationStore(self.mongo)
+        key = settings.encryption_key.get_secret_value() if settings.encryption_key else ""
+        self.cipher = MwapCipher(key) if key else None
+        self.http: aiohttp.ClientSession | None = None
+        self.refresher: TokenRefresher | None = None
+        self.refresh_sync: RefreshSync | None = None
         self.loop_lag = LoopLagMonitor()
         self.mongo_reachable = False
         self.mongo_error: str | None = "not checked yet"
@@ -80,6 +92,8 @@ class Daemon:
                 "and schedule is lost when the process exits (set MONGODB_URI to persist)"
             )
         self.loop_lag.start()
+        self.http = aiohttp.ClientSession()
+        self._add_mwap_jobs(self.http)
         self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.http.host, self.settings.http.port)
@@ -94,6 +108,16 @@ class Daemon:
             self._spawn(watchdog(interval), "watchdog")
         notify("READY=1")
         log.info("listening", extra={"host": self.settings.http.host, "port": self.port})
+
+    def _add_mwap_jobs(self, http: aiohttp.ClientSession) -> None:
+        """Register the job types that work on MWAP's data (needs the HTTP client)."""
+        if self.settings.refresh.enabled and self.cipher is not None:
+            self.refresher = TokenRefresher(self.integrations, self.cipher, http,
+                                            self.settings.refresh, self.clock)
+            self.refresher.register(self.registry)
+            subscribe_expiry_marking(self.engine, self.refresher)
+            self.refresh_sync = RefreshSync(self.engine, self.integrations,
+                                            self.settings.refresh, self.clock)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.ensure_future(coro)
@@ -125,6 +149,8 @@ class Daemon:
         await self.loop_lag.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.http is not None:
+            await self.http.close()
         if self._owns_mongo:
             self.mongo.close()
         log.info("stopped")
@@ -165,8 +191,11 @@ class Daemon:
             try:
                 await self._ping()
                 self._mark_mongo(None)
+                await self.integrations.ensure_indexes()
                 await self.engine.start()
                 self._engine_up.set()
+                if self.refresh_sync is not None:
+                    self._spawn(self.refresh_sync.run_forever(), "refresh-sync")
                 return
             except asyncio.CancelledError:
                 raise

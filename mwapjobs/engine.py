@@ -251,6 +251,15 @@ class Engine:
             self.wake(queue)
         return Added(str(run["_id"]), run["state"], created)
 
+    async def cancel(self, queue: str, job_id: str) -> bool:
+        """Drop the not-yet-started run of `job_id`; a running one finishes normally."""
+        deleted = await self.runs.delete_not_started(f"{queue}:{job_id}")
+        if deleted is None:
+            return False
+        if deleted["state"] == "delayed":
+            await self._forget_trigger(str(deleted["_id"]))
+        return True
+
     async def repeat(
         self,
         queue: str,

@@ -23,6 +23,7 @@ from mwapjobs.storage.mongo import Mongo
 
 REAL_MONGODB_URI = os.environ.get("MWAPJOBS_TEST_MONGODB_URI")
 ROOT = Path(__file__).resolve().parents[1]
+TEST_ENCRYPTION_KEY = "0123456789abcdef0123456789abcdef"
 
 
 def make_mongo() -> tuple[Mongo, Callable[[], None]]:
@@ -51,6 +52,7 @@ def make_settings(**overrides: Any) -> Settings:
     """Settings for in-process tests: port 0, short intervals, no config file."""
     base: dict[str, Any] = {
         "mongodb_uri": REAL_MONGODB_URI or "memory://",
+        "encryption_key": TEST_ENCRYPTION_KEY,
         "http": {"host": "127.0.0.1", "port": 0},
         "engine": {"lease_seconds": 3, "sweep_interval": 0.5, "retention_interval": 3600},
         "mongodb": {"ping_interval": 0.5, "server_selection_timeout": 1},

@@ -20,8 +20,9 @@ from mwapjobs.config import (
 )
 from tests.conftest import ROOT
 
-CLEAN_ENV = {k: v for k, v in os.environ.items()
-             if not k.startswith("MWAPJOBS_") and k not in {"MONGODB_URI", "ENCRYPTION_KEY"}}
+CLEAN_ENV = {**{k: v for k, v in os.environ.items()
+                if not k.startswith("MWAPJOBS_") and k not in {"MONGODB_URI", "ENCRYPTION_KEY"}},
+             "ENCRYPTION_KEY": "k" * 32}
 
 
 @pytest.fixture(autouse=True)
@@ -48,8 +49,9 @@ def cli(*args: str, env: dict[str, str] | None = None,
 
 def test_shipped_config_file_equals_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MONGODB_URI", "memory://")
+    monkeypatch.setenv("ENCRYPTION_KEY", "k" * 32)
     from_file = load_settings(ROOT / "config.toml")
-    assert from_file == Settings(mongodb_uri="memory://")
+    assert from_file == Settings(mongodb_uri="memory://", encryption_key="k" * 32)
 
 
 def test_shipped_config_file_mentions_every_setting() -> None:
@@ -58,13 +60,14 @@ def test_shipped_config_file_mentions_every_setting() -> None:
     names = set(Settings.model_fields)
     for section in ("http", "mongodb", "engine", "admin", "metrics", "refresh", "health",
                     "alerts"):
-        names |= set(type(getattr(Settings(mongodb_uri="memory://"), section)).model_fields)
+        names |= set(type(getattr(Settings(mongodb_uri="memory://", encryption_key="k" * 32), section)).model_fields)
     missing = sorted(n for n in names if n not in text)
     assert not missing, f"config.toml does not document: {missing}"
 
 
 def test_environment_overrides_file_with_nested_names(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENCRYPTION_KEY", "k" * 32)
     path = write(tmp_path, 'mongodb_uri = "mongodb://db:27017/mwap"\n[http]\nport = 9000\n'
                            'host = "0.0.0.0"\n')
     monkeypatch.setenv("MWAPJOBS_HTTP__PORT", "9100")
@@ -106,6 +109,8 @@ def test_mwap_backend_variable_names_are_honoured(tmp_path: Path,
         ('mongodb_uri = "memory://"\n[engine]\nlease_seconds = -1\n', {},
          "engine.lease_seconds: Input should be greater than 0"),
         ("this is not toml", {}, "config file"),
+        ('mongodb_uri = "memory://"\n', {"ENCRYPTION_KEY": ""},
+         "ENCRYPTION_KEY: required while refresh or health checks are enabled"),
     ],
 )
 def test_bad_configuration_is_one_line_naming_the_key(

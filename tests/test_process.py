@@ -40,6 +40,7 @@ class DaemonProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mwapjobs", *args],
             env={**base, "MWAPJOBS_HTTP__PORT": str(self.port), "MWAPJOBS_LOG_LEVEL": "debug",
+                 "ENCRYPTION_KEY": "0123456789abcdef0123456789abcdef",
                  **(env or {})},
             cwd=ROOT / "tests", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )

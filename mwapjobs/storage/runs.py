@@ -257,7 +257,7 @@ class RunStore:
         )
         return int(n)
 
-    async def list(
+    async def page(
         self, queue: str, state: State, skip: int, limit: int
     ) -> list[dict[str, Any]]:
         """Runs of one queue and state, in the order an operator expects:
@@ -328,6 +328,25 @@ class RunStore:
             lambda db: db[RUNS].delete_many({"_id": {"$in": ids}, "state": state})
         )
         return int(result.deleted_count)
+
+    async def pending_by_job(self, queue: str,
+                             job_ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """jobId → {state, runAt} of a queue's pending runs (all, or those of `job_ids`)."""
+        query: dict[str, Any] = {"queue": queue, "state": {"$in": list(PENDING)}}
+        if job_ids is not None:
+            query["jobId"] = {"$in": job_ids}
+        docs = await self._mongo.call(
+            lambda db: db[RUNS].find(query, {"jobId": 1, "state": 1, "runAt": 1}).to_list(None)
+        )
+        return {d["jobId"]: d for d in docs if d.get("jobId") is not None}
+
+    async def delete_not_started(self, key: str) -> dict[str, Any] | None:
+        """Delete the delayed or waiting run of a job id; an active one is left alone."""
+        return await self._mongo.call(
+            lambda db: db[RUNS].find_one_and_delete(
+                {"key": key, "state": {"$in": ["delayed", "waiting"]}}
+            )
+        )
 
     async def replace_pending(self, key: str, fields: dict[str, Any]) -> dict[str, Any] | None:
         """Update the not-yet-started run of a job id (new time or data); None if there is

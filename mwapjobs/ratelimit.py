@@ -1,0 +1,53 @@
+"""Per-provider limits, so a burst of due refreshes or probes never hammers one provider.
+
+Each key (a provider id) gets its own concurrency cap and a steady rate: a
+request may start only when fewer than `concurrency` are in flight for that
+key and at least 1/`rate` seconds after the previous start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+
+class _Gate:
+    def __init__(self, concurrency: int, rate: float) -> None:
+        self.slots = asyncio.Semaphore(concurrency)
+        self.interval = 1.0 / rate
+        self.next_start = 0.0
+        self.lock = asyncio.Lock()
+        self.in_flight = 0
+
+
+class KeyedLimiter:
+    def __init__(self, concurrency: int, rate: float) -> None:
+        self.concurrency = concurrency
+        self.rate = rate
+        self._gates: dict[str, _Gate] = {}
+        self.max_in_flight = 0
+
+    def in_flight(self, key: str) -> int:
+        gate = self._gates.get(key)
+        return gate.in_flight if gate else 0
+
+    @asynccontextmanager
+    async def slot(self, key: str) -> AsyncIterator[None]:
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _Gate(self.concurrency, self.rate)
+        async with gate.slots:
+            async with gate.lock:  # starts are spaced one interval apart, in arrival order
+                now = time.monotonic()
+                wait = gate.next_start - now
+                gate.next_start = max(now, gate.next_start) + gate.interval
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            gate.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, gate.in_flight)
+            try:
+                yield
+            finally:
+                gate.in_flight -= 1
