@@ -30,16 +30,18 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from .api.app import build_app
+from .auth import Authenticator, JwksCache
+from .config import Settings
 from .crypto import MwapCipher
+from .engine import Engine, utcnow
 from .jobs.refresh_sync import RefreshSync
 from .jobs.token_refresh import TokenRefresher, subscribe_expiry_marking
-from .storage.integrations import IntegrationStore
-from .config import Settings
-from .engine import Engine, utcnow
 from .logs import secrets, stop_logging
 from .loopmon import LoopLagMonitor
 from .operations import Operations
 from .queues import QueueRegistry
+from .storage.identity import IdentityStore
+from .storage.integrations import IntegrationStore
 from .storage.mongo import Mongo
 from .systemd import notify, watchdog, watchdog_interval
 
@@ -72,6 +74,8 @@ class Daemon:
         self.http: aiohttp.ClientSession | None = None
         self.refresher: TokenRefresher | None = None
         self.refresh_sync: RefreshSync | None = None
+        self.jwks = JwksCache.from_settings(settings)
+        self.auth = Authenticator(settings, IdentityStore(self.mongo), self.jwks)
         self.loop_lag = LoopLagMonitor()
         self.mongo_reachable = False
         self.mongo_error: str | None = "not checked yet"
@@ -151,6 +155,8 @@ class Daemon:
             await self._runner.cleanup()
         if self.http is not None:
             await self.http.close()
+        if self.jwks is not None:
+            await self.jwks.close()
         if self._owns_mongo:
             self.mongo.close()
         log.info("stopped")

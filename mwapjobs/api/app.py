@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from . import health
+from . import health, queues, refresh
 from .envelope import envelope_middleware
 from .keys import DAEMON
 
@@ -21,4 +21,6 @@ def build_app(daemon: Daemon) -> web.Application:
     )
     app[DAEMON] = daemon
     health.add_routes(app)
+    refresh.add_routes(app)
+    queues.add_routes(app)
     return app

@@ -1,0 +1,201 @@
+"""The admin REST API under /api/v1/queues: what bull-board's buttons do, for curl.
+
+Every route needs an admin token or a superadmin, and every state change
+writes an audit line. Handlers only translate HTTP to `Operations` calls and
+`Operations` errors back to HTTP.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from ..auth import Caller
+from ..logs import audit
+from ..operations import MAX_PAGE_SIZE, ConflictError, NotFoundError
+from ..storage.runs import FINISHED, STATES
+from .envelope import ApiError, json_body, ok
+from .keys import DAEMON
+from .validation import query_int
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def stats_key(queue: str) -> str:
+    """The seed's names: `token-refresh` → `tokenRefresh`."""
+    head, *rest = re.split(r"[-_]", queue)
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+async def _admin(request: web.Request) -> Caller:
+    return await request.app[DAEMON].auth.require_admin(request)
+
+
+def _ops(request: web.Request) -> Any:
+    daemon = request.app[DAEMON]
+    if not daemon.engine.running:
+        raise ApiError(503, "service/not-ready", "The job engine is not running yet.")
+    return daemon.operations
+
+
+def _queue(request: web.Request) -> str:
+    name = request.match_info["queue"]
+    if name not in request.app[DAEMON].registry:
+        raise ApiError(404, "queue/not-found", f"No queue named {name[:64]!r}.")
+    return name
+
+
+def _run_id(request: web.Request) -> str:
+    run_id = request.match_info["runId"]
+    if not re.fullmatch(r"[0-9a-f]{24}", run_id):
+        raise ApiError(400, "validation/invalid-id", "runId must be 24 hexadecimal characters")
+    return run_id
+
+
+def _translate(handler: Handler) -> Handler:
+    """Map the operations' errors to HTTP: not found → 404, conflict → 409, bad value → 400."""
+
+    async def wrapped(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except NotFoundError as exc:
+            raise ApiError(404, "queue/not-found", str(exc)) from None
+        except ConflictError as exc:
+            raise ApiError(409, "queue/conflict", str(exc)) from None
+        except ValueError as exc:
+            raise ApiError(400, "validation/invalid-parameter", str(exc)) from None
+
+    return wrapped
+
+
+@_translate
+async def stats(request: web.Request) -> web.Response:
+    await _admin(request)
+    by_queue = await _ops(request).stats()
+    return ok({stats_key(name): counts for name, counts in by_queue.items()})
+
+
+@_translate
+async def list_runs(request: web.Request) -> web.Response:
+    await _admin(request)
+    queue = _queue(request)
+    state = request.query.get("state", "failed")
+    if state not in STATES:
+        raise ApiError(400, "validation/invalid-parameter",
+                       f"state must be one of {', '.join(STATES)}")
+    page = query_int(request, "page", 1, 1, 1_000_000)
+    size = query_int(request, "pageSize", 20, 1, MAX_PAGE_SIZE)
+    return ok(await _ops(request).list_runs(queue, state, page, size))
+
+
+@_translate
+async def get_run(request: web.Request) -> web.Response:
+    await _admin(request)
+    return ok(await _ops(request).get_run(_run_id(request)))
+
+
+def _run_action(action: str) -> Handler:
+    @_translate
+    async def handler(request: web.Request) -> web.Response:
+        caller = await _admin(request)
+        run_id = _run_id(request)
+        run = await getattr(_ops(request), action)(run_id)
+        audit(f"queue.run.{action}", caller.actor, f"run:{run_id}", queue=run["queue"])
+        return ok(run)
+
+    return handler
+
+
+@_translate
+async def clean(request: web.Request) -> web.Response:
+    caller = await _admin(request)
+    queue = _queue(request)
+    body = await json_body(request)
+    state = body.get("state", "completed")
+    older_than = body.get("olderThan", 0)
+    if state not in FINISHED:
+        raise ApiError(400, "validation/invalid-parameter", "state must be completed or failed")
+    if not isinstance(older_than, int | float) or isinstance(older_than, bool) or older_than < 0:
+        raise ApiError(400, "validation/invalid-parameter",
+                       "olderThan must be a number of seconds >= 0")
+    deleted = await _ops(request).clean(queue, state, float(older_than))
+    audit("queue.clean", caller.actor, f"queue:{queue}", state=state, olderThan=older_than,
+          deleted=deleted)
+    return ok({"deleted": deleted})
+
+
+def _pause_action(paused: bool) -> Handler:
+    @_translate
+    async def handler(request: web.Request) -> web.Response:
+        caller = await _admin(request)
+        queue = _queue(request)
+        ops = _ops(request)
+        await (ops.pause(queue) if paused else ops.resume(queue))
+        audit("queue.pause" if paused else "queue.resume", caller.actor, f"queue:{queue}")
+        return ok({"queue": queue, "isPaused": paused})
+
+    return handler
+
+
+@_translate
+async def add_job(request: web.Request) -> web.Response:
+    """Add a job by hand (bull-board's "add job"): data, jobId, delay, priority, attempts."""
+    caller = await _admin(request)
+    queue = _queue(request)
+    body = await json_body(request)
+    unknown = set(body) - {"data", "jobId", "delay", "priority", "attempts"}
+    if unknown:
+        raise ApiError(400, "validation/invalid-parameter",
+                       f"unknown field(s): {', '.join(sorted(unknown))}")
+    data = body.get("data", {})
+    job_id = body.get("jobId")
+    delay = body.get("delay")
+    priority = body.get("priority")
+    attempts = body.get("attempts")
+    if not isinstance(data, dict):
+        raise ValueError("data must be a JSON object")
+    if job_id is not None and (not isinstance(job_id, str) or not 0 < len(job_id) <= 200):
+        raise ValueError("jobId must be a string of 1-200 characters")
+    if delay is not None and (not _number(delay) or not 0 <= delay <= 366 * 86400):
+        raise ValueError("delay must be a number of seconds between 0 and one year")
+    for name, value, low, high in (("priority", priority, -1000, 1000),
+                                   ("attempts", attempts, 1, 100)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not low <= value <= high):
+            raise ValueError(f"{name} must be an integer between {low} and {high}")
+    added = await request.app[DAEMON].engine.add(
+        queue, data, job_id=job_id, delay=delay, priority=priority, attempts=attempts)
+    audit("queue.job.add", caller.actor, f"run:{added.run_id}", queue=queue)
+    return ok({"runId": added.run_id, "state": added.state, "created": added.created},
+              status=201 if added.created else 200)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@_translate
+async def repeats(request: web.Request) -> web.Response:
+    await _admin(request)
+    queue = request.query.get("queue")
+    if queue is not None and queue not in request.app[DAEMON].registry:
+        raise ApiError(404, "queue/not-found", f"No queue named {queue[:64]!r}.")
+    return ok(await _ops(request).repeats(queue))
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/api/v1/queues/stats", stats)
+    r.add_get("/api/v1/queues/repeats", repeats)
+    r.add_get("/api/v1/queues/runs/{runId}", get_run)
+    r.add_post("/api/v1/queues/runs/{runId}/retry", _run_action("retry"))
+    r.add_post("/api/v1/queues/runs/{runId}/promote", _run_action("promote"))
+    r.add_delete("/api/v1/queues/runs/{runId}", _run_action("remove"))
+    r.add_get("/api/v1/queues/{queue}/runs", list_runs)
+    r.add_post("/api/v1/queues/{queue}/jobs", add_job)
+    r.add_post("/api/v1/queues/{queue}/clean", clean)
+    r.add_post("/api/v1/queues/{queue}/pause", _pause_action(True))
+    r.add_post("/api/v1/queues/{queue}/resume", _pause_action(False))

@@ -1,0 +1,62 @@
+"""POST /api/v1/oauth/tenants/{tenantId}/integrations/{integrationId}/refresh
+
+The seed's manual refresh: enqueue a high-priority refresh of one integration,
+or with `?wait=true` wait (up to `refresh.wait_timeout`) and return the outcome.
+The response describes the run; it never contains a token.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from aiohttp import web
+
+from ..engine import as_utc
+from ..jobs.token_refresh import MANUAL_PRIORITY, QUEUE, job_id
+from ..logs import audit
+from .envelope import ApiError, ok
+from .keys import DAEMON
+from .validation import path_id, query_bool
+
+PATH = "/api/v1/oauth/tenants/{tenantId}/integrations/{integrationId}/refresh"
+
+
+async def refresh_integration(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    tenant_id = path_id(request, "tenantId")
+    integration_id = path_id(request, "integrationId")
+    wait = query_bool(request, "wait")
+    caller = await daemon.auth.require_tenant_access(request, tenant_id)
+    if daemon.refresher is None:
+        raise ApiError(503, "refresh/disabled", "Token refresh is disabled on this daemon.")
+    if not daemon.engine.running:
+        raise ApiError(503, "service/not-ready", "The job engine is not running yet.")
+    integration = await daemon.integrations.get(integration_id)
+    if integration is None or str(integration.get("tenantId")) != tenant_id:
+        raise ApiError(404, "integration/not-found", "No such integration for this tenant.")
+    if integration.get("status") == "revoked":
+        raise ApiError(409, "integration/revoked",
+                       "The integration is revoked; it is never refreshed.")
+    if not integration.get("refreshToken"):
+        raise ApiError(409, "integration/not-connected",
+                       "The integration has no refresh token; the tenant must connect it.")
+    expires = integration.get("tokenExpiresAt")
+    deadline = as_utc(expires) if isinstance(expires, datetime) else None
+    added = await daemon.engine.add(
+        QUEUE, {"integrationId": str(integration["_id"]), "tenantId": tenant_id},
+        job_id=job_id(str(integration["_id"])), priority=MANUAL_PRIORITY, replace=True,
+        deadline=deadline if deadline and deadline > daemon.clock() else None,
+    )
+    audit("integration.refresh", caller.actor, f"integration:{integration['_id']}",
+          tenantId=tenant_id, runId=added.run_id)
+    if not wait:
+        return ok({"runId": added.run_id, "state": added.state}, status=202)
+    run = await daemon.operations.wait_finished(added.run_id,
+                                                daemon.settings.refresh.wait_timeout)
+    outcome = {"runId": run["id"], "state": run["state"], "result": run["result"],
+               "error": run["error"], "attempts": run["attemptsMade"]}
+    return ok(outcome, status=200 if run["state"] in ("completed", "failed") else 202)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post(PATH, refresh_integration)

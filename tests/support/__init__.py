@@ -1,0 +1,1 @@
+"""Reusable test helpers (servers, fakes) shared by several test modules."""
