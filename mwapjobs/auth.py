@@ -78,6 +78,8 @@ class JwksCache:
     tokens with made-up `kid`s cannot turn us into a JWKS-fetching machine.
     Concurrent callers share one in-flight fetch. When a refetch fails the
     previous keys stay in use: a short Auth0 outage should not log everyone out.
+    (If the very first fetch fails there are no keys, and user tokens get 503
+    until the next attempt, `min_refresh_interval` later.)
 
     Pass `session` to reuse the daemon's `aiohttp.ClientSession` (it is not
     closed here); without one, the cache makes its own on first use and
@@ -133,7 +135,7 @@ class JwksCache:
         """
         now = self._clock()
         needed = now >= self._expires or kid not in self._keys
-        if needed:
+        if needed and (self._fetching is not None or now >= self._next_fetch):
             await self._refresh()
         if not self._keys:
             raise JwksUnavailable(self.jwks_url)
@@ -141,8 +143,10 @@ class JwksCache:
 
     async def close(self) -> None:
         """Stop an in-flight fetch and close the session if it is ours."""
-        if self._fetching is not None:
-            self._fetching.cancel()
+        fetching = self._fetching
+        if fetching is not None:
+            fetching.cancel()
+            await asyncio.gather(fetching, return_exceptions=True)
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
@@ -240,6 +241,15 @@ async def test_an_unknown_kid_refetches_at_most_once_per_interval(
     assert idp.fetches == 2
 
 
+async def test_forged_headers_do_not_cause_jwks_fetches(auth: Authenticator, idp: JwksServer,
+                                                       clock: Clock) -> None:
+    await auth.authenticate(bearer(idp.token(SUPER)))
+    clock.advance(31)
+    await unauthorized(auth, idp.sign(idp.claims(SUPER), alg="none", kid="random-kid"))
+    await unauthorized(auth, idp.sign(idp.claims(SUPER), headers={}))
+    assert idp.fetches == 1
+
+
 async def test_a_rotated_key_is_accepted_after_a_refetch(auth: Authenticator, idp: JwksServer,
                                                          clock: Clock) -> None:
     old = idp.token(SUPER)
@@ -283,6 +293,15 @@ async def test_no_keys_at_all_is_a_503_not_a_401(auth: Authenticator, idp: JwksS
     with pytest.raises(ApiError) as caught:
         await auth.authenticate(bearer(idp.token(SUPER)))
     assert (caught.value.status, caught.value.code) == (503, "auth/unavailable")
+
+
+async def test_a_session_passed_in_is_used_and_left_open(idp: JwksServer) -> None:
+    async with aiohttp.ClientSession() as session:
+        cache = idp.cache(session=session)
+        assert (await cache.get_key("key-1")).key_id == "key-1"
+        await cache.close()
+        assert not session.closed
+        assert idp.fetches == 1
 
 
 def test_auth0_urls_are_derived_from_the_domain() -> None:

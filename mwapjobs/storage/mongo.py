@@ -78,6 +78,8 @@ class _EmbeddedLoop:
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
+        if not self.loop.is_running() and not self.loop.is_closed():
+            self.loop.close()
 
 
 async def _invoke(op: Callable[[Any], Awaitable[T]], db: Any) -> T:
