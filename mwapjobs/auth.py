@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 ALGORITHM = "RS256"
 LEEWAY = 30.0  # seconds of clock skew tolerated between us and Auth0
 REQUIRED_CLAIMS = ["exp", "sub", "iss", "aud"]
-# A session middleware may authenticate the request itself and leave the Caller here.
-CALLER_KEY = "mwapjobs.caller"
 UNAUTHORIZED = "auth/unauthorized"
 FORBIDDEN = "auth/forbidden"
 
@@ -64,6 +62,10 @@ class Caller:
     def actor(self) -> str:
         """How audit lines name this caller: `token:NAME` or `user:SUB`."""
         return f"{self.kind}:{self.name}"
+
+
+# A session middleware may authenticate the request itself and leave the Caller here.
+CALLER_KEY: web.RequestKey[Caller] = web.RequestKey("mwapjobs.caller", Caller)
 
 
 class JwksUnavailable(Exception):

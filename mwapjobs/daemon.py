@@ -29,15 +29,18 @@ import aiohttp
 from aiohttp import web
 from pydantic import SecretStr
 
+from .alerts import AlertManager
 from .api.app import build_app
 from .auth import Authenticator, JwksCache
 from .config import Settings
 from .crypto import MwapCipher
 from .engine import Engine, utcnow
+from .jobs.health_check import HealthChecker, unschedule
 from .jobs.refresh_sync import RefreshSync
-from .jobs.token_refresh import TokenRefresher, subscribe_expiry_marking
+from .jobs.token_refresh import TokenRefresher, follow_up_failures
 from .logs import secrets, stop_logging
 from .loopmon import LoopLagMonitor
+from .metrics import DaemonMetrics
 from .operations import Operations
 from .queues import QueueRegistry
 from .storage.identity import IdentityStore
@@ -74,6 +77,7 @@ class Daemon:
         self.http: aiohttp.ClientSession | None = None
         self.refresher: TokenRefresher | None = None
         self.refresh_sync: RefreshSync | None = None
+        self.health_checker: HealthChecker | None = None
         self.jwks = JwksCache.from_settings(settings)
         self.auth = Authenticator(settings, IdentityStore(self.mongo), self.jwks)
         self.loop_lag = LoopLagMonitor()
@@ -85,6 +89,11 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._engine_up = asyncio.Event()
+        self.alerts = AlertManager(settings, self.mongo, self.registry, clock=clock,
+                                   mongo_down_since=lambda: self.mongo_down_since,
+                                   mongo_error=lambda: self.mongo_error,
+                                   is_paused=self.engine.is_paused)
+        self.metrics = DaemonMetrics(self)  # subscribes to the engine's events
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -107,6 +116,8 @@ class Daemon:
         self.port = sockets[0].getsockname()[1] if sockets else self.settings.http.port
         self._spawn(self._bring_up(), "bring-up")
         self._spawn(self._watch_mongo(), "mongo-monitor")
+        # Not after bring-up: the mongodb_down rule must also cover an outage at boot.
+        await self.alerts.start()
         interval = watchdog_interval()
         if interval:
             self._spawn(watchdog(interval), "watchdog")
@@ -119,9 +130,16 @@ class Daemon:
             self.refresher = TokenRefresher(self.integrations, self.cipher, http,
                                             self.settings.refresh, self.clock)
             self.refresher.register(self.registry)
-            subscribe_expiry_marking(self.engine, self.refresher)
+            follow_up_failures(self.engine, self.refresher)
             self.refresh_sync = RefreshSync(self.engine, self.integrations,
                                             self.settings.refresh, self.clock)
+        if self.settings.health.enabled and self.cipher is not None:
+            self.health_checker = HealthChecker(
+                self.integrations, self.cipher, http, self.settings.health, self.clock,
+                engine=self.engine, operations=self.operations,
+                refresh=self.settings.refresh if self.refresher is not None else None,
+                user_agent=self.settings.refresh.user_agent)
+            self.health_checker.register(self.registry)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.ensure_future(coro)
@@ -150,6 +168,7 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.alerts.stop()
         await self.loop_lag.stop()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -202,6 +221,10 @@ class Daemon:
                 self._engine_up.set()
                 if self.refresh_sync is not None:
                     self._spawn(self.refresh_sync.run_forever(), "refresh-sync")
+                if self.health_checker is not None:
+                    self._spawn(self.health_checker.keep_scheduled(), "health-schedule")
+                else:
+                    self._spawn(unschedule(self.engine), "health-unschedule")
                 return
             except asyncio.CancelledError:
                 raise

@@ -430,14 +430,16 @@ class Engine:
                 fields["error"] = {**err, "deadlineExceeded": True}
             if await self.runs.finish(run["_id"], self.owner, "failed", fields, attempt):
                 log.warning("job failed", extra={**summary, "data": None, "error": err})
-                await self._emit("failed", {**summary, "error": fields["error"]})
+                await self._emit("failed", {**summary, "error": fields["error"],
+                                            "durationMs": duration_ms})
             return
         attempt["outcome"] = "retrying"
         if await self.runs.reschedule(run["_id"], self.owner, retry_at, attempt, err):
             await self._set_trigger(job.run_id, retry_at)
             log.info("job will be retried", extra={**summary, "data": None,
                                                    "retryAt": retry_at, "error": err})
-            await self._emit("retrying", {**summary, "error": err, "retryAt": retry_at})
+            await self._emit("retrying", {**summary, "error": err, "retryAt": retry_at,
+                                          "durationMs": duration_ms})
 
     def _retry_time(self, job: Job, run: dict[str, Any], error: BaseException,
                     now: datetime) -> datetime | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -35,7 +36,7 @@ from urllib.parse import quote
 import aiohttp
 
 from ..config import RefreshSettings
-from ..crypto import MwapCipher
+from ..crypto import DecryptionError, MwapCipher
 from ..engine import Engine, as_utc
 from ..queues import Job, PermanentError, QueueRegistry, TransientError
 from ..ratelimit import KeyedLimiter
@@ -97,17 +98,29 @@ class TokenRefresher:
         provider = await self.store.provider(str(integration.get("providerId")))
         if provider is None:
             raise PermanentError(f"provider {integration.get('providerId')} not found")
+        refresh_token = self._stored_token(integration["refreshToken"])
         try:
-            tokens = await self._request(provider, integration)
+            tokens = await self._request(provider, refresh_token)
         except RefreshFailed as exc:
             await self._give_up(integration, str(exc))
             raise
-        return await self._save(integration, tokens)
+        return await self._save(integration, refresh_token, tokens)
 
-    async def _request(self, provider: dict[str, Any],
-                       integration: dict[str, Any]) -> dict[str, Any]:
+    def _stored_token(self, stored: str) -> str:
+        """The plaintext of a stored token. Plain text (written by the backend's PATCH) is
+        used as it is; a ciphertext that does not decrypt is never sent to the provider,
+        whose invalid_grant would then expire a healthy integration."""
+        if not MwapCipher.looks_encrypted(stored):
+            return stored
+        try:
+            return self.cipher.decrypt(stored)
+        except DecryptionError:
+            raise PermanentError(
+                "the stored refresh token does not decrypt: is ENCRYPTION_KEY the backend's?"
+            ) from None
+
+    async def _request(self, provider: dict[str, Any], refresh_token: str) -> dict[str, Any]:
         metadata = provider.get("metadata") or {}
-        refresh_token = self.cipher.decrypt_lenient(integration["refreshToken"])
         client_id = str(provider.get("clientId", ""))
         secret = self.cipher.decrypt_lenient(str(provider.get("clientSecret") or ""))
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
@@ -154,18 +167,23 @@ class TokenRefresher:
             raise TransientError("token endpoint answered without an access_token")
         return payload
 
-    async def _save(self, integration: dict[str, Any], tokens: dict[str, Any]) -> dict[str, Any]:
+    async def _save(self, integration: dict[str, Any], refresh_token: str,
+                    tokens: dict[str, Any]) -> dict[str, Any]:
         now = self.clock()
         try:
             expires_in = int(tokens.get("expires_in") or DEFAULT_EXPIRES_IN)
         except (TypeError, ValueError):
             expires_in = DEFAULT_EXPIRES_IN
         new_refresh = tokens.get("refresh_token")
+        if not (isinstance(new_refresh, str) and new_refresh):
+            new_refresh = None  # Dropbox returns none: keep ours
+        stored = integration["refreshToken"]
         fields: dict[str, Any] = {
             "accessToken": self.cipher.encrypt(tokens["access_token"]),
-            # Dropbox returns none: keep the stored one as it is.
-            "refreshToken": (self.cipher.encrypt(new_refresh) if isinstance(new_refresh, str)
-                             and new_refresh else integration["refreshToken"]),
+            "refreshToken": (
+                self.cipher.encrypt(new_refresh or refresh_token)
+                if new_refresh or not MwapCipher.looks_encrypted(stored) else stored
+            ),
             "tokenExpiresAt": now + timedelta(seconds=expires_in),
             "status": "active",
             "updatedAt": now,
@@ -179,7 +197,7 @@ class TokenRefresher:
             return {"skipped": "the integration changed during the refresh; newer tokens kept"}
         await self.store.clear_refresh_failure(str(integration["_id"]))
         return {"expiresAt": fields["tokenExpiresAt"].isoformat(),
-                "rotated": fields["refreshToken"] != integration["refreshToken"]}
+                "rotated": new_refresh is not None and new_refresh != refresh_token}
 
     async def _give_up(self, integration: dict[str, Any], reason: str) -> None:
         """Permanent failure: `expired` invites the tenant to reconnect (an `active`
@@ -194,19 +212,24 @@ class TokenRefresher:
                     extra={"integrationId": integration_id, "tenantId": integration.get("tenantId"),
                            "reason": reason})
 
-    async def on_run_failed(self, job_data: dict[str, Any], error: dict[str, Any]) -> None:
-        """After the last transient failure: if the token expires before another
-        attempt could run (the next discovery pass), it cannot be saved: say so."""
+    async def on_run_failed(self, engine: Engine, job_data: dict[str, Any],
+                            error: dict[str, Any]) -> None:
+        """After a run's last transient failure: keep trying while the token is valid
+        (a new run every `sync_interval`), and once it would expire before the next
+        try, mark the integration expired: it cannot be saved in time."""
         if error.get("permanent"):
             return
         integration = await self.store.get(str(job_data.get("integrationId")))
-        if integration is None or not integration.get("tokenExpiresAt"):
+        if integration is None or not isinstance(integration.get("tokenExpiresAt"), datetime):
             return
         now = self.clock()
-        horizon = now + timedelta(seconds=self.settings.sync_interval)
-        if as_utc(integration["tokenExpiresAt"]) <= horizon and await self.store.set_status(
-            integration, "expired", now, only_from=("active", "error")
-        ):
+        expires = as_utc(integration["tokenExpiresAt"])
+        if expires > now + timedelta(seconds=self.settings.sync_interval):
+            await engine.add(QUEUE, job_data, job_id=job_id(str(integration["_id"])),
+                             delay=self.settings.sync_interval, deadline=expires)
+            return
+        if await self.store.set_status(integration, "expired", now,
+                                       only_from=("active", "error")):
             reason = f"token expired before a refresh succeeded ({error.get('message')})"
             await self.store.notify("integration.expired", integration, reason, now)
             log.warning("token could not be refreshed before expiry; integration marked expired",
@@ -214,8 +237,6 @@ class TokenRefresher:
 
 
 def _json_object(body: str) -> dict[str, Any] | None:
-    import json
-
     try:
         value = json.loads(body)
     except ValueError:
@@ -237,11 +258,11 @@ def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
         return None
 
 
-def subscribe_expiry_marking(engine: Engine, refresher: TokenRefresher) -> None:
-    """Mark integrations expired when their last refresh attempt failed too late."""
+def follow_up_failures(engine: Engine, refresher: TokenRefresher) -> None:
+    """After a refresh run fails for good: try again later, or mark the integration expired."""
 
     async def on_event(event: str, run: dict[str, Any]) -> None:
         if event == "failed" and run.get("queue") == QUEUE:
-            await refresher.on_run_failed(run.get("data") or {}, run.get("error") or {})
+            await refresher.on_run_failed(engine, run.get("data") or {}, run.get("error") or {})
 
     engine.subscribe(on_event)

@@ -17,6 +17,7 @@ from typing import Any
 from bson import ObjectId
 from bson.errors import InvalidId
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo.errors import BulkWriteError
 
 from .mongo import INTEGRATIONS, PROVIDERS, Mongo
 
@@ -26,6 +27,11 @@ NOTIFICATIONS = "mwapjobs_notifications"
 # What discovery needs from an integration; never the access token.
 SYNC_FIELDS = {"_id": 1, "tenantId": 1, "providerId": 1, "status": 1, "tokenExpiresAt": 1,
                "updatedAt": 1, "refreshToken": 1}
+# What a health probe needs: the (encrypted) tokens too, for the probe and for the
+# conditional status writes that repeat them.
+HEALTH_FIELDS = {"_id": 1, "tenantId": 1, "providerId": 1, "status": 1, "tokenExpiresAt": 1,
+                 "accessToken": 1, "refreshToken": 1}
+OVERVIEW_FIELDS = {"_id": 1, "tenantId": 1, "providerId": 1, "status": 1, "tokenExpiresAt": 1}
 
 
 def id_variants(integration_id: str) -> list[Any]:
@@ -98,6 +104,15 @@ class IntegrationStore:
         )
         return bool(result.modified_count)
 
+    async def count_by_status(self) -> dict[str, int]:
+        """How many integrations have each status (none set counts as "unknown"), for /metrics."""
+        docs = await self._mongo.call(
+            lambda db: db[INTEGRATIONS]
+            .aggregate([{"$group": {"_id": "$status", "count": {"$sum": 1}}}])
+            .to_list(None)
+        )
+        return {("unknown" if d["_id"] is None else str(d["_id"])): int(d["count"]) for d in docs}
+
     # -- providers -----------------------------------------------------------
 
     async def provider(self, provider_id: str) -> dict[str, Any] | None:
@@ -166,3 +181,126 @@ class IntegrationStore:
                "providerId": integration.get("providerId"), "reason": reason,
                "createdAt": now, "delivered": False}
         await self._mongo.call(lambda db: db[NOTIFICATIONS].insert_one(doc))
+
+    # -- health checks (jobs/health_check.py) ------------------------------------------
+
+    async def connected_integrations(self) -> list[dict[str, Any]]:
+        """Every integration a health sweep probes (an access token, not revoked), in one
+        query. The encrypted tokens come along, so a sweep that probes at once reads nothing
+        per integration; they are decrypted one at a time, just before each probe."""
+        query = {"accessToken": {"$nin": [None, ""]}, "status": {"$ne": "revoked"}}
+        docs: list[dict[str, Any]] = await self._mongo.call(
+            lambda db: db[INTEGRATIONS].find(query, HEALTH_FIELDS).to_list(None)
+        )
+        return docs
+
+    async def integrations_overview(self) -> list[dict[str, Any]]:
+        """Every integration without its tokens, each with `connected` (has an access token)."""
+        docs: list[dict[str, Any]] = await self._mongo.call(
+            lambda db: db[INTEGRATIONS].find({}, OVERVIEW_FIELDS).to_list(None)
+        )
+        connected = await self._mongo.call(
+            lambda db: db[INTEGRATIONS]
+            .find({"accessToken": {"$nin": [None, ""]}}, {"_id": 1})
+            .to_list(None)
+        )
+        ids = {str(d["_id"]) for d in connected}
+        for doc in docs:
+            doc["connected"] = str(doc["_id"]) in ids
+        return docs
+
+    async def providers_by_id(self) -> dict[str, dict[str, Any]]:
+        """Every provider by hex id, without its client secret."""
+        docs = await self._mongo.call(
+            lambda db: db[PROVIDERS].find({}, {"clientSecret": 0}).to_list(None)
+        )
+        return {str(d["_id"]): d for d in docs}
+
+    async def health_states(self) -> dict[str, dict[str, Any]]:
+        """What a sweep needs from our own notes, for every integration: the failure streak,
+        the status a health check set, the last good and bad check, and a refresh token
+        known to be dead."""
+        docs = await self._mongo.call(
+            lambda db: db[INTEGRATION_STATE]
+            .find({}, {"health.consecutiveFailures": 1, "health.setStatus": 1,
+                       "health.lastHealthyAt": 1, "health.lastFailureAt": 1,
+                       "refreshFailure.token": 1})
+            .to_list(None)
+        )
+        return {str(d["_id"]): d for d in docs}
+
+    async def health_overview(self) -> dict[str, dict[str, Any]]:
+        """The current health of every checked integration, without the history."""
+        docs = await self._mongo.call(
+            lambda db: db[INTEGRATION_STATE]
+            .find({"health": {"$exists": True}}, {"health.history": 0})
+            .to_list(None)
+        )
+        return {str(d["_id"]): d["health"] for d in docs if isinstance(d.get("health"), dict)}
+
+    async def create_health_states(self, integration_ids: list[str]) -> None:
+        """Make our notes exist for these integrations (`record_health` never inserts).
+        One query; a document another writer made meanwhile is left as it is."""
+        if not integration_ids:
+            return
+        docs = [{"_id": i, "health": {"consecutiveFailures": 0, "history": []}}
+                for i in integration_ids]
+        with contextlib.suppress(BulkWriteError):
+            await self._mongo.call(
+                lambda db: db[INTEGRATION_STATE].insert_many(docs, ordered=False)
+            )
+
+    async def record_health(self, results: list[tuple[str, dict[str, Any]]],
+                            history_size: int) -> int:
+        """Record the outcome of several checks in one update; returns how many changed.
+
+        Each result is `(integrationId, r)`; `r["entry"]` is pushed onto the history
+        (which keeps its last `history_size` entries) and `r`'s other fields replace
+        the stored ones: `at` (→ `lastCheckedAt`, and `entry` → `lastResult`),
+        `consecutiveFailures`, `setStatus`, `lastHealthyAt`, `lastFailureAt`,
+        `tenantId`, `providerId`. The documents must exist (`create_health_states`).
+
+        Every document gets its own values in one round trip: the filter is the id
+        range of the batch, and a binary decision tree on `_id` inside a pipeline
+        update hands each document its result (documents of the range that are not
+        in the batch get none and stay as they are). That is O(log n) per document,
+        works on MongoDB >= 4.2 and on the embedded store (which has neither a
+        working `bulk_write` nor `$indexOfArray`), and scans a collection once per
+        batch instead of once per integration. Callers keep batches dense in id
+        order, so that ranges stay tight.
+        """
+        if not results:
+            return 0
+        ordered = sorted(results, key=lambda r: r[0])
+        first, last = ordered[0][0], ordered[-1][0]
+        query: dict[str, Any] = {"_id": first} if first == last else {
+            "_id": {"$gte": first, "$lte": last}}
+        fields = ("consecutiveFailures", "setStatus", "lastHealthyAt", "lastFailureAt",
+                  "tenantId", "providerId")
+        new_health = {
+            **{name: f"$$r.{name}" for name in fields},
+            "lastCheckedAt": "$$r.at",
+            "lastResult": "$$r.entry",
+            "history": {"$slice": [
+                {"$concatArrays": [{"$ifNull": ["$health.history", []]}, "$$r.push"]},
+                -history_size]},
+        }
+        pipeline = [{"$set": {"health": {"$let": {
+            "vars": {"r": _decision_tree(ordered)},
+            "in": {"$cond": [{"$eq": ["$$r", None]}, "$health", new_health]},
+        }}}}]
+        result = await self._mongo.call(
+            lambda db: db[INTEGRATION_STATE].update_many(query, pipeline)
+        )
+        return int(result.modified_count)
+
+
+def _decision_tree(ordered: list[tuple[str, dict[str, Any]]]) -> Any:
+    """An expression giving each `_id` of `ordered` (sorted by id) its value, else null."""
+    if len(ordered) == 1:
+        key, value = ordered[0]
+        entry = {**value, "push": [value["entry"]]}
+        return {"$cond": [{"$eq": ["$_id", key]}, {"$literal": entry}, None]}
+    middle = len(ordered) // 2
+    return {"$cond": [{"$lt": ["$_id", ordered[middle][0]]},
+                      _decision_tree(ordered[:middle]), _decision_tree(ordered[middle:])]}

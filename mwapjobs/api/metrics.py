@@ -1,0 +1,52 @@
+"""GET /metrics: Prometheus exposition of the daemon's own registry.
+
+Who may scrape is `metrics.access`:
+- "loopback" (default): only clients connecting from 127.0.0.1 / ::1 (any
+  127.0.0.0/8 address, IPv4-mapped too). The TCP peer is what counts;
+  X-Forwarded-For is not trusted, so a reverse proxy on the same host makes
+  every client it forwards look local: use "token" behind a proxy;
+- "token": `Authorization: Bearer <admin token>` (or a superadmin's JWT);
+- "open": anyone.
+Refusals use the MWAP envelope (401/403); the metrics themselves are text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from aiohttp import web
+
+from ..metrics import CONTENT_TYPE
+from .envelope import ApiError
+from .keys import DAEMON
+
+PATH = "/metrics"
+
+
+def is_loopback(remote: str | None) -> bool:
+    """Whether a peer address (`request.remote`) is the local host."""
+    if not remote:
+        return False  # a Unix socket or an unknown peer
+    try:
+        address = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+async def metrics(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    access = daemon.settings.metrics.access
+    if access == "loopback" and not is_loopback(request.remote):
+        raise ApiError(403, "auth/forbidden",
+                       "Metrics are served only to local clients (metrics.access = loopback).")
+    if access == "token":
+        await daemon.auth.require_admin(request)
+    body = await daemon.metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get(PATH, metrics)

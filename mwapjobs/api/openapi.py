@@ -1,0 +1,200 @@
+"""The OpenAPI 3 document served at /api/v1/openapi.json.
+
+Written by hand, next to the routes it describes; a test checks that every
+route the app serves is documented here and that nothing documented is
+missing from the app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+STATES = ["delayed", "waiting", "active", "completed", "failed"]
+
+
+def _envelope(data: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": ["success", "data"],
+            "properties": {"success": {"type": "boolean", "enum": [True]}, "data": data}}
+
+
+ERROR = {
+    "type": "object", "required": ["success", "error"],
+    "properties": {
+        "success": {"type": "boolean", "enum": [False]},
+        "error": {"type": "object", "required": ["code", "message"],
+                  "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+    },
+}
+ANY = {"type": "object"}
+RUN_ID = {"name": "runId", "in": "path", "required": True,
+          "schema": {"type": "string", "pattern": "^[0-9a-f]{24}$"}}
+QUEUE = {"name": "queue", "in": "path", "required": True, "schema": {"type": "string"}}
+ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+
+
+def _page(summary: str, *, form: bool = False,
+          params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A dashboard page: HTML (or a redirect), not the JSON envelope."""
+    op: dict[str, Any] = {
+        "summary": summary, "security": [], "parameters": params or [],
+        "responses": {"200": {"description": "HTML", "content": {"text/html": {
+            "schema": {"type": "string"}}}},
+                      "303": {"description": "Redirect"},
+                      "404": {"$ref": "#/components/responses/Error"}},
+    }
+    if form:
+        op["requestBody"] = {"content": {"application/x-www-form-urlencoded": {"schema": {
+            "type": "object", "properties": {"token": {"type": "string"}}}}}}
+        op["responses"].update({s: {"description": "The login page with a message",
+                                    "content": {"text/html": {"schema": {"type": "string"}}}}
+                                for s in ("400", "401", "403")})
+    return op
+
+
+def _op(summary: str, data: dict[str, Any] = ANY, *, auth: bool = True,
+        params: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None,
+        ok_status: str = "200", errors: tuple[str, ...] = (),
+        security: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        ok_status: {"description": "OK", "content": {"application/json": {
+            "schema": _envelope(data)}}},
+    }
+    for status in ("400", *(("401", "403") if auth else ()), *errors):
+        responses[status] = {"$ref": "#/components/responses/Error"}
+    op: dict[str, Any] = {"summary": summary, "responses": responses,
+                          "parameters": params or []}
+    op["security"] = security if security is not None else ([{"bearer": []}] if auth else [])
+    if body is not None:
+        op["requestBody"] = {"required": False, "content": {"application/json": {
+            "schema": body}}}
+    return op
+
+
+def document() -> dict[str, Any]:
+    counts = {"type": "object", "properties": {
+        s: {"type": "integer"} for s in ["waiting", "active", "delayed", "completed",
+                                         "failed", "paused"]}}
+    run_state = {"name": "state", "in": "query", "schema": {"type": "string", "enum": STATES}}
+    paging = [
+        {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+        {"name": "pageSize", "in": "query",
+         "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+    ]
+    tenant = {"name": "tenantId", "in": "path", "required": True, "schema": ID}
+    integration = {"name": "integrationId", "in": "path", "required": True, "schema": ID}
+    paths: dict[str, Any] = {
+        "/healthz": {"get": _op("The process is alive", auth=False)},
+        "/readyz": {"get": _op("MongoDB reachable and scheduler running (503 otherwise)",
+                               auth=False, errors=("503",))},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics (text format); access per metrics.access",
+            "security": [{"bearer": []}, {}],
+            "responses": {"200": {"description": "Prometheus text exposition",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}},
+                          "401": {"$ref": "#/components/responses/Error"},
+                          "403": {"$ref": "#/components/responses/Error"}}}},
+        "/admin": {"get": _page("Redirects to the dashboard")},
+        "/admin/queues": {"get": _page("The dashboard (redirects to the login page without a "
+                                       "session)")},
+        "/admin/login": {
+            "get": _page("The login form"),
+            "post": _page("Log in with an admin token or JWT (form field `token`); sets the "
+                          "HttpOnly, SameSite=Strict session cookie", form=True),
+        },
+        "/admin/logout": {"post": _op("End the dashboard session, if any (with a session, "
+                                      "needs X-CSRF-Token)", auth=False)},
+        "/admin/session": {"get": _op("The session's actor, CSRF token and queue names",
+                                      security=[{"session": []}])},
+        "/admin/static/{name}": {"get": _page(
+            "The dashboard's script and style sheet",
+            params=[{"name": "name", "in": "path", "required": True,
+                     "schema": {"type": "string", "enum": ["app.js", "style.css"]}}])},
+        "/api/v1/openapi.json": {"get": {"summary": "This document", "security": [],
+                                         "responses": {"200": {"description": "OK"}}}},
+        "/api/v1/queues/stats": {"get": _op(
+            "Counts by state for every queue (token-refresh → tokenRefresh)",
+            {"type": "object", "additionalProperties": counts}, errors=("503",))},
+        "/api/v1/queues/repeats": {"get": _op(
+            "Repeat schedules with their next fire time",
+            {"type": "array"},
+            params=[{"name": "queue", "in": "query", "schema": {"type": "string"}}],
+            errors=("404", "503"))},
+        "/api/v1/queues/runs/{runId}": {
+            "get": _op("One run: data (secrets redacted), attempts, errors, timings",
+                       params=[RUN_ID], errors=("404", "503")),
+            "delete": _op("Remove a run that is not running", params=[RUN_ID],
+                          errors=("404", "409", "503")),
+        },
+        "/api/v1/queues/runs/{runId}/retry": {"post": _op(
+            "Retry a failed run now, with a fresh set of attempts", params=[RUN_ID],
+            errors=("404", "409", "503"))},
+        "/api/v1/queues/runs/{runId}/promote": {"post": _op(
+            "Run a delayed run now", params=[RUN_ID], errors=("404", "409", "503"))},
+        "/api/v1/queues/{queue}/runs": {"get": _op(
+            "Runs of a queue in one state, paginated",
+            {"type": "object", "properties": {"items": {"type": "array"},
+                                              "page": {"type": "integer"},
+                                              "pageSize": {"type": "integer"},
+                                              "total": {"type": "integer"}}},
+            params=[QUEUE, run_state, *paging], errors=("404", "503"))},
+        "/api/v1/queues/{queue}/jobs": {"post": _op(
+            "Add a job by hand", params=[QUEUE], ok_status="201", errors=("404", "503"),
+            body={"type": "object", "additionalProperties": False, "properties": {
+                "data": {"type": "object"}, "jobId": {"type": "string"},
+                "delay": {"type": "number", "minimum": 0},
+                "priority": {"type": "integer"}, "attempts": {"type": "integer"}}})},
+        "/api/v1/queues/{queue}/clean": {"post": _op(
+            "Delete finished runs older than olderThan seconds",
+            {"type": "object", "properties": {"deleted": {"type": "integer"}}},
+            params=[QUEUE], errors=("404", "503"),
+            body={"type": "object", "properties": {
+                "state": {"type": "string", "enum": ["completed", "failed"]},
+                "olderThan": {"type": "number", "minimum": 0}}})},
+        "/api/v1/queues/{queue}/pause": {"post": _op("Pause a queue", params=[QUEUE],
+                                                     errors=("404", "503"))},
+        "/api/v1/queues/{queue}/resume": {"post": _op("Resume a queue", params=[QUEUE],
+                                                      errors=("404", "503"))},
+        "/api/v1/integrations/health": {"get": _op(
+            "Integration health: counts by status and provider, failing integrations first",
+            errors=("503",))},
+        "/api/v1/integrations/health/check": {"post": _op(
+            "Check every connected integration now, without spreading", ok_status="202",
+            errors=("409", "503"))},
+        "/api/v1/tenants/{tenantId}/integrations/{integrationId}/health": {"get": _op(
+            "One integration's health: current status and history",
+            params=[tenant, integration], errors=("404", "503"))},
+        "/api/v1/oauth/tenants/{tenantId}/integrations/{integrationId}/refresh": {"post": _op(
+            "Refresh one integration's token now (high priority); ?wait=true waits",
+            params=[tenant, integration,
+                    {"name": "wait", "in": "query", "schema": {"type": "boolean"}}],
+            ok_status="202", errors=("404", "409", "503"))},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "mwapjobs", "version": "1",
+                 "description": "Admin API of the MWAP background-job daemon. Every response "
+                                "uses MWAP's envelope."},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "An admin token, or an Auth0 JWT"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "mwapjobs_session",
+                            "description": "The dashboard session (state changes also need "
+                                           "the X-CSRF-Token header)"},
+            },
+            "responses": {"Error": {"description": "Error",
+                                    "content": {"application/json": {"schema": ERROR}}}},
+        },
+    }
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """The raw document (no envelope), as OpenAPI tools expect it."""
+    return web.json_response(document())
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/v1/openapi.json", openapi_json)

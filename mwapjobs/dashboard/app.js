@@ -1,0 +1,539 @@
+// mwapjobs dashboard: vanilla JavaScript over the REST API (/api/v1/queues/...).
+// Every piece of data goes into the page with textContent or attributes, never as HTML.
+'use strict';
+
+(() => {
+  const STATES = ['waiting', 'active', 'delayed', 'completed', 'failed'];
+  const COUNTS = ['waiting', 'active', 'delayed', 'completed', 'failed', 'paused'];
+  const AUTO_KEY = 'mwapjobs.autoRefresh';
+
+  const ui = {
+    csrf: '',
+    queues: [],          // [{name, statsKey}]
+    stats: {},           // statsKey -> counts
+    queue: null,         // selected queue name
+    runState: 'failed',
+    page: 1,
+    pageSize: 20,
+    runsTotal: 0,
+    detailId: null,
+    refreshSeconds: 5,
+    timer: null,
+    refreshing: false,
+    rendered: {},        // what each section last showed, to skip needless redraws
+  };
+
+  const $ = (id) => document.getElementById(id);
+
+  // -- DOM helpers: text only ----------------------------------------------------------
+
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props || {})) {
+      if (value === undefined || value === null || value === false) continue;
+      if (key === 'class') node.className = value;
+      else if (key === 'text') node.textContent = value;
+      else if (key === 'on') for (const [ev, fn] of Object.entries(value)) node.addEventListener(ev, fn);
+      else if (key.startsWith('data-') || key.startsWith('aria-') ||
+               ['title', 'type', 'colspan', 'scope', 'role'].includes(key)) {
+        node.setAttribute(key, String(value));
+      } else node[key] = value;
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined || child === false) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  function button(label, props, onClick) {
+    return el('button', { type: 'button', ...props, on: { click: onClick } }, label);
+  }
+
+  function changed(key, value) {
+    const snapshot = JSON.stringify(value);
+    if (ui.rendered[key] === snapshot) return false;
+    ui.rendered[key] = snapshot;
+    return true;
+  }
+
+  // -- formatting ----------------------------------------------------------------------
+
+  const pad = (n) => String(n).padStart(2, '0');
+
+  function fmtTime(iso) {
+    if (!iso) return '—';
+    const d = new Date(iso);
+    if (Number.isNaN(d.getTime())) return String(iso);
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
+      `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  }
+
+  function fmtRelative(iso) {
+    if (!iso) return '';
+    const d = new Date(iso);
+    if (Number.isNaN(d.getTime())) return '';
+    const secs = Math.round((d.getTime() - Date.now()) / 1000);
+    const abs = Math.abs(secs);
+    let text;
+    if (abs < 60) text = `${abs} s`;
+    else if (abs < 3600) text = `${Math.round(abs / 60)} min`;
+    else if (abs < 172800) text = `${Math.round(abs / 360) / 10} h`;
+    else text = `${Math.round(abs / 86400)} d`;
+    return secs >= 0 ? `in ${text}` : `${text} ago`;
+  }
+
+  function fmtDuration(ms) {
+    if (ms === null || ms === undefined) return '—';
+    if (ms < 0.1) return '< 0.1 ms';
+    if (ms < 10) return `${ms.toFixed(1)} ms`;
+    if (ms < 1000) return `${Math.round(ms)} ms`;
+    if (ms < 60000) return `${(ms / 1000).toFixed(1)} s`;
+    const s = Math.round(ms / 1000);
+    return `${Math.floor(s / 60)} min ${s % 60} s`;
+  }
+
+  function when(iso) {
+    return el('span', { class: 'when', title: iso || '' }, fmtTime(iso),
+      iso ? el('small', { text: fmtRelative(iso) }) : null);
+  }
+
+  function inZone(iso, timeZone) {
+    try {
+      const text = new Intl.DateTimeFormat('en-GB', {
+        timeZone, weekday: 'short', hour: '2-digit', minute: '2-digit', hour12: false,
+      }).format(new Date(iso));
+      return `${text} ${timeZone}`;
+    } catch (e) {
+      return '';
+    }
+  }
+
+  function json(value) {
+    if (value === undefined || value === null) return '—';
+    try { return JSON.stringify(value, null, 2); } catch (e) { return String(value); }
+  }
+
+  function compact(value) {
+    try { return JSON.stringify(value); } catch (e) { return String(value); }
+  }
+
+  const errorMessage = (err) => (err && typeof err === 'object' ? err.message || compact(err) : err);
+
+  // -- API ------------------------------------------------------------------------------
+
+  class ApiFailure extends Error {
+    constructor(message, status, code) { super(message); this.status = status; this.code = code; }
+  }
+
+  async function api(method, path, body) {
+    const init = { method, credentials: 'same-origin', headers: { Accept: 'application/json' } };
+    if (method !== 'GET') init.headers['X-CSRF-Token'] = ui.csrf;
+    if (body !== undefined) {
+      init.headers['Content-Type'] = 'application/json';
+      init.body = JSON.stringify(body);
+    }
+    const response = await fetch(path, init);
+    if (response.status === 401) {
+      window.location.assign('/admin/login');
+      throw new ApiFailure('Your session has ended; log in again.', 401, 'auth/unauthorized');
+    }
+    let payload = null;
+    try { payload = await response.json(); } catch (e) { payload = null; }
+    if (!response.ok || !payload || payload.success !== true) {
+      const error = payload && payload.error ? payload.error : {};
+      throw new ApiFailure(error.message || `HTTP ${response.status}`, response.status, error.code);
+    }
+    return payload.data;
+  }
+
+  const q = (name) => encodeURIComponent(name);
+
+  // -- notices ------------------------------------------------------------------------
+
+  let noticeTimer = null;
+  function notify(message, isError) {
+    const box = $('notice');
+    box.textContent = message;
+    box.classList.toggle('error', Boolean(isError));
+    box.hidden = false;
+    clearTimeout(noticeTimer);
+    noticeTimer = setTimeout(() => { box.hidden = true; }, isError ? 12000 : 6000);
+  }
+
+  // -- location hash: which queue, state and page are shown -----------------------------
+
+  function readHash() {
+    const params = new URLSearchParams(window.location.hash.slice(1));
+    const queue = params.get('queue');
+    if (queue && ui.queues.some((x) => x.name === queue)) ui.queue = queue;
+    const state = params.get('state');
+    if (STATES.includes(state)) ui.runState = state;
+    const page = Number.parseInt(params.get('page') || '1', 10);
+    ui.page = Number.isFinite(page) && page > 0 ? page : 1;
+    const run = params.get('run');
+    ui.detailId = run && /^[0-9a-f]{24}$/.test(run) ? run : null;
+  }
+
+  function writeHash() {
+    const params = new URLSearchParams();
+    if (ui.queue) {
+      params.set('queue', ui.queue);
+      params.set('state', ui.runState);
+      if (ui.page > 1) params.set('page', String(ui.page));
+    }
+    if (ui.detailId) params.set('run', ui.detailId);
+    const hash = params.toString();
+    history.replaceState(null, '', hash ? `#${hash}` : window.location.pathname);
+  }
+
+  function select(queue, state) {
+    ui.queue = queue;
+    ui.runState = state;
+    ui.page = 1;
+    writeHash();
+    refresh();
+  }
+
+  // -- queues ----------------------------------------------------------------------------
+
+  function renderQueues() {
+    if (!changed('queues', [ui.stats, ui.queue, ui.runState])) return;
+    const rows = ui.queues.map(({ name, statsKey }) => {
+      const counts = ui.stats[statsKey] || {};
+      const isSelected = name === ui.queue;
+      const cells = COUNTS.map((state) => {
+        const value = counts[state] ?? 0;
+        const target = state === 'paused' ? 'waiting' : state;
+        const current = isSelected && target === ui.runState && state !== 'paused';
+        return el('td', { class: 'num' }, button(String(value), {
+          class: `count ${state}${value ? ' nonzero' : ''}${current ? ' current' : ''}`,
+          'data-count': state,
+          title: `Show ${target} runs of ${name}`,
+        }, () => select(name, target)));
+      });
+      const paused = Boolean(counts.isPaused);
+      return el('tr', { 'data-queue': name, class: isSelected ? 'selected' : '' },
+        el('td', {}, button(name, { class: 'link queue-name', title: `Show ${name}` },
+          () => select(name, isSelected ? ui.runState : (counts.failed ? 'failed' : 'waiting')))),
+        el('td', {}, el('span', { class: `badge${paused ? ' paused' : ''}` },
+          paused ? 'paused' : 'running')),
+        cells,
+        el('td', {}, button(paused ? 'Resume' : 'Pause', { 'data-action': paused ? 'resume' : 'pause' },
+          () => setPaused(name, !paused))));
+    });
+    $('queue-rows').replaceChildren(...(rows.length ? rows
+      : [el('tr', {}, el('td', { colspan: 9, class: 'empty' }, 'No queues are registered.'))]));
+  }
+
+  async function setPaused(queue, paused) {
+    try {
+      await api('POST', `/api/v1/queues/${q(queue)}/${paused ? 'pause' : 'resume'}`);
+      notify(`Queue ${queue} ${paused ? 'paused' : 'resumed'}.`);
+    } catch (err) {
+      notify(`Could not ${paused ? 'pause' : 'resume'} ${queue}: ${err.message}`, true);
+    }
+    refresh();
+  }
+
+  // -- runs -------------------------------------------------------------------------------
+
+  function renderTabs() {
+    const counts = ui.stats[statsKeyOf(ui.queue)] || {};
+    const tabs = STATES.map((state) => {
+      let count = counts[state] ?? 0;
+      if (state === 'waiting') count += counts.paused ?? 0;
+      return el('button', {
+        type: 'button', role: 'tab', 'data-state': state,
+        'aria-selected': String(state === ui.runState),
+        on: { click: () => select(ui.queue, state) },
+      }, state, el('span', { class: 'tab-count' }, String(count)));
+    });
+    $('state-tabs').replaceChildren(...tabs);
+    const paused = Boolean(counts.isPaused);
+    const toggle = $('pause-toggle');
+    toggle.textContent = paused ? 'Resume queue' : 'Pause queue';
+    toggle.dataset.action = paused ? 'resume' : 'pause';
+    $('clean-tools').hidden = !['completed', 'failed'].includes(ui.runState);
+    $('clean').textContent = `Clean ${ui.runState}`;
+  }
+
+  function statsKeyOf(name) {
+    const found = ui.queues.find((x) => x.name === name);
+    return found ? found.statsKey : name;
+  }
+
+  function runActions(run) {
+    const actions = [];
+    if (run.state === 'failed') {
+      actions.push(button('Retry', { 'data-action': 'retry', class: 'primary' }, () => act('retry', run)));
+    }
+    if (run.state === 'delayed') {
+      actions.push(button('Promote', { 'data-action': 'promote' }, () => act('promote', run)));
+    }
+    if (run.state !== 'active') {
+      actions.push(button('Remove', { 'data-action': 'remove', class: 'danger' }, () => act('remove', run)));
+    }
+    return el('div', { class: 'actions' }, actions);
+  }
+
+  function renderRuns(result) {
+    $('runs-section').hidden = false;
+    $('runs-title').replaceChildren(el('span', { class: 'queue-name' }, ui.queue),
+      el('span', { class: 'muted' }, ` · ${ui.runState} runs`));
+    renderTabs();
+    if (!changed('runs', [result, ui.queue, ui.runState, ui.detailId])) return;
+    ui.runsTotal = result.total;
+    const whenLabel = { delayed: 'Run at', waiting: 'Run at', active: 'Started' }[ui.runState] || 'Finished';
+    $('when-col').textContent = whenLabel;
+    const rows = result.items.map((run) => {
+      const whenValue = { delayed: run.runAt, waiting: run.runAt, active: run.startedAt }[run.state]
+        || run.finishedAt;
+      const dataText = compact(run.data);
+      return el('tr', { 'data-run-id': run.id, class: run.id === ui.detailId ? 'selected' : '' },
+        el('td', {}, button(run.id.slice(-8), { class: 'link', title: `Details of run ${run.id}`,
+          'data-action': 'details' }, () => openDetail(run.id))),
+        el('td', { class: 'mono' }, run.jobId ?? '—'),
+        el('td', {}, el('div', { class: 'data-preview', title: dataText }, dataText)),
+        el('td', { class: 'num' }, `${run.attemptsMade}/${run.maxAttempts ?? '?'}`),
+        el('td', {}, when(run.createdAt)),
+        el('td', {}, when(whenValue)),
+        el('td', { class: 'num' }, fmtDuration(run.durationMs)),
+        el('td', { class: 'error-text' }, run.error ? errorMessage(run.error) : ''),
+        el('td', {}, runActions(run)));
+    });
+    $('run-rows').replaceChildren(...(rows.length ? rows
+      : [el('tr', {}, el('td', { colspan: 9, class: 'empty' }, `No ${ui.runState} runs.`))]));
+    const pages = Math.max(1, Math.ceil(result.total / result.pageSize));
+    $('page-info').textContent = `Page ${result.page} of ${pages} · ${result.total} run${result.total === 1 ? '' : 's'}`;
+    $('prev-page').disabled = result.page <= 1;
+    $('next-page').disabled = result.page >= pages;
+  }
+
+  async function act(action, run) {
+    const label = `run ${run.id.slice(-8)}${run.jobId ? ` (${run.jobId})` : ''}`;
+    if (action === 'remove' &&
+        !window.confirm(`Remove ${label} of ${run.queue}? This deletes it for good.`)) return;
+    try {
+      const path = `/api/v1/queues/runs/${run.id}`;
+      const updated = action === 'remove' ? await api('DELETE', path)
+        : await api('POST', `${path}/${action}`);
+      const verb = { retry: 'retried', promote: 'promoted', remove: 'removed' }[action];
+      notify(action === 'remove' ? `Removed ${label}.` : `${label} ${verb}: now ${updated.state}.`);
+      if (action === 'remove' && ui.detailId === run.id) closeDetail();
+    } catch (err) {
+      notify(`Could not ${action} ${label}: ${err.message}`, true);
+    }
+    refresh();
+  }
+
+  async function clean() {
+    const age = Number($('clean-age').value);
+    const ageText = $('clean-age').selectedOptions[0].textContent;
+    if (!window.confirm(`Delete ${ageText} ${ui.runState} runs of ${ui.queue}? This cannot be undone.`)) {
+      return;
+    }
+    try {
+      const result = await api('POST', `/api/v1/queues/${q(ui.queue)}/clean`,
+        { state: ui.runState, olderThan: age });
+      notify(`Deleted ${result.deleted} ${ui.runState} run${result.deleted === 1 ? '' : 's'} of ${ui.queue}.`);
+    } catch (err) {
+      notify(`Could not clean ${ui.queue}: ${err.message}`, true);
+    }
+    refresh();
+  }
+
+  // -- run detail ----------------------------------------------------------------------------
+
+  function openDetail(id) {
+    ui.detailId = id;
+    writeHash();
+    refresh().then(() => $('detail-section').scrollIntoView({ behavior: 'smooth', block: 'start' }));
+  }
+
+  function closeDetail() {
+    ui.detailId = null;
+    $('detail-section').hidden = true;
+    delete ui.rendered.detail;
+    writeHash();
+  }
+
+  function renderDetail(run) {
+    $('detail-section').hidden = false;
+    if (!changed('detail', run)) return;
+    $('detail-title').replaceChildren('Run ', el('span', { class: 'mono' }, run.id), ' ',
+      el('span', { class: `badge ${run.state}` }, run.state));
+    $('detail-tools').replaceChildren(runActions(run), button('Close', {}, closeDetail));
+    const fields = [
+      ['Queue', run.queue], ['Job ID', run.jobId ?? '—'], ['Priority', run.priority],
+      ['Attempts', `${run.attemptsMade} of ${run.maxAttempts ?? '?'}`],
+      ['Created', when(run.createdAt)], ['Run at', when(run.runAt)],
+      ['Started', when(run.startedAt)], ['Finished', when(run.finishedAt)],
+      ['Duration', fmtDuration(run.durationMs)], ['Deadline', run.deadline ? when(run.deadline) : '—'],
+      ['Stalled', String(run.stalledCount ?? 0)],
+    ];
+    $('detail-fields').replaceChildren(...fields.map(([label, value]) =>
+      el('div', {}, el('dt', {}, label), el('dd', {}, value))));
+    $('detail-data').textContent = json(run.data);
+    $('detail-result').textContent = json(run.result);
+    $('detail-error-box').hidden = !run.error;
+    $('detail-error').textContent = run.error ? json(run.error) : '';
+    const attempts = (run.attempts || []).map((a) => el('tr', {},
+      el('td', { class: 'num' }, String(a.attempt ?? '')),
+      el('td', {}, el('span', { class: `badge ${a.outcome || ''}` }, a.outcome || '—')),
+      el('td', {}, when(a.startedAt)),
+      el('td', {}, when(a.finishedAt)),
+      el('td', { class: 'num' }, fmtDuration(a.durationMs)),
+      el('td', { class: 'error-text' }, a.error ? errorMessage(a.error) : '')));
+    $('attempt-rows').replaceChildren(...(attempts.length ? attempts
+      : [el('tr', {}, el('td', { colspan: 6, class: 'empty' }, 'No attempt yet.'))]));
+  }
+
+  // -- repeats ----------------------------------------------------------------------------------
+
+  function renderRepeats(repeats) {
+    if (!changed('repeats', repeats)) return;
+    const rows = repeats.map((r) => el('tr', { 'data-repeat': `${r.queue}:${r.jobId}` },
+      el('td', { class: 'queue-name' }, r.queue),
+      el('td', { class: 'mono' }, r.jobId),
+      el('td', { class: 'mono' }, r.schedule),
+      el('td', {}, r.timezone),
+      el('td', { 'data-next-run': r.nextRunAt || '' }, r.nextRunAt
+        ? [when(r.nextRunAt), r.timezone !== 'UTC' ? el('small', { class: 'muted zone-time' },
+          inZone(r.nextRunAt, r.timezone)) : null]
+        : 'not scheduled'),
+      el('td', {}, el('div', { class: 'data-preview mono', title: compact(r.data) }, compact(r.data)))));
+    $('repeat-rows').replaceChildren(...(rows.length ? rows
+      : [el('tr', {}, el('td', { colspan: 6, class: 'empty' }, 'No repeat schedules.'))]));
+  }
+
+  // -- integration health (optional endpoint) ------------------------------------------------------
+
+  function flatten(value, prefix, out) {
+    for (const [key, v] of Object.entries(value)) {
+      const name = prefix ? `${prefix}.${key}` : key;
+      if (v !== null && typeof v === 'object' && !Array.isArray(v)) flatten(v, name, out);
+      else if (Array.isArray(v)) out.push([name, `${v.length} item${v.length === 1 ? '' : 's'}`]);
+      else out.push([name, v]);
+    }
+    return out;
+  }
+
+  async function refreshHealth() {
+    let data = null;
+    try {
+      const response = await fetch('/api/v1/integrations/health',
+        { credentials: 'same-origin', headers: { Accept: 'application/json' } });
+      if (response.status === 200) {
+        const payload = await response.json();
+        if (payload && payload.success === true) data = payload.data;
+      }
+    } catch (e) {
+      data = null;
+    }
+    $('health-section').hidden = data === null;
+    if (data === null || !changed('health', data)) return;
+    const entries = typeof data === 'object' ? flatten(data, '', []) : [['status', data]];
+    $('health').replaceChildren(...entries.slice(0, 40).map(([key, value]) =>
+      el('div', { class: 'stat', 'data-health': key }, el('b', {}, String(value ?? '—')), el('span', {}, key))));
+  }
+
+  // -- refresh loop ------------------------------------------------------------------------------
+
+  async function refresh() {
+    if (ui.refreshing) { ui.again = true; return; }
+    ui.refreshing = true;
+    try {
+      const [stats, repeats] = await Promise.all([
+        api('GET', '/api/v1/queues/stats'),
+        api('GET', '/api/v1/queues/repeats'),
+      ]);
+      ui.stats = stats;
+      renderQueues();
+      renderRepeats(repeats);
+      if (ui.queue) {
+        const params = new URLSearchParams({ state: ui.runState, page: ui.page, pageSize: ui.pageSize });
+        let runs = await api('GET', `/api/v1/queues/${q(ui.queue)}/runs?${params}`);
+        const pages = Math.max(1, Math.ceil(runs.total / runs.pageSize));
+        if (ui.page > pages) {  // the last page emptied (a retry, a clean): show the new last one
+          ui.page = pages;
+          writeHash();
+          params.set('page', String(ui.page));
+          runs = await api('GET', `/api/v1/queues/${q(ui.queue)}/runs?${params}`);
+        }
+        renderRuns(runs);
+      }
+      if (ui.detailId) {
+        try {
+          renderDetail(await api('GET', `/api/v1/queues/runs/${ui.detailId}`));
+        } catch (err) {
+          if (err.status !== 404) throw err;
+          notify('That run no longer exists (removed or cleaned).', true);
+          closeDetail();
+        }
+      }
+      await refreshHealth();
+      $('updated').textContent = `Updated ${fmtTime(new Date().toISOString()).slice(11)}`;
+      document.body.dataset.loaded = 'true';
+    } catch (err) {
+      if (err.status !== 401) notify(`Refresh failed: ${err.message}`, true);
+    } finally {
+      ui.refreshing = false;
+      if (ui.again) { ui.again = false; refresh(); }
+    }
+  }
+
+  function schedule() {
+    clearInterval(ui.timer);
+    ui.timer = null;
+    if ($('auto-refresh').checked) {
+      ui.timer = setInterval(() => { if (!document.hidden) refresh(); }, ui.refreshSeconds * 1000);
+    }
+  }
+
+  async function logout() {
+    try { await api('POST', '/admin/logout'); } catch (e) { /* going to the login page anyway */ }
+    window.location.assign('/admin/login');
+  }
+
+  async function start() {
+    let session;
+    try {
+      session = await api('GET', '/admin/session');
+    } catch (err) {
+      if (err.status !== 401) notify(`Cannot start: ${err.message}`, true);
+      return;
+    }
+    ui.csrf = session.csrfToken;
+    ui.queues = session.queues;
+    ui.refreshSeconds = session.refreshSeconds || 5;
+    $('actor').textContent = session.actor;
+    $('refresh-period').textContent = `(${ui.refreshSeconds} s)`;
+    readHash();
+
+    const auto = $('auto-refresh');
+    auto.checked = window.localStorage.getItem(AUTO_KEY) !== 'off';
+    auto.addEventListener('change', () => {
+      window.localStorage.setItem(AUTO_KEY, auto.checked ? 'on' : 'off');
+      schedule();
+    });
+    $('refresh-now').addEventListener('click', () => refresh());
+    $('logout').addEventListener('click', logout);
+    $('prev-page').addEventListener('click', () => { ui.page = Math.max(1, ui.page - 1); writeHash(); refresh(); });
+    $('next-page').addEventListener('click', () => { ui.page += 1; writeHash(); refresh(); });
+    $('page-size').addEventListener('change', (e) => {
+      ui.pageSize = Number(e.target.value);
+      ui.page = 1;
+      writeHash();
+      refresh();
+    });
+    $('pause-toggle').addEventListener('click', (e) => setPaused(ui.queue, e.target.dataset.action === 'pause'));
+    $('clean').addEventListener('click', clean);
+    document.addEventListener('visibilitychange', () => { if (!document.hidden) refresh(); });
+    window.addEventListener('hashchange', () => { readHash(); refresh(); });
+    schedule();
+    await refresh();
+  }
+
+  document.addEventListener('DOMContentLoaded', start);
+})();

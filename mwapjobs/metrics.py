@@ -1,0 +1,281 @@
+"""Prometheus metrics for one daemon, on its own `CollectorRegistry`.
+
+Each `Daemon` owns a `DaemonMetrics` and its registry (never prometheus_client's
+global default one), so several daemons in one process, as in the tests, do
+not clash. Two kinds of metric live here:
+
+- event-driven counters and a histogram, fed by the engine's events
+  (`Engine.subscribe`): attempts by outcome, failures by kind, retries,
+  stalls, run durations and token-refresh outcomes. They count what *this
+  process* ran, from its start;
+- scrape-time values, read when /metrics is scraped: runs per queue and
+  state (`Operations.stats()`), integrations per status, readiness, MongoDB
+  and scheduler state, event-loop lag and database round trips.
+
+Scrape-time values that need MongoDB are gathered asynchronously first
+(`collect_async`), with a timeout and without raising, and only then rendered
+synchronously by `render`: rendering never does I/O. When a source cannot be
+read, its family is left empty and `mwapjobs_metrics_source_up{source}` says 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from .jobs.token_refresh import QUEUE as REFRESH_QUEUE
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+# The text format `generate_latest` writes (prometheus_client >= 0.22 calls this
+# CONTENT_TYPE_PLAIN_0_0_4; its CONTENT_TYPE_LATEST names a newer version).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+QUEUE_STATES = ("waiting", "active", "delayed", "completed", "failed", "paused")
+ATTEMPT_OUTCOMES = ("completed", "failed", "retrying")
+FAILURE_KINDS = ("transient", "permanent", "deadline", "timeout", "stalled")
+REFRESH_OUTCOMES = ("refreshed", "skipped", "transient_failure", "permanent_failure")
+LAG_STATS = (("p50", 0.5), ("p99", 0.99))
+# Runs are seconds to minutes; token refreshes well under a second.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 120.0, 300.0, 600.0, float("inf"))
+
+IntegrationCounts = Callable[[], Awaitable[Mapping[str, int]]]
+
+
+def failure_kind(run: Mapping[str, Any]) -> str:
+    """Why a run failed for good, from a `failed` event's error document.
+
+    `deadline`: its deadline left no time for another attempt; `permanent`: the
+    handler raised PermanentError; `timeout`: the last attempt timed out;
+    `transient`: attempts used up on other errors.
+    """
+    error = run.get("error") or {}
+    if error.get("deadlineExceeded"):
+        return "deadline"
+    if error.get("permanent"):
+        return "permanent"
+    if error.get("type") == "TimeoutError":
+        return "timeout"
+    return "transient"
+
+
+def refresh_outcome(event: str, run: Mapping[str, Any]) -> str | None:
+    """A `token-refresh` attempt's outcome, or None for events that are not one (stalls)."""
+    if event == "completed":
+        result = run.get("result")
+        return "skipped" if isinstance(result, dict) and "skipped" in result else "refreshed"
+    if event == "retrying":
+        return "transient_failure"
+    if event == "failed":
+        permanent = (run.get("error") or {}).get("permanent")
+        return "permanent_failure" if permanent else "transient_failure"
+    return None
+
+
+class _Snapshot:
+    """What one scrape read from MongoDB, handed from `collect_async` to `render`."""
+
+    def __init__(self, stats: dict[str, dict[str, Any]] | None,
+                 integrations: Mapping[str, int] | None) -> None:
+        self.stats = stats
+        self.integrations = integrations
+
+
+class _ScrapeCollector(Collector):
+    """Yields the scrape-time families from the daemon's state and the last snapshot."""
+
+    def __init__(self, metrics: DaemonMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics._scrape_families()
+
+
+class DaemonMetrics:
+    """The daemon's metrics: create once per daemon; it subscribes to the engine itself."""
+
+    def __init__(self, daemon: Daemon, *, source_timeout: float | None = None) -> None:
+        self.daemon = daemon
+        # auto_describe off: the scrape collector must not run before the daemon is built.
+        self.registry = CollectorRegistry()
+        self.source_timeout = (daemon.settings.mongodb.server_selection_timeout
+                               if source_timeout is None else source_timeout)
+        # Integrations by status. The default counts the backend's collection; the
+        # health checks may replace it with their own figures.
+        self.integration_counts: IntegrationCounts = daemon.integrations.count_by_status
+        self._snapshot = _Snapshot(None, None)
+        r = self.registry
+        self.attempts = Counter(
+            "mwapjobs_run_attempts", "Run attempts finished by this process, by outcome.",
+            ["queue", "outcome"], registry=r)
+        self.failures = Counter(
+            "mwapjobs_run_failures",
+            "Runs that failed for good, by kind: transient (attempts used up), permanent, "
+            "deadline, timeout, stalled (stalled too often).",
+            ["queue", "kind"], registry=r)
+        self.retries = Counter(
+            "mwapjobs_run_retries", "Failed attempts rescheduled for a retry.", ["queue"],
+            registry=r)
+        self.stalled = Counter(
+            "mwapjobs_run_stalled",
+            "Runs found with an expired lease (their process died), by where they went.",
+            ["queue", "moved_to"], registry=r)
+        self.durations = Histogram(
+            "mwapjobs_run_duration_seconds", "Duration of completed runs' last attempt.",
+            ["queue"], buckets=DURATION_BUCKETS, registry=r)
+        self.refreshes = Counter(
+            "mwapjobs_token_refresh", "Token refresh attempts by outcome.", ["outcome"],
+            registry=r)
+        self.registry.register(_ScrapeCollector(self))
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)  # registers nothing where gc has no stats (not CPython)
+        self.unsubscribe = daemon.engine.subscribe(self.on_event)
+
+    # -- engine events -----------------------------------------------------------
+
+    def on_event(self, event: str, run: dict[str, Any]) -> None:
+        """Count one engine event. Synchronous and I/O-free: it runs inside `_record`."""
+        queue = str(run.get("queue") or "")
+        if event == "stalled":
+            moved_to = str(run.get("movedTo") or "unknown")
+            self.stalled.labels(queue, moved_to).inc()
+            if moved_to == "failed":
+                self.failures.labels(queue, "stalled").inc()
+            return
+        if event not in ATTEMPT_OUTCOMES:
+            return
+        self.attempts.labels(queue, event).inc()
+        duration_ms = run.get("durationMs")
+        if isinstance(duration_ms, int | float):  # every attempt, failed ones included
+            self.durations.labels(queue).observe(duration_ms / 1000)
+        if event == "retrying":
+            self.retries.labels(queue).inc()
+        elif event == "failed":
+            self.failures.labels(queue, failure_kind(run)).inc()
+        if queue == REFRESH_QUEUE:
+            outcome = refresh_outcome(event, run)
+            if outcome is not None:
+                self.refreshes.labels(outcome).inc()
+
+    def _init_labels(self) -> None:
+        """Make every known series exist (at 0) before its first event, so rates and
+        alerts see a zero rather than nothing."""
+        for queue in self.daemon.registry.names():
+            for outcome in ATTEMPT_OUTCOMES:
+                self.attempts.labels(queue, outcome)
+            for kind in FAILURE_KINDS:
+                self.failures.labels(queue, kind)
+            self.retries.labels(queue)
+            for moved_to in ("waiting", "failed"):
+                self.stalled.labels(queue, moved_to)
+            self.durations.labels(queue)
+        if REFRESH_QUEUE in self.daemon.registry:
+            for outcome in REFRESH_OUTCOMES:
+                self.refreshes.labels(outcome)
+
+    # -- scraping ------------------------------------------------------------------
+
+    async def _read(self, name: str, source: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await asyncio.wait_for(source(), self.source_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("metrics source failed", extra={
+                "source": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            return None
+
+    async def collect_async(self) -> None:
+        """Read what needs MongoDB (concurrently) for the next `render`."""
+        daemon = self.daemon
+        stats: Any = None
+        integrations: Any = None
+        if daemon.mongo_reachable and not daemon.mongo.closed:
+            reads: list[Awaitable[Any]] = [self._read("integrations", self.integration_counts)]
+            if daemon.engine.running:
+                reads.append(self._read("queue_stats", daemon.operations.stats))
+            results = await asyncio.gather(*reads)
+            integrations = results[0]
+            stats = results[1] if len(results) > 1 else None
+        self._snapshot = _Snapshot(stats, integrations)
+
+    def render(self) -> bytes:
+        """The exposition text. Synchronous and I/O-free."""
+        self._init_labels()
+        return generate_latest(self.registry)
+
+    async def exposition(self) -> bytes:
+        """Gather, then render: what GET /metrics answers. No await between the two,
+        so concurrent scrapes never see each other's half-taken snapshot."""
+        await self.collect_async()
+        return self.render()
+
+    def _scrape_families(self) -> list[Metric]:
+        daemon = self.daemon
+        snapshot = self._snapshot
+        queue_runs = GaugeMetricFamily(
+            "mwapjobs_queue_runs", "Runs per queue and state, counted in MongoDB at scrape time.",
+            labels=["queue", "state"])
+        queue_paused = GaugeMetricFamily(
+            "mwapjobs_queue_paused", "1 if the queue is paused.", labels=["queue"])
+        if snapshot.stats is not None:
+            for queue, counts in snapshot.stats.items():
+                for state in QUEUE_STATES:
+                    queue_runs.add_metric([queue, state], float(counts.get(state, 0)))
+                queue_paused.add_metric([queue], 1.0 if counts.get("isPaused") else 0.0)
+        integrations = GaugeMetricFamily(
+            "mwapjobs_integrations", "Cloud provider integrations by status.", labels=["status"])
+        for status, count in sorted((snapshot.integrations or {}).items()):
+            integrations.add_metric([str(status)], float(count))
+        sources = GaugeMetricFamily(
+            "mwapjobs_metrics_source_up",
+            "1 if this scrape could read the source (queue_stats, integrations).",
+            labels=["source"])
+        sources.add_metric(["queue_stats"], 0.0 if snapshot.stats is None else 1.0)
+        sources.add_metric(["integrations"], 0.0 if snapshot.integrations is None else 1.0)
+
+        lag = GaugeMetricFamily(
+            "mwapjobs_event_loop_lag_seconds",
+            "Event-loop lag over the recent window (p50, p99, max).", labels=["stat"])
+        monitor = daemon.loop_lag
+        for name, q in LAG_STATS:
+            lag.add_metric([name], monitor.percentile(q))
+        lag.add_metric(["max"], max(monitor.samples, default=0.0))
+
+        round_trips = CounterMetricFamily(
+            "mwapjobs_db_round_trips",
+            "Queries sent to MongoDB, by client: app (motor) and scheduler (APScheduler's "
+            "job store; restarts from 0 with the scheduler).",
+            labels=["client"])
+        round_trips.add_metric(["app"], float(daemon.mongo.round_trips))
+        round_trips.add_metric(["scheduler"], float(daemon.engine.scheduler.round_trips))
+
+        return [
+            queue_runs, queue_paused, integrations, sources, lag, round_trips,
+            _gauge("mwapjobs_ready", "1 if /readyz would answer 200.",
+                   not daemon.not_ready_reasons()),
+            _gauge("mwapjobs_scheduler_up", "1 if the engine and its scheduler are running.",
+                   daemon.engine.running),
+            _gauge("mwapjobs_mongodb_up", "1 if the last MongoDB ping succeeded.",
+                   daemon.mongo_reachable),
+            _gauge("mwapjobs_active_runs", "Runs executing in this process now.",
+                   daemon.engine.active_count),
+        ]
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=float(value))
