@@ -29,7 +29,8 @@ has run or was missed (or ``--timeout`` seconds after T):
 - peak_rss_mb: the scenario process's ``ru_maxrss`` (adding included);
 - engine only, db_round_trips_per_job: queries counted by ``Mongo.round_trips``
   plus the APScheduler job store's ``round_trips`` during the burst window,
-  per completed job (background loops included; they run on timers).
+  per completed job (background loops included; they run on timers);
+  readyz_failing_s: how long `/readyz` would have answered 503 during the burst.
 
 Run (from the repository root, with the project's venv):
 
@@ -299,6 +300,18 @@ async def add_in_batches(add: Callable[[], Any], n: int, batch: int = 200) -> No
         await asyncio.gather(*(add() for _ in range(min(batch, n - start))))
 
 
+async def watch_readiness(daemon: Any, burst: Burst, every: float = 0.5) -> None:
+    """Seconds during the burst in which /readyz would have said 503, and why: the
+    daemon's MongoDB ping queues behind the burst's queries."""
+    burst.extra["readyz_failing_s"] = 0.0
+    while True:
+        await asyncio.sleep(every)
+        reasons = daemon.not_ready_reasons()
+        if reasons:
+            burst.extra["readyz_failing_s"] += every
+            burst.extra["readyz_reason"] = reasons[0][:120]
+
+
 async def engine_scenario(n: int, lead: float | None, timeout: float,
                           pause: bool = True) -> dict[str, Any]:
     """The daemon on mongomock. With `pause`, APScheduler is paused while adding (as the
@@ -343,7 +356,9 @@ async def engine_scenario(n: int, lead: float | None, timeout: float,
     burst.extra["slack_s"] = round(burst.t0 - time.time(), 2)
     burst.round_trips = lambda: (mongo.round_trips, engine.scheduler.round_trips)
     await burst.open(f"http://127.0.0.1:{daemon.port}/healthz")
+    readiness = asyncio.ensure_future(watch_readiness(daemon, burst))
     finished = await burst.wait(lambda: len(burst.finishes) >= n)
+    readiness.cancel()
     return burst.summary(timed_out=not finished)
 
 
@@ -580,6 +595,9 @@ def table(report: dict[str, Any]) -> str:
             continue
         notes = [f"added in {fmt(result.get('add_s'))} s, {fmt(result.get('slack_s'))} s before T",
                  f"{fmt(result.get('healthz_samples'))} healthz samples"]
+        if result.get("readyz_failing_s"):
+            notes.append(f"/readyz failing for {fmt(result['readyz_failing_s'])} s "
+                         f"({result.get('readyz_reason')})")
         if result.get("timed_out"):
             notes.append("TIMED OUT (partial figures)")
         if (result.get("slack_s") or 0) < 0.5:

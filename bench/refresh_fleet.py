@@ -346,6 +346,8 @@ async def fleet(args: argparse.Namespace) -> dict[str, Any]:
     timed_out = False
     while len(refreshed) < n:
         now = time.time()
+        if args.discovery_only and passes:
+            break
         if now > last_expiry + 5 or now > deadline:
             timed_out = now > deadline
             break
@@ -469,6 +471,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--verbose-passes", action="store_true",
                         help="include every discovery pass in the output")
+    parser.add_argument("--discovery-only", action="store_true",
+                        help="stop after the first discovery pass (use a large --offset so "
+                             "that nothing is due: it times discovery alone)")
     parser.add_argument("--profile", action="store_true",
                         help="sample the loop thread's stack while the loop is stalled")
     parser.add_argument("--serve-oauth", action="store_true", help=argparse.SUPPRESS)

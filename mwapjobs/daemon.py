@@ -163,6 +163,8 @@ class Daemon:
         for task in self._tasks:
             if task.get_name() == "mwapjobs:bring-up":
                 task.cancel()
+        if self.health_checker is not None:
+            self.health_checker.interrupt()  # else a spread sweep holds the drain
         if self.engine.running:
             await self.engine.stop(timeout)
         for task in self._tasks:

@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from bson import ObjectId
 
 from mwapjobs.auth import Authenticator
 from mwapjobs.daemon import Daemon
@@ -721,6 +722,24 @@ async def test_a_sweep_still_running_when_the_next_is_due_is_not_doubled(
         done, *_ = await runs()
         assert done["state"] == "completed" and done["result"]["failing"] == 1
         await w.daemon.engine.remove_repeat(QUEUE, SWEEP_JOB_ID)
+
+
+async def test_stopping_the_daemon_ends_a_spread_sweep_at_once(w: World) -> None:
+    ids = [f"{n:024x}" for n in range(30, 60)]
+    early = [i for i in ids if offset_fraction(i) < 0.01]
+    assert not early  # nobody is due in the first 0.6 s of the minute below
+    for iid in ids:
+        await w.integration("google", integration_id=iid, refresh=False)
+    added = await w.daemon.engine.add(QUEUE, {"spread": True, "every": 75},
+                                      job_id=SWEEP_JOB_ID)
+    await wait_for(lambda: w.checker.progress() is not None, message="spread sweep running")
+    started = time.monotonic()
+    await w.daemon.stop()
+    assert time.monotonic() - started < 3  # not the 5 s shutdown timeout, nor the minute
+    run = await w.mongo.call(lambda db: db[RUNS].find_one({"_id": ObjectId(added.run_id)}))
+    assert run["state"] == "completed"
+    assert run["result"]["interrupted"] is True and run["result"]["checked"] < len(ids)
+    assert w.api.requests == []
 
 
 async def test_the_default_schedule_is_registered(w: World) -> None:

@@ -34,13 +34,13 @@ QUEUE = {"name": "queue", "in": "path", "required": True, "schema": {"type": "st
 ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
 
 
-def _page(summary: str, *, form: bool = False,
-          params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A dashboard page: HTML (or a redirect), not the JSON envelope."""
+def _page(summary: str, *, form: bool = False, params: list[dict[str, Any]] | None = None,
+          content_types: tuple[str, ...] = ("text/html",)) -> dict[str, Any]:
+    """A dashboard page or file (HTML, or a redirect), not the JSON envelope."""
     op: dict[str, Any] = {
         "summary": summary, "security": [], "parameters": params or [],
-        "responses": {"200": {"description": "HTML", "content": {"text/html": {
-            "schema": {"type": "string"}}}},
+        "responses": {"200": {"description": "The page or file", "content": {
+            ct: {"schema": {"type": "string"}} for ct in content_types}},
                       "303": {"description": "Redirect"},
                       "404": {"$ref": "#/components/responses/Error"}},
     }
@@ -110,7 +110,8 @@ def document() -> dict[str, Any]:
         "/admin/static/{name}": {"get": _page(
             "The dashboard's script and style sheet",
             params=[{"name": "name", "in": "path", "required": True,
-                     "schema": {"type": "string", "enum": ["app.js", "style.css"]}}])},
+                     "schema": {"type": "string", "enum": ["app.js", "style.css"]}}],
+            content_types=("text/javascript", "application/javascript", "text/css"))},
         "/api/v1/openapi.json": {"get": {"summary": "This document", "security": [],
                                          "responses": {"200": {"description": "OK"}}}},
         "/api/v1/queues/stats": {"get": _op(

@@ -114,6 +114,7 @@ class SweepReport:
     writes: int = 0  # batched writes of the results
     window: float = 0.0
     hurried: bool = False
+    interrupted: bool = False  # the daemon stopped: the rest waits for the next sweep
     seconds: float = 0.0
     read_seconds: float = 0.0  # reading the integrations and providers, before any probe
     write_seconds: float = 0.0  # in batched writes (they overlap the probing)
@@ -150,6 +151,7 @@ class _Sweep:
     report: SweepReport
     states: asyncio.Future[dict[str, dict[str, Any]]]
     hurry: asyncio.Event = field(default_factory=asyncio.Event)
+    interrupted: bool = False
     planned: int = 0
     specs: dict[str, tuple[ProbeSpec, frozenset[str]]] = field(default_factory=dict)
 
@@ -175,6 +177,7 @@ class _Sweep:
         item.noted = True
 
     async def wait_until(self, start: float) -> None:
+        """Sleep until `start`, or less if the sweep is hurried or interrupted."""
         delay = start - asyncio.get_running_loop().time()
         if delay > 0 and not self.hurry.is_set():
             with contextlib.suppress(TimeoutError):
@@ -274,13 +277,25 @@ class HealthChecker:
         sweep.report.hurried = True
         return True
 
+    def interrupt(self) -> None:
+        """The daemon is stopping: start no more probes, so the running sweep ends as soon
+        as the probes in flight do (well within the shutdown timeout) and completes with
+        what it checked. The integrations it did not reach are checked by the next one."""
+        sweep = self._sweep
+        if sweep is not None and not sweep.interrupted:
+            log.info("health sweep interrupted by shutdown",
+                     extra={"runId": sweep.run_id, "checked": sweep.report.checked,
+                            "integrations": sweep.planned})
+            sweep.interrupted = sweep.report.interrupted = True
+            sweep.hurry.set()  # wakes the lanes waiting for their start time
+
     def progress(self) -> dict[str, Any] | None:
         sweep = self._sweep
         if sweep is None:
             return None
         return {"runId": sweep.run_id, "startedAt": sweep.started_at,
                 "integrations": sweep.planned, "checked": sweep.report.checked,
-                "window": round(sweep.window, 3), "hurried": sweep.hurry.is_set()}
+                "window": round(sweep.window, 3), "hurried": sweep.report.hurried}
 
     # -- the handler -----------------------------------------------------------------
 
@@ -368,9 +383,11 @@ class HealthChecker:
         return states
 
     async def _lane(self, sweep: _Sweep, queue: deque[_Item], work: asyncio.TaskGroup) -> None:
-        while queue:
+        while queue and not sweep.interrupted:
             item = queue.popleft()
             await sweep.wait_until(item.start)
+            if sweep.interrupted:
+                return
             try:
                 await self._check(sweep, item, work)
             except Exception:
@@ -480,6 +497,9 @@ class HealthChecker:
             await self._conclude(sweep, item, doc, "expired", ProbeResult(
                 "forbidden", f"{why}; the refresh token was already refused, the tenant "
                              "must reconnect", code, latency))
+            return
+        if sweep.interrupted:  # no new refresh while the daemon stops
+            sweep.report.skipped += 1
             return
         run = await self._run_refresh(doc)
         fresh = await self.store.get(item.id)
