@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import faulthandler
 import http.client
 import json
 import logging
@@ -59,6 +60,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -165,10 +167,13 @@ def probe_main(url: str) -> None:
             with lock:
                 samples.clear()
                 errors = 0
-        with lock:
-            pending = [] if in_flight is None else [(time.perf_counter() - in_flight) * 1000]
-            print(json.dumps({"latencies_ms": samples + pending, "errors": errors}), flush=True)
-        os._exit(0)
+        try:  # the reader may be gone (its process was killed): exit anyway
+            with lock:
+                pending = [] if in_flight is None else [(time.perf_counter() - in_flight) * 1000]
+                print(json.dumps({"latencies_ms": samples + pending, "errors": errors}),
+                      flush=True)
+        finally:
+            os._exit(0)
 
     threading.Thread(target=control, daemon=True).start()
     while True:
@@ -329,14 +334,14 @@ async def engine_scenario(n: int, lead: float | None, timeout: float,
                         refresh={"enabled": False}, health={"enabled": False})
     mongo = Mongo.from_clients(mongomock.MongoClient(tz_aware=True))
     daemon = Daemon(settings, mongo=mongo)
-    due = datetime.fromtimestamp(time.time() + (lead or engine_lead(n, pause)), UTC)
-    burst = Burst(n, due, timeout)
+    burst: Burst | None = None
 
     async def handler(_job: Any) -> None:
+        assert burst is not None
         burst.started()
 
     def on_event(event: str, _run: dict[str, Any]) -> None:
-        if event == "completed":
+        if event == "completed" and burst is not None:
             burst.finished()
 
     daemon.registry.register("bench", handler, concurrency=ENGINE_CONCURRENCY, attempts=1)
@@ -346,6 +351,8 @@ async def engine_scenario(n: int, lead: float | None, timeout: float,
     engine = daemon.engine
     aps = engine.scheduler._aps  # private: see the docstring
     began = time.time()
+    due = datetime.fromtimestamp(began + (lead or engine_lead(n, pause)), UTC)
+    burst = Burst(n, due, timeout)
     burst.phase = "adding"
     if pause:
         aps.pause()
@@ -418,6 +425,7 @@ async def aps_scenario(kind: str, n: int, lead: float | None, timeout: float) ->
     scheduler.add_listener(on_missed, EVENT_JOB_MISSED)
     scheduler.start(paused=True)  # paused: adding does not wake the scheduler each time
     began = time.time()
+    burst.phase = "adding"
     for i in range(n):
         scheduler.add_job(aps_job, "date", run_date=due, id=f"job-{i}")
     burst.extra["add_s"] = round(time.time() - began, 2)
@@ -530,6 +538,11 @@ class Sampler:
 # -- the parent: run every scenario in its own process, compare ----------------------------
 
 
+def hard_limit(args: argparse.Namespace) -> float:
+    """Seconds after which a scenario process is killed (it dumps its stacks first)."""
+    return args.timeout + (args.lead or engine_lead(args.jobs, not args.no_pause)) + 120
+
+
 def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--scenario", name, "--jobs", str(args.jobs),
            "--timeout", str(args.timeout)]
@@ -537,16 +550,21 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         cmd += ["--lead", str(args.lead)]
     if args.no_pause:
         cmd.append("--no-pause")
-    hard_limit = args.timeout + (args.lead or engine_lead(args.jobs, not args.no_pause)) + 120
     print(f"running {name} ({args.jobs} jobs)...", file=sys.stderr, flush=True)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=hard_limit)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=hard_limit(args))
+        stdout, stderr, error = done.stdout, done.stderr, done.returncode
     except subprocess.TimeoutExpired as exc:
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-        return {"error": f"killed after {hard_limit:.0f}s {err.strip()[-300:]}"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode or not lines:
-        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        stdout, stderr, error = "", exc.stderr or b"", "killed"
+    if isinstance(stderr, bytes):  # so it is after a timeout, whatever `text` says
+        stderr = stderr.decode(errors="replace")
+    lines = stdout.strip().splitlines()
+    if error or not lines:
+        log = Path(tempfile.gettempdir()) / f"mwapjobs-bench-{name}.stderr"
+        log.write_text(stderr)
+        last = (stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"{'killed' if error == 'killed' else 'failed'}: {last[:200]} "
+                         f"(stderr in {log})"}
     return dict(json.loads(lines[-1]))
 
 
@@ -573,7 +591,10 @@ def ratio(a: Any, b: Any) -> str:
         return "-"
     if b == 0:
         return "-" if a == 0 else "inf"
-    return f"{a / b:.3g}x"
+    r = a / b
+    if r >= 100:
+        return f"{r:,.0f}x"
+    return f"{r:.3g}x" if r >= 0.001 or r == 0 else "<0.001x"
 
 
 def table(report: dict[str, Any]) -> str:
@@ -613,20 +634,26 @@ def table(report: dict[str, Any]) -> str:
 
 
 def run_scenario(name: str, args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.ERROR)
     global SAMPLER
+    logging.basicConfig(level=logging.ERROR)
+    faulthandler.dump_traceback_later(hard_limit(args) - 30, exit=True)  # if stuck
     SAMPLER = Sampler() if args.profile else None
     if args.profile:
         time_queries()
+    asyncio.run(scenario_main(name, args))
+
+
+async def scenario_main(name: str, args: argparse.Namespace) -> None:
     if name == "engine":
-        result = asyncio.run(engine_scenario(args.jobs, args.lead, args.timeout,
-                                             pause=not args.no_pause))
+        result = await engine_scenario(args.jobs, args.lead, args.timeout,
+                                       pause=not args.no_pause)
     else:
-        result = asyncio.run(aps_scenario(name, args.jobs, args.lead, args.timeout))
+        result = await aps_scenario(name, args.jobs, args.lead, args.timeout)
     if SAMPLER:
         print(SAMPLER.report(), query_report(), sep="\n", file=sys.stderr, flush=True)
     emit(result)
-    os._exit(0)  # skip graceful shutdown: a busy scheduler thread may hold it for minutes
+    # No graceful shutdown: a busy scheduler thread may hold it up for minutes.
+    os._exit(0)
 
 
 def main() -> None:
@@ -636,7 +663,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds after T to give up on a scenario (default 60 + N/25)")
     parser.add_argument("--lead", type=float, default=None,
-                        help="seconds from the start of adding to T (default: estimated)")
+                        help="seconds from the first add to T (default: estimated from N)")
     parser.add_argument("--scenario", choices=SCENARIOS, help="run one scenario, print JSON")
     parser.add_argument("--profile", action="store_true",
                         help="with --scenario: sample all threads, print hot frames to stderr")

@@ -196,7 +196,10 @@ class Daemon:
 
     async def _ping(self) -> None:
         timeout = self.settings.mongodb.server_selection_timeout + 1
-        await asyncio.wait_for(self.mongo.ping(), timeout)
+        try:
+            await asyncio.wait_for(self.mongo.ping(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no answer to a ping within {timeout:g}s") from None
 
     def _mark_mongo(self, error: BaseException | None) -> None:
         if error is None:

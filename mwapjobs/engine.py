@@ -243,22 +243,15 @@ class Engine:
             )
             if updated is not None:
                 run = updated
-                if state == "waiting":
-                    await self._forget_trigger(str(run["_id"]))
         if run["state"] == "delayed" and (created or replace):
-            await self._set_trigger(str(run["_id"]), as_utc(run["runAt"]))
+            await self._wake_at(as_utc(run["runAt"]))
         elif run["state"] == "waiting":
             self.wake(queue)
         return Added(str(run["_id"]), run["state"], created)
 
     async def cancel(self, queue: str, job_id: str) -> bool:
         """Drop the not-yet-started run of `job_id`; a running one finishes normally."""
-        deleted = await self.runs.delete_not_started(f"{queue}:{job_id}")
-        if deleted is None:
-            return False
-        if deleted["state"] == "delayed":
-            await self._forget_trigger(str(deleted["_id"]))
-        return True
+        return await self.runs.delete_not_started(f"{queue}:{job_id}") is not None
 
     async def repeat(
         self,
@@ -290,21 +283,14 @@ class Engine:
             if queue is None or name == queue:
                 event.set()
 
-    async def _set_trigger(self, run_id: str, run_at: datetime) -> None:
+    async def _wake_at(self, run_at: datetime) -> None:
         if not self.scheduler.running:
             return  # the sweep at start promotes it when due
         try:
-            await self.scheduler.add_delayed(run_id, run_at)
+            await self.scheduler.wake_at(run_at)
         except Exception:
-            log.warning("could not set trigger; the sweep will promote the run when due",
-                        exc_info=True, extra={"runId": run_id})
-
-    async def _forget_trigger(self, run_id: str) -> None:
-        if self.scheduler.running:
-            try:
-                await self.scheduler.remove_delayed([run_id])
-            except Exception:
-                log.warning("could not remove trigger", exc_info=True, extra={"runId": run_id})
+            log.warning("could not set a trigger; the sweep will promote the run when due",
+                        exc_info=True, extra={"runAt": run_at})
 
     # -- fires from the scheduler thread (delivered on the loop) -------------------
 
@@ -435,7 +421,7 @@ class Engine:
             return
         attempt["outcome"] = "retrying"
         if await self.runs.reschedule(run["_id"], self.owner, retry_at, attempt, err):
-            await self._set_trigger(job.run_id, retry_at)
+            await self._wake_at(retry_at)
             log.info("job will be retried", extra={**summary, "data": None,
                                                    "retryAt": retry_at, "error": err})
             await self._emit("retrying", {**summary, "error": err, "retryAt": retry_at,

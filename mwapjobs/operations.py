@@ -146,9 +146,7 @@ class Operations:
         doc = await self._get(run_id)
         if doc["state"] != "delayed":
             raise ConflictError(f"only delayed runs can be promoted (this one is {doc['state']})")
-        updated = await self._requeue(doc, ("delayed",), {})
-        await self.engine.scheduler.remove_delayed([str(doc["_id"])])
-        return run_view(updated)
+        return run_view(await self._requeue(doc, ("delayed",), {}))
 
     async def _requeue(self, doc: dict[str, Any], from_states: tuple[State, ...],
                        reset: dict[str, Any]) -> dict[str, Any]:
@@ -172,8 +170,6 @@ class Operations:
         deleted = await self.runs.delete(doc["_id"], removable)
         if deleted is None:
             raise ConflictError("active runs cannot be removed; wait for them to finish")
-        if deleted["state"] == "delayed":
-            await self.engine.scheduler.remove_delayed([str(doc["_id"])])
         return run_view(deleted)
 
     async def clean(self, queue: str, state: State, older_than: float) -> int:

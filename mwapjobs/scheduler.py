@@ -8,8 +8,10 @@ pymongo call.
 
 A trigger does not run job code. `FireExecutor` turns a fire into work for the
 engine:
-- a *delayed* trigger belongs to a run document that already exists, so a fire
-  only wakes the engine, which promotes every due run in one query;
+- a *wake* trigger marks a tenth of a second in which delayed runs fall due.
+  Their run documents already exist, so a fire only wakes the engine, which
+  promotes every due run in one query; 10,000 runs due together share one
+  trigger;
 - a *repeat* trigger (cron or interval) creates a run; the executor waits until
   the run is written before APScheduler moves the trigger on, so a crash in
   between cannot lose the occurrence.
@@ -21,8 +23,8 @@ late, and `coalesce=True` turns a downtime's worth of missed repeats into one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,7 +47,8 @@ from .storage.mongo import SCHEDULER_JOBS, Mongo
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DELAYED_PREFIX = "run:"
+WAKE_PREFIX = "wake:"
+WAKE_RESOLUTION = 0.1  # seconds
 REPEAT_PREFIX = "repeat:"
 REPEAT_HANDOFF_TIMEOUT = 60.0
 
@@ -234,6 +237,7 @@ class Scheduler:
         self._aps: BackgroundScheduler | None = None
         self._store: CountingJobStore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._armed: set[int] = set()  # wake-up slots with a trigger already
 
     @property
     def running(self) -> bool:
@@ -295,29 +299,37 @@ class Scheduler:
             raise RuntimeError("the scheduler is not running")
         return self._aps
 
-    async def add_delayed(self, run_id: str, run_at: datetime) -> None:
-        """A trigger that wakes the engine when run `run_id` falls due."""
+    async def wake_at(self, when: datetime) -> None:
+        """Make sure the engine is woken at `when`, rounded up to a tenth of a second.
+
+        One trigger serves every run due in the same tenth of a second, so a
+        burst of 10,000 runs due together costs one trigger, not 10,000. A
+        wake-up with nothing left to promote (the run was promoted by hand or
+        removed) is harmless, so triggers are never removed early.
+        """
         aps = self._require()
-        await self._in_thread(
-            lambda: aps.add_job(
-                fire,
-                trigger=DateTrigger(run_date=run_at, timezone=UTC),
-                id=DELAYED_PREFIX + run_id,
-                kwargs={"kind": "delayed"},
-                replace_existing=True,
+        slot = math.ceil(when.timestamp() / WAKE_RESOLUTION)
+        if slot in self._armed:
+            return
+        self._armed.add(slot)
+        if len(self._armed) > 100_000:  # forget slots that have passed
+            now_slot = datetime.now(UTC).timestamp() / WAKE_RESOLUTION
+            self._armed = {s for s in self._armed if s >= now_slot}
+        try:
+            await self._in_thread(
+                lambda: aps.add_job(
+                    fire,
+                    trigger=DateTrigger(
+                        run_date=datetime.fromtimestamp(slot * WAKE_RESOLUTION, UTC),
+                        timezone=UTC),
+                    id=f"{WAKE_PREFIX}{slot}",
+                    kwargs={"kind": "wake"},
+                    replace_existing=True,
+                )
             )
-        )
-
-    async def remove_delayed(self, run_ids: list[str]) -> None:
-        aps = self._require()
-
-        def remove() -> None:
-            for run_id in run_ids:
-                # Already fired, or never made (the sweep promotes those).
-                with contextlib.suppress(JobLookupError):
-                    aps.remove_job(DELAYED_PREFIX + run_id)
-
-        await self._in_thread(remove)
+        except BaseException:
+            self._armed.discard(slot)
+            raise
 
     async def set_repeat(
         self, queue: str, job_id: str, data: dict[str, Any], *, cron: str | None = None,

@@ -26,10 +26,17 @@ class FlakyMongo(Mongo):
     attempts = 0
 
     async def call(self, op: Callable[[Any], Awaitable[T]]) -> T:
+        self._fail_if_down()
+        return await super().call(op)
+
+    async def ping(self) -> None:
+        self._fail_if_down()
+        await super().ping()
+
+    def _fail_if_down(self) -> None:
         if self.down:
             self.attempts += 1
             raise ServerSelectionTimeoutError("injected outage: no servers available")
-        return await super().call(op)
 
 
 async def readyz(daemon: Daemon) -> tuple[int, dict[str, Any]]:

@@ -801,6 +801,27 @@ async def test_check_now_hurries_a_spread_sweep_running_here(api: World) -> None
     assert run["result"]["hurried"] is True and run["result"]["healthy"] == 3
 
 
+async def test_check_now_replaces_a_waiting_sweep_and_refuses_one_running_elsewhere(
+        api: World) -> None:
+    await api.integration("google", refresh=False)
+    engine = api.daemon.engine
+    await engine.set_paused(QUEUE, True)
+    waiting = await engine.add(QUEUE, api.checker.schedule_data(), job_id=SWEEP_JOB_ID)
+    status, body = await api.http("POST", "/api/v1/integrations/health/check")
+    assert status == 202
+    assert body["data"] == {"runId": waiting.run_id, "state": "waiting", "created": False,
+                            "hurried": False}
+    run = await api.daemon.operations.get_run(waiting.run_id)
+    assert run["data"]["spread"] is False  # the waiting scheduled sweep became "now"
+    # The same run, claimed by another instance: nothing to hurry here.
+    await api.mongo.call(lambda db: db[RUNS].update_one(
+        {"_id": ObjectId(waiting.run_id)}, {"$set": {"state": "active", "leaseOwner": "other"}}))
+    status, body = await api.http("POST", "/api/v1/integrations/health/check")
+    assert (status, body["error"]["code"]) == (409, "health/sweep-running")
+    await api.mongo.call(lambda db: db[RUNS].delete_one({"_id": ObjectId(waiting.run_id)}))
+    await engine.set_paused(QUEUE, False)
+
+
 async def test_health_summary_puts_failing_integrations_first(api: World) -> None:
     healthy, _ = await api.integration("google")
     failing, failing_token = await api.integration("dropbox")

@@ -22,8 +22,8 @@ access token, not `revoked`) once (`probes.py` says how, per provider):
   encrypted tokens), one our notes, one the providers. A probe due more than
   `TOKEN_MAX_AGE` s after that read re-reads its integration first (a spread
   sweep runs for hours; tokens are refreshed meanwhile). Results are written
-  in batches (`IntegrationStore.record_health`, see `_Writer`): at the end of a
-  short sweep, every `FLUSH_DELAY` s during a long one. Status changes and
+  in batches (`IntegrationStore.record_health`, see `_Writer`), every
+  `FLUSH_DELAY` s or `FLUSH_MAX` results. Status changes and
   notifications are written one by one, at once, with the backend's
   conditional filter.
 
@@ -80,12 +80,12 @@ QUEUE = "health-check"
 SWEEP_JOB_ID = "sweep"
 SPREAD_FRACTION = 0.8
 TOKEN_MAX_AGE = 60.0  # seconds a token read at the start of a sweep is used without re-reading
-# Results are written in batches: a sweep shorter than FLUSH_DELAY writes once, at its
-# end; a longer one every FLUSH_DELAY s (or FLUSH_MAX results). Each batch is cut into
-# range updates of results dense in id order (RUN_GAP), at most MAX_RUN each.
-FLUSH_MAX = 10_000
-FLUSH_DELAY = 30.0
-RUN_GAP = 32
+# Results are written in batches, every FLUSH_DELAY s or FLUSH_MAX results, whichever
+# comes first, while the probes go on. Each batch is cut into range updates of results
+# dense in id order (RUN_GAP), at most MAX_RUN each.
+FLUSH_MAX = 2000
+FLUSH_DELAY = 5.0
+RUN_GAP = 256  # a split costs a query (a scan on the embedded store); a gap, only those documents
 MAX_RUN = 2000
 
 Outcome = Literal["healthy", "failing", "error", "expired", "revoked", "skipped"]
@@ -639,12 +639,11 @@ class _Writer:
     """Batches the per-integration results of a sweep into few `record_health` calls.
 
     A result waits at most FLUSH_DELAY s, or less when FLUSH_MAX are waiting; one
-    batch is written at a time and results keep arriving meanwhile. So a sweep
-    that takes less than FLUSH_DELAY writes once, when its probes are done, and
-    database work never competes with probing (on the embedded store, whose
-    queries are CPU work in this process, that competition shows as loop lag);
-    a spread sweep writes every FLUSH_DELAY s. Each batch is cut into runs that
-    are dense in id order (`RUN_GAP`, at most MAX_RUN), one range update each.
+    batch is written at a time while the probes go on, so the writes of a fast
+    sweep hide behind its probing and only the last batch adds to its duration.
+    Each batch is cut into runs that are dense in id order (`RUN_GAP`, at most
+    MAX_RUN), one range update each: a fast sweep of 10,000 integrations makes
+    about five writes, a spread one a few small ones every FLUSH_DELAY s.
     """
 
     def __init__(self, store: IntegrationStore, positions: dict[str, int],
