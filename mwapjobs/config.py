@@ -128,6 +128,13 @@ class HealthSettings(_Section):
     failure_threshold: int = Field(3, ge=1)
     history_size: int = Field(20, ge=1)
 
+    @model_validator(mode="after")
+    def _valid_schedule(self) -> HealthSettings:
+        from .scheduler import make_trigger  # APScheduler parses cron; no second parser here
+
+        make_trigger(self.cron, None, self.timezone)
+        return self
+
 
 class AlertSettings(_Section):
     cooldown: float = Field(900.0, ge=0)
@@ -261,7 +268,7 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
         return f"{key}: unknown setting{' in ' + str(path) if path else ''}{more}"
     env_name = ENV_PREFIX + "__".join(str(part) for part in err["loc"]).upper()
     source = f" (from {env_name})" if env_name in os.environ else ""
-    return f"{key}{source}: {err['msg']}{more}"
+    return f"{key}{source}: {str(err['msg']).removeprefix('Value error, ')}{more}"
 
 
 def _hint(key: str) -> str:

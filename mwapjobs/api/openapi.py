@@ -159,7 +159,7 @@ def document() -> dict[str, Any]:
                                                       errors=("404", "503"))},
         "/api/v1/integrations/health": {"get": _op(
             "Integration health: counts by status and provider, failing integrations first",
-            errors=("503",))},
+            params=paging, errors=("503",))},
         "/api/v1/integrations/health/check": {"post": _op(
             "Check every connected integration now, without spreading", ok_status="202",
             errors=("409", "503"))},
