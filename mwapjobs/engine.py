@@ -83,8 +83,11 @@ def _result_summary(value: Any) -> Any:
 
 def _error_doc(exc: BaseException, permanent: bool) -> dict[str, Any]:
     message = str(exc) or type(exc).__name__
-    return {"message": secrets.scrub(message[:2000]), "type": type(exc).__name__,
-            "permanent": permanent}
+    doc: dict[str, Any] = {"message": secrets.scrub(message[:2000]),
+                           "type": type(exc).__name__, "permanent": permanent}
+    if isinstance(exc, TransientError) and exc.retry_after is not None:
+        doc["retryAfter"] = exc.retry_after  # what the far side asked us to wait
+    return doc
 
 
 class Engine:

@@ -637,6 +637,24 @@ async def test_exponential_backoff_is_bounded_by_the_token_expiry(world: World) 
     assert len(token_requests(world.oauth)) == 2
 
 
+async def test_a_follow_up_run_still_honours_retry_after(world: World) -> None:
+    provider = await world.provider()
+    iid, _ = await world.integration(provider, expires_in=4)
+    world.oauth.script(Fault(429, {"error": "slow_down"}, {"Retry-After": "30"}))
+    async with running(world.mongo, daemon_settings(sync_interval=0.2)):
+
+        async def settled() -> bool:  # asked again, or given up as it cannot be saved
+            return (len(token_requests(world.oauth)) > 1
+                    or (await world.doc(iid))["status"] == "expired")
+
+        await wait_for(settled, timeout=10, message="a second request or the expiry marking")
+    reqs = token_requests(world.oauth)
+    assert len(reqs) == 1, (
+        f"asked again {reqs[1].monotonic - reqs[0].monotonic:.1f}s after a 429 with "
+        "Retry-After: 30")
+    assert (await world.doc(iid))["status"] == "expired"
+
+
 async def test_transient_failures_keep_being_retried_until_the_token_expires(
         world: World) -> None:
     provider = await world.provider()

@@ -215,8 +215,9 @@ class TokenRefresher:
     async def on_run_failed(self, engine: Engine, job_data: dict[str, Any],
                             error: dict[str, Any]) -> None:
         """After a run's last transient failure: keep trying while the token is valid
-        (a new run every `sync_interval`), and once it would expire before the next
-        try, mark the integration expired: it cannot be saved in time."""
+        (a new run after `sync_interval`, or the provider's Retry-After if longer),
+        and once the token would expire before the next try, mark the integration
+        expired: it cannot be saved in time."""
         if error.get("permanent"):
             return
         integration = await self.store.get(str(job_data.get("integrationId")))
@@ -224,9 +225,10 @@ class TokenRefresher:
             return
         now = self.clock()
         expires = as_utc(integration["tokenExpiresAt"])
-        if expires > now + timedelta(seconds=self.settings.sync_interval):
+        wait = max(self.settings.sync_interval, float(error.get("retryAfter") or 0))
+        if not error.get("deadlineExceeded") and expires > now + timedelta(seconds=wait):
             await engine.add(QUEUE, job_data, job_id=job_id(str(integration["_id"])),
-                             delay=self.settings.sync_interval, deadline=expires)
+                             delay=wait, deadline=expires)
             return
         if await self.store.set_status(integration, "expired", now,
                                        only_from=("active", "error")):

@@ -62,8 +62,19 @@ class IntegrationStore:
     # -- integrations -------------------------------------------------------
 
     async def get(self, integration_id: str) -> dict[str, Any] | None:
+        """By the string `_id` the backend writes, then as an ObjectId (older documents).
+
+        Two plain equality lookups rather than one `$in`: the common case stays one
+        query, and the embedded store answers equality several times faster."""
+        for variant in id_variants(integration_id):
+            doc = await self._find_by_id(variant)
+            if doc is not None:
+                return doc
+        return None
+
+    async def _find_by_id(self, value: Any) -> dict[str, Any] | None:
         doc: dict[str, Any] | None = await self._mongo.call(
-            lambda db: db[INTEGRATIONS].find_one({"_id": {"$in": id_variants(integration_id)}})
+            lambda db: db[INTEGRATIONS].find_one({"_id": value})
         )
         return doc
 
