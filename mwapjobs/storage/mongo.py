@@ -73,21 +73,34 @@ class _EmbeddedLoop:
     def __init__(self) -> None:
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.loop = asyncio.new_event_loop()
+        self._stopping = False
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="mwapjobs-embedded-db", daemon=True
         )
         self._thread.start()
 
     async def run(self, op: Callable[[Any], Awaitable[T]], db: Any) -> T:
+        if self._stopping:
+            raise RuntimeError("the database handle is closed")
         future = asyncio.run_coroutine_threadsafe(_invoke(op, db), self.loop)
         return await asyncio.wrap_future(future)
 
     def stop(self) -> None:
+        """Stop the thread. Queries still queued are cancelled, so whoever awaits them
+        gets CancelledError rather than waiting forever."""
+        self._stopping = True
         if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
+            asyncio.run_coroutine_threadsafe(self._cancel_all_and_stop(), self.loop)
             self._thread.join(timeout=5)
         if not self.loop.is_running() and not self.loop.is_closed():
             self.loop.close()
+
+    async def _cancel_all_and_stop(self) -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.loop.stop()
 
 
 async def _invoke(op: Callable[[Any], Awaitable[T]], db: Any) -> T:
