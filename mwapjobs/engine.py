@@ -50,7 +50,6 @@ from .storage.runs import RunStore, State
 log = logging.getLogger(__name__)
 
 EventName = Literal["completed", "failed", "retrying", "stalled"]
-EVENTS: tuple[EventName, ...] = ("completed", "failed", "retrying", "stalled")
 Listener = Callable[[EventName, dict[str, Any]], Awaitable[None] | None]
 Clock = Callable[[], datetime]
 

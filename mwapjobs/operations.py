@@ -17,7 +17,7 @@ from pymongo.errors import DuplicateKeyError
 
 from .engine import Engine
 from .scheduler import Repeat
-from .storage.runs import FINISHED, PENDING, STATES, State, parse_run_id
+from .storage.runs import FINISHED, STATES, State, parse_run_id
 
 MAX_PAGE_SIZE = 200
 _SECRET_KEY = re.compile(r"(?i)token|secret|password|passwd|authorization|api[_-]?key|cookie")
@@ -214,4 +214,4 @@ class Operations:
         return [repeat_view(r) for r in await self.engine.scheduler.repeats(queue)]
 
 
-__all__ = ["PENDING", "ConflictError", "NotFoundError", "Operations", "redact", "run_view"]
+__all__ = ["ConflictError", "NotFoundError", "Operations", "redact", "run_view"]
