@@ -38,6 +38,7 @@ from .queues import (
     Backoff,
     Job,
     PermanentError,
+    Postpone,
     Queue,
     QueueRegistry,
     Retention,
@@ -406,6 +407,15 @@ class Engine:
                                                "durationMs": duration_ms})
             else:
                 log.warning("lost the lease before completing", extra={"runId": job.run_id})
+            return
+        if isinstance(error, Postpone):
+            retry_at = now + timedelta(seconds=error.delay)
+            attempt.update(outcome="postponed", reason=secrets.scrub(str(error)[:300]))
+            if await self.runs.postpone(run["_id"], self.owner, retry_at, attempt):
+                await self._wake_at(retry_at)
+                log.info("job postponed", extra={**summary, "data": None,
+                                                 "until": retry_at.isoformat(),
+                                                 "reason": attempt["reason"]})
             return
         permanent = isinstance(error, PermanentError)
         err = _error_doc(error, permanent)

@@ -29,6 +29,16 @@ class TransientError(Exception):
         self.retry_after = retry_after
 
 
+class Postpone(Exception):  # noqa: N818 - an instruction to the engine, not a failure
+    """Raise to put the run back, unchanged, for `delay` seconds: no attempt is used and
+    the run's deadline does not apply (e.g. its provider is on hold until an operator
+    fixes the configuration). The attempt is recorded with outcome "postponed"."""
+
+    def __init__(self, reason: str, delay: float) -> None:
+        super().__init__(reason)
+        self.delay = max(0.0, float(delay))
+
+
 class UnknownQueueError(KeyError):
     """No queue of that name is registered."""
 

@@ -245,6 +245,19 @@ class RunStore:
         return await self.finish(run_id, owner, "delayed", {"runAt": run_at, "error": error},
                                  attempt)
 
+    async def postpone(self, run_id: ObjectId, owner: str, run_at: datetime,
+                       attempt: dict[str, Any]) -> bool:
+        """Put our active run back to delayed until `run_at`, refunding the attempt."""
+        result = await self._mongo.call(
+            lambda db: db[RUNS].update_one(
+                {"_id": run_id, "state": "active", "leaseOwner": owner},
+                {"$set": {"state": "delayed", "runAt": run_at},
+                 "$unset": {"leaseOwner": "", "leaseUntil": "", "claimToken": ""},
+                 "$push": {"attempts": attempt}, "$inc": {"attemptsMade": -1}},
+            )
+        )
+        return bool(result.modified_count)
+
     # -- operations ----------------------------------------------------------
 
     async def get(self, run_id: ObjectId) -> dict[str, Any] | None:
