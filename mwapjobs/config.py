@@ -30,6 +30,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .triggers import make_trigger
+
 ENV_PREFIX = "MWAPJOBS_"
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/mwapjobs/config.toml"))
 
@@ -50,7 +52,9 @@ class HttpSettings(_Section):
 
 class MongoSettings(_Section):
     server_selection_timeout: float = Field(5.0, gt=0)
-    ping_interval: float = Field(5.0, gt=0)
+    socket_timeout: float = Field(30.0, gt=0)
+    ping_interval: float = Field(2.0, gt=0)
+    ping_timeout: float = Field(2.0, gt=0)
     connect_retry_max: float = Field(30.0, gt=0)
 
 
@@ -80,7 +84,7 @@ class QueueSettings(_Section):
 
 class EngineSettings(_Section):
     lease_seconds: float = Field(30.0, gt=0)
-    stalled_limit: int = Field(1, ge=0)
+    stalled_limit: int = Field(3, ge=0)
     sweep_interval: float = Field(15.0, gt=0)
     retention_interval: float = Field(60.0, gt=0)
     claim_batch: int = Field(100, ge=1)
@@ -130,9 +134,7 @@ class HealthSettings(_Section):
 
     @model_validator(mode="after")
     def _valid_schedule(self) -> HealthSettings:
-        from .scheduler import make_trigger  # APScheduler parses cron; no second parser here
-
-        make_trigger(self.cron, None, self.timezone)
+        make_trigger(self.cron, None, self.timezone)  # APScheduler's parser, no second one
         return self
 
 

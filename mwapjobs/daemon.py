@@ -17,11 +17,11 @@ unit, and the daemon recovers by itself when MongoDB comes back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import signal
-import time
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
@@ -33,7 +33,7 @@ from pydantic import SecretStr
 from .alerts import AlertManager
 from .api.app import build_app
 from .auth import Authenticator, JwksCache
-from .config import Settings
+from .config import ConfigError, Settings
 from .crypto import MwapCipher
 from .engine import Engine, utcnow
 from .jobs.health_check import HealthChecker, unschedule
@@ -50,6 +50,7 @@ from .storage.mongo import Mongo
 from .systemd import notify, watchdog, watchdog_interval
 
 log = logging.getLogger(__name__)
+QUIT_RELEASE_SECONDS = 2.0
 
 
 class Daemon:
@@ -67,7 +68,8 @@ class Daemon:
             if isinstance(value, SecretStr):
                 secrets.add(value.get_secret_value())
         self._owns_mongo = mongo is None  # an injected client is closed by whoever made it
-        self.mongo = mongo or Mongo.connect(uri, settings.mongodb.server_selection_timeout)
+        self.mongo = mongo or Mongo.connect(uri, settings.mongodb.server_selection_timeout,
+                                            socket_timeout=settings.mongodb.socket_timeout)
         self.registry = registry or QueueRegistry(settings.queue)
         self.clock = clock
         self.engine = Engine(self.mongo, self.registry, settings.engine, clock=clock)
@@ -82,24 +84,28 @@ class Daemon:
         self.jwks = JwksCache.from_settings(settings)
         self.auth = Authenticator(settings, IdentityStore(self.mongo), self.jwks)
         self.loop_lag = LoopLagMonitor()
-        self.mongo_reachable = False
-        self.mongo_error: str | None = "not checked yet"
-        self.mongo_down_since: float | None = time.monotonic()
         self.stopping = False
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._engine_up = asyncio.Event()
         self.alerts = AlertManager(settings, self.mongo, self.registry, clock=clock,
-                                   mongo_down_since=lambda: self.mongo_down_since,
-                                   mongo_error=lambda: self.mongo_error,
+                                   mongo_down_since=lambda: self.mongo.down_since,
+                                   mongo_error=lambda: self.mongo.last_error,
                                    is_paused=self.engine.is_paused)
         self.metrics = DaemonMetrics(self)  # subscribes to the engine's events
+
+    @property
+    def mongo_reachable(self) -> bool:
+        return self.mongo.reachable
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        """Serve HTTP now; bring the engine up in the background."""
+        """Serve HTTP now; bring the engine up in the background.
+
+        Raises ConfigError for a `[queues.NAME]` section that names no registered queue
+        (a typo must not pass silently)."""
         if self.mongo.embedded:
             log.warning(
                 "running on the embedded in-memory store: nothing is durable, every job "
@@ -108,6 +114,13 @@ class Daemon:
         self.loop_lag.start()
         self.http = aiohttp.ClientSession()
         self._add_mwap_jobs(self.http)
+        unknown = sorted(set(self.settings.queues) - set(self.registry.names()))
+        if unknown:
+            await self.http.close()
+            await self.loop_lag.stop()
+            raise ConfigError(
+                f"queues.{unknown[0]}: no such queue (known: "
+                f"{', '.join(self.registry.names()) or 'none'})")
         self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.http.host, self.settings.http.port)
@@ -193,31 +206,22 @@ class Daemon:
         reasons = []
         if self.stopping:
             reasons.append("shutting down")
-        if not self.mongo_reachable:
-            reasons.append(f"mongodb unreachable: {self.mongo_error}")
+        if not self.mongo.reachable:
+            reasons.append(f"mongodb unreachable: {self.mongo.last_error}")
         if not self.engine.running:
-            reasons.append("scheduler not running")
+            reasons.append("scheduler not running" if not self.engine.scheduler.running
+                           else "scheduler thread died or is stuck; restarting it")
         return reasons
 
     async def _ping(self) -> None:
-        timeout = self.settings.mongodb.server_selection_timeout + 1
+        """Ping and record the outcome (the door records failures of its own queries)."""
         try:
-            await asyncio.wait_for(self.mongo.ping(), timeout)
-        except TimeoutError:
-            raise TimeoutError(f"no answer to a ping within {timeout:g}s") from None
-
-    def _mark_mongo(self, error: BaseException | None) -> None:
-        if error is None:
-            if not self.mongo_reachable:
-                log.info("mongodb reachable")
-            self.mongo_reachable, self.mongo_error, self.mongo_down_since = True, None, None
-            return
-        message = f"{type(error).__name__}: {error}"[:300]
-        if self.mongo_reachable or self.mongo_error != message:
-            log.error("mongodb unreachable", extra={"error": message})
-        if self.mongo_down_since is None:
-            self.mongo_down_since = time.monotonic()
-        self.mongo_reachable, self.mongo_error = False, message
+            await self.mongo.ping(self.settings.mongodb.ping_timeout)
+        except Exception as exc:
+            if self.mongo.reachable:  # a failure the door did not see (an injected one)
+                self.mongo.mark_down(exc)
+            raise
+        self.mongo.mark_up()
 
     async def _bring_up(self) -> None:
         """Connect and start the engine, retrying with capped exponential backoff."""
@@ -225,7 +229,6 @@ class Daemon:
         while not self.stopping:
             try:
                 await self._ping()
-                self._mark_mongo(None)
                 await self.integrations.ensure_indexes()
                 await self.engine.start()
                 self._engine_up.set()
@@ -239,7 +242,6 @@ class Daemon:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._mark_mongo(exc)
                 log.warning("engine start failed; retrying",
                             extra={"error": f"{type(exc).__name__}: {exc}"[:300],
                                    "retryIn": delay})
@@ -249,13 +251,8 @@ class Daemon:
     async def _watch_mongo(self) -> None:
         while True:
             await asyncio.sleep(self.settings.mongodb.ping_interval)
-            try:
+            with contextlib.suppress(Exception):  # recorded by _ping
                 await self._ping()
-                self._mark_mongo(None)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._mark_mongo(exc)
 
 
 async def run_until_signalled(daemon: Daemon) -> int:
@@ -268,12 +265,13 @@ async def run_until_signalled(daemon: Daemon) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
+    quitting: list[asyncio.Task[None]] = []
+
     def on_signal(sig: signal.Signals) -> None:
         if stop.is_set():
-            log.error("second signal: exiting now; active runs will be retried after "
-                      "their lease expires", extra={"signal": sig.name})
-            stop_logging()
-            os._exit(1)
+            if not quitting:
+                quitting.append(asyncio.ensure_future(_quit(daemon, sig)))
+            return
         log.info("signal received", extra={"signal": sig.name})
         stop.set()
 
@@ -283,3 +281,17 @@ async def run_until_signalled(daemon: Daemon) -> int:
     await stop.wait()
     await daemon.stop()
     return 0
+
+
+async def _quit(daemon: Daemon, sig: signal.Signals) -> None:
+    """A second signal: hand the running jobs back to their queues (for at most
+    QUIT_RELEASE_SECONDS) and exit 1. They run again at once elsewhere or after the
+    restart; nothing counts this as a crash."""
+    released: int | str = 0
+    try:
+        released = await asyncio.wait_for(daemon.engine.release_all(), QUIT_RELEASE_SECONDS)
+    except Exception as exc:
+        released = f"not released ({type(exc).__name__}); they run again after their lease"
+    log.error("second signal: exiting now", extra={"signal": sig.name, "released": released})
+    stop_logging()
+    os._exit(1)

@@ -1,16 +1,20 @@
 """The queue engine: turns run documents into handler calls, at least once.
 
 How a job travels (see README, "How the engine works"):
-1. `add` writes a run document first. A delayed run also gets an APScheduler
-   trigger; a repeat is only a trigger, and each fire writes a run.
-2. When a trigger fires, due delayed runs are promoted to waiting in one query.
-3. One worker loop per queue claims waiting runs in batches, up to the queue's
-   concurrency, under a lease that one loop renews for every active run.
-4. An attempt ends in one conditional write: completed, failed, or delayed
-   again for a retry with backoff (bounded by the run's deadline, if any).
-5. A sweep requeues runs whose lease expired (their process died) and
-   promotes due runs whose trigger was lost; it also runs at start, so
-   nothing waits for a fire that will never come.
+1. `add` writes a run document, and that is all: a delayed run is noted on the
+   due timer (`duetimer.DueTimer`), a waiting one wakes its queue. A repeat is an
+   APScheduler trigger (`scheduler.Scheduler`); each fire writes a run.
+2. One worker loop per queue claims runs that may start (waiting, or delayed and
+   due) in batches, up to the queue's concurrency, under a lease that one loop
+   renews for every run this process holds.
+3. An attempt ends in an outcome (completed, failed, or delayed again for a retry
+   with backoff, bounded by the run's deadline), written in batches by
+   `outcomes.OutcomeWriter`, owner-checked, and retried while MongoDB is away.
+4. A sweep takes back the runs of dead processes (`policy.stall_verdict` decides
+   what a crash means for each), promotes due runs whose wake-up was missed, and
+   re-reads which queues are paused. It also runs at start.
+5. A run that was active at several crashes runs alone (`_isolation`), so a job that
+   kills its process is found out without taking its neighbours down with it.
 
 The guarantee is at-least-once: a handler may run again after a crash at the
 wrong moment, so handlers must be idempotent.
@@ -20,11 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import os
-import socket
 import time
-import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,10 +35,15 @@ from typing import Any, Literal
 
 from bson import ObjectId
 
+from . import owners
 from .config import EngineSettings
+from .duetimer import DueTimer
 from .logs import secrets
+from .outcomes import Finished, OutcomeWriter
+from .policy import retry_time, stall_verdict
 from .queues import (
     Backoff,
+    InvalidJobData,
     Job,
     PermanentError,
     Postpone,
@@ -44,13 +52,16 @@ from .queues import (
     Retention,
     TransientError,
 )
-from .scheduler import Repeat, Scheduler, make_trigger
+from .redaction import redact
+from .scheduler import Repeat, Scheduler
 from .storage.mongo import Mongo
-from .storage.runs import RunStore, State
+from .storage.runs import Outcome, RunStore, State, dedupe_key
+from .supervisor import FailureLog, Supervisor
+from .triggers import make_trigger
 
 log = logging.getLogger(__name__)
 
-EventName = Literal["completed", "failed", "retrying", "stalled"]
+EventName = Literal["completed", "failed", "retrying", "postponed", "stalled"]
 Listener = Callable[[EventName, dict[str, Any]], Awaitable[None] | None]
 Clock = Callable[[], datetime]
 
@@ -91,7 +102,8 @@ def _error_doc(exc: BaseException, permanent: bool) -> dict[str, Any]:
 
 
 class Engine:
-    """Queues on MongoDB with APScheduler as the clock. One per process and database."""
+    """Queues on MongoDB with APScheduler as the clock of repeats. Several engines may
+    share a database (each claims atomically); one per process is usual."""
 
     def __init__(
         self,
@@ -106,23 +118,32 @@ class Engine:
         self.settings = settings or EngineSettings()
         self.clock = clock
         self.runs = RunStore(mongo)
-        self.scheduler = Scheduler(mongo, self._on_due, self._on_repeat)
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.scheduler = Scheduler(mongo, self._on_repeat)
+        self.owner = owners.process_owner()
+        self._timer = DueTimer(self._wake_due, self.runs.due_after, clock)
+        self._writer = OutcomeWriter(self.runs, self.owner, self._written)
+        self._tasks = Supervisor()
         self._accepting = False
         self._started = False
         self._paused: set[str] = set()
-        self._active: dict[ObjectId, asyncio.Task[None]] = {}
+        self._handlers: dict[ObjectId, asyncio.Task[None]] = {}  # handlers running now
+        self._leased: set[ObjectId] = set()  # runs we hold: handler running or outcome unwritten
+        self._lost: set[ObjectId] = set()  # leases another process took over
         self._active_by_queue: dict[str, int] = {}
         self._wake: dict[str, asyncio.Event] = {}
-        self._due = asyncio.Event()
-        self._loops: list[asyncio.Task[None]] = []
+        self._claiming: dict[str, asyncio.Lock] = {}
+        self._isolating = False  # a run that must run alone is being started or runs
+        self._isolation = asyncio.Event()  # such runs may be waiting
+        self._idle = asyncio.Event()  # no handler runs
+        self._idle.set()
         self._listeners: list[Listener] = []
 
     # -- lifecycle ---------------------------------------------------------
 
     @property
     def running(self) -> bool:
-        return self._started and self.scheduler.running
+        """Started, and its clock is alive (what readiness reports)."""
+        return self._started and self.scheduler.healthy
 
     async def start(self) -> None:
         """Prepare the database, start the clock, recover, and start working.
@@ -130,61 +151,103 @@ class Engine:
         Raises if MongoDB is unreachable; the caller retries. A failed start
         leaves nothing running.
         """
+        owners.LIVE.add(self.owner)
         try:
             await self.runs.ensure_indexes()
-            self._paused = await self.runs.paused_queues()
             await self.scheduler.start()
-            await self._sweep()
+            await self.sweep()
+            self._isolating = await self.runs.has_isolated(self.registry.names())
         except BaseException:
+            owners.LIVE.discard(self.owner)
             await self.scheduler.shutdown()
             raise
         self._accepting = self._started = True
         for queue in self.registry:
             self._wake[queue.name] = asyncio.Event()
+            self._claiming[queue.name] = asyncio.Lock()
             self._active_by_queue.setdefault(queue.name, 0)
-            self._spawn(self._work(queue), f"worker:{queue.name}")
-        self._spawn(self._promoter(), "promoter")
-        self._spawn(self._renewer(), "lease-renewer")
-        self._spawn(self._sweeper(), "sweeper")
-        self._spawn(self._retention(), "retention")
+            self._tasks.keep(f"worker:{queue.name}", functools.partial(self._work, queue))
+        if self._isolating:  # runs left from crashes go first, each alone
+            self._isolation.set()
+        self._timer.start()
+        self._tasks.keep("outcomes", self._writer.run)
+        self._tasks.keep("isolation", self._isolate)
+        self._tasks.keep("clock", self.scheduler.supervise)
+        lease = self.settings.lease_seconds
+        self._tasks.every("lease-renewer", lease / 3, self._renew)
+        self._tasks.every("sweeper", self.settings.sweep_interval, self.sweep,
+                          max_backoff=max(30.0, self.settings.sweep_interval))
+        self._tasks.every("retention", self.settings.retention_interval, self.apply_retention)
         log.info("engine started", extra={"owner": self.owner, "queues": self.registry.names()})
-
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        self._loops.append(asyncio.ensure_future(coro))
-        self._loops[-1].set_name(f"mwapjobs:{name}")
 
     async def stop(self, timeout: float) -> None:
         """Drain: stop claiming and firing, let running jobs finish for up to
-        `timeout` seconds, then hand the rest back to the queue for the next start."""
+        `timeout` seconds, write their outcomes, then hand the rest back to the queue
+        for the next start."""
+        if not self._started:
+            return
+        deadline = time.monotonic() + timeout
         self._accepting = False
-        for event in self._wake.values():
-            event.set()
+        self.wake()
         await self.scheduler.shutdown()
-        running = list(self._active.values())
+        self._timer.stop()
+        running = list(self._handlers.values())
         if running:
             log.info("waiting for running jobs", extra={"count": len(running),
                                                         "timeout": timeout})
             _done, pending = await asyncio.wait(running, timeout=timeout)
-            if pending:
-                unfinished = [rid for rid, task in self._active.items() if task in pending]
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+            unfinished = [rid for rid, task in self._handlers.items() if task in pending]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        else:
+            unfinished = []
+        if not await self._writer.flush(max(1.0, deadline - time.monotonic())):
+            log.warning("shutdown: some run outcomes could not be written; those runs will "
+                        "run again after their lease expires",
+                        extra={"count": len(self._writer.run_ids())})
+        if unfinished:
+            try:
                 released = await self.runs.release(unfinished, self.owner)
                 log.warning("shutdown timeout: unfinished jobs returned to their queues",
                             extra={"count": released})
-        for task in self._loops:
+            except Exception as exc:
+                log.warning("could not hand unfinished jobs back; they run again after "
+                            "their lease expires", extra={"count": len(unfinished),
+                                                          "error": str(exc)[:300]})
+        await self._tasks.stop()
+        self._finish_stop()
+
+    async def kill(self) -> None:
+        """Stop at once and write nothing, as SIGKILL would (for tests of crash recovery).
+        Runs this engine held stay active in MongoDB until another engine takes them."""
+        self._accepting = False
+        self._timer.stop()
+        handlers = list(self._handlers.values())
+        for task in handlers:
             task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        self._loops.clear()
+        await self._tasks.stop()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await self.scheduler.shutdown()
+        self._finish_stop()
+
+    def _finish_stop(self) -> None:
         self._started = False
+        owners.LIVE.discard(self.owner)
         self.scheduler.close()
+
+    async def release_all(self) -> int:
+        """Hand every run we hold back to its queue now, refunding the attempt (an
+        operator's second signal: exiting now is a decision, not a crash)."""
+        self._accepting = False
+        return await self.runs.release(list(self._leased), self.owner)
 
     # -- events ----------------------------------------------------------------
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Call `listener(event, run)` on completed/failed/retrying/stalled; returns an
-        unsubscribe function. A failing listener is logged and never affects a job."""
+        """Call `listener(event, run)` on completed/failed/retrying/postponed/stalled;
+        returns an unsubscribe function. A failing listener is logged and never affects
+        a job."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
@@ -213,10 +276,16 @@ class Engine:
         timeout: float | None = None,
         deadline: datetime | None = None,
         replace: bool = False,
+        slot: str | None = None,
     ) -> Added:
         """Add one job. With `job_id`, a job that is already pending is not added twice;
-        `replace=True` moves a pending, not yet started one to the new time and data."""
+        `replace=True` moves a pending, not yet started one to the new time and data.
+        `slot` names a repeat occurrence: a second run for the same slot is never made.
+
+        Raises UnknownQueueError, InvalidJobData (the job type refuses `data`) or
+        ValueError (bad options)."""
         q = self.registry.get(queue)
+        data = q.check_data({} if data is None else data)
         if delay is not None and run_at is not None:
             raise ValueError("give delay or run_at, not both")
         if attempts is not None and attempts < 1:
@@ -229,7 +298,7 @@ class Engine:
         due = as_utc(run_at) if run_at else now + timedelta(seconds=max(0.0, delay or 0.0))
         state: State = "delayed" if due > now else "waiting"
         doc: dict[str, Any] = {
-            "_id": ObjectId(), "queue": queue, "jobId": job_id, "data": data or {},
+            "_id": ObjectId(), "queue": queue, "jobId": job_id, "data": data,
             "state": state, "priority": options.priority, "runAt": due,
             "attemptsMade": 0, "maxAttempts": options.attempts,
             "backoff": options.backoff_doc(), "timeout": options.timeout,
@@ -237,7 +306,9 @@ class Engine:
             "attempts": [],
         }
         if job_id is not None:
-            doc["key"] = f"{queue}:{job_id}"
+            doc["key"] = dedupe_key(queue, job_id)
+        if slot is not None:
+            doc["slot"] = slot
         run, created = await self.runs.insert(doc)
         if not created and replace and (run["runAt"] != due or run["data"] != doc["data"]):
             updated = await self.runs.replace_pending(
@@ -247,14 +318,14 @@ class Engine:
             if updated is not None:
                 run = updated
         if run["state"] == "delayed" and (created or replace):
-            await self._wake_at(as_utc(run["runAt"]))
+            self._timer.note(as_utc(run["runAt"]), queue)
         elif run["state"] == "waiting":
             self.wake(queue)
         return Added(str(run["_id"]), run["state"], created)
 
     async def cancel(self, queue: str, job_id: str) -> bool:
         """Drop the not-yet-started run of `job_id`; a running one finishes normally."""
-        return await self.runs.delete_not_started(f"{queue}:{job_id}") is not None
+        return await self.runs.delete_not_started(dedupe_key(queue, job_id)) is not None
 
     async def repeat(
         self,
@@ -272,7 +343,8 @@ class Engine:
         each fire adds a run with that job id, so a run still pending from the
         previous fire makes the next one a no-op instead of a pile-up.
         """
-        self.registry.get(queue)
+        q = self.registry.get(queue)
+        q.check_data(data or {})
         make_trigger(cron, every, timezone)  # a bad definition fails here, before any I/O
         return await self.scheduler.set_repeat(queue, job_id or queue, data or {}, cron=cron,
                                                every=every, timezone=timezone)
@@ -286,79 +358,80 @@ class Engine:
             if queue is None or name == queue:
                 event.set()
 
-    async def _wake_at(self, run_at: datetime) -> None:
-        if not self.scheduler.running:
-            return  # the sweep at start promotes it when due
-        try:
-            await self.scheduler.wake_at(run_at)
-        except Exception:
-            log.warning("could not set a trigger; the sweep will promote the run when due",
-                        exc_info=True, extra={"runAt": run_at})
-
-    # -- fires from the scheduler thread (delivered on the loop) -------------------
-
-    def _on_due(self) -> None:
-        self._due.set()
+    def _wake_due(self, queues: set[str]) -> None:
+        for queue in queues:
+            self.wake(queue)
 
     async def _on_repeat(self, queue: str, job_id: str, data: dict[str, Any],
                          fire_time: datetime) -> None:
-        """Write the run for a repeat fire. The scheduler thread waits for this."""
+        """Write the run of a repeat fire (the clock thread waits for this and retries
+        the fire if it raises)."""
         if queue not in self.registry:
             log.error("repeat fired for an unknown queue", extra={"queue": queue})
             return
-        added = await self.add(queue, data, job_id=job_id)
+        slot = f"{queue}:{job_id}@{as_utc(fire_time).isoformat()}"
+        try:
+            added = await self.add(queue, data, job_id=job_id, slot=slot)
+        except InvalidJobData as exc:
+            log.error("repeat fire refused: its data no longer fits the job type",
+                      extra={"queue": queue, "jobId": job_id, "error": str(exc)})
+            return
         if not added.created:
             log.info("repeat fire skipped: the previous run is still pending",
                      extra={"queue": queue, "jobId": job_id, "runId": added.run_id})
 
-    # -- the loops -------------------------------------------------------------
+    # -- working ---------------------------------------------------------------
 
     async def _work(self, queue: Queue) -> None:
         """Claim and start runs of one queue while there are free slots."""
         wake = self._wake[queue.name]
-        failures = 0
+        failures = FailureLog(log, "claim failed; retrying", queue=queue.name)
         while self._accepting:
+            wake.clear()  # before looking: a wake() from now on is seen by the next wait
             free = queue.options.concurrency - self._active_by_queue[queue.name]
-            if free <= 0 or queue.name in self._paused:
+            if free <= 0 or queue.name in self._paused or self._isolating:
                 await self._wait(wake)
                 continue
-            wake.clear()
-            try:
-                claimed = await self.runs.claim(
-                    queue.name, min(free, self.settings.claim_batch), self.owner,
-                    self.clock(), self.settings.lease_seconds,
-                )
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                pause = min(2.0 ** failures, 30.0)
-                log.warning("claim failed; retrying", extra={"queue": queue.name,
-                            "error": str(exc), "retryIn": pause})
-                await asyncio.sleep(pause)
-                continue
-            if not self._accepting:  # stopped while claiming: give them back
-                await self.runs.release([r["_id"] for r in claimed], self.owner)
-                return
-            for run in claimed:
-                self._start_run(queue, run)
-            if len(claimed) < min(free, self.settings.claim_batch):
+            wanted = min(free, self.settings.claim_batch)
+            async with self._claiming[queue.name]:
+                if queue.name in self._paused or self._isolating or not self._accepting:
+                    continue
+                try:
+                    claimed = await self.runs.claim(queue.name, wanted, self.owner,
+                                                    self.clock(), self.settings.lease_seconds)
+                except Exception as exc:
+                    failures.failed(exc)
+                    await asyncio.sleep(min(2.0 ** failures.failures, 30.0))
+                    continue
+                failures.succeeded()
+                for run in claimed:
+                    self._start_run(queue, run)
+            if len(claimed) < wanted:
                 await self._wait(wake)
 
     async def _wait(self, event: asyncio.Event) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=self.settings.sweep_interval)
 
-    def _start_run(self, queue: Queue, run: dict[str, Any]) -> None:
+    def _start_run(self, queue: Queue, run: dict[str, Any]) -> asyncio.Task[None]:
+        run_id = run["_id"]
         self._active_by_queue[queue.name] += 1
+        self._leased.add(run_id)
+        self._idle.clear()
         task = asyncio.ensure_future(self._execute(queue, run))
-        self._active[run["_id"]] = task
+        self._handlers[run_id] = task
 
         def done(_: asyncio.Task[None]) -> None:
-            self._active.pop(run["_id"], None)
+            self._handlers.pop(run_id, None)
+            if task.cancelled():  # shutdown or kill: the run is released, not finished
+                self._leased.discard(run_id)
             self._active_by_queue[queue.name] -= 1
-            self._wake[queue.name].set()
+            if not self._handlers:
+                self._idle.set()
+            self.wake(queue.name)
 
         task.add_done_callback(done)
+        return task
 
     async def _execute(self, queue: Queue, run: dict[str, Any]) -> None:
         job = Job(
@@ -374,144 +447,198 @@ class Engine:
         error: BaseException | None = None
         result: Any = None
         try:
+            queue.check_data(run.get("data"))
             async with asyncio.timeout(run.get("timeout") or queue.options.timeout):
                 result = await queue.handler(job)
         except asyncio.CancelledError:
             raise  # shutdown: `stop` hands the run back
+        except InvalidJobData as exc:
+            error = PermanentError(f"the job's data does not fit its type: {exc}")
         except TimeoutError as exc:
             error = TimeoutError(f"timed out after {run.get('timeout')}s") if not str(exc) else exc
         except Exception as exc:
             error = exc
         duration_ms = round((time.monotonic() - t0) * 1000, 3)
-        try:
-            await self._record(job, run, started_at, duration_ms, result, error)
-        except Exception:
-            # The lease will expire and the sweep will requeue the run: at least once.
-            log.exception("could not record the outcome of a run", extra={"runId": job.run_id})
+        self._writer.submit(self._conclude(job, run, started_at, duration_ms, result, error))
 
-    async def _record(self, job: Job, run: dict[str, Any], started_at: datetime,
-                      duration_ms: float, result: Any, error: BaseException | None) -> None:
+    def _conclude(self, job: Job, run: dict[str, Any], started_at: datetime,
+                  duration_ms: float, result: Any, error: BaseException | None) -> Finished:
+        """What one attempt comes to: the fields to write, and the event once written."""
         now = self.clock()
-        attempt: dict[str, Any] = {"attempt": job.attempt, "startedAt": started_at,
-                                   "finishedAt": now, "durationMs": duration_ms}
+        attempt: dict[str, Any] = {"attempt": len(run.get("attempts") or []) + 1,
+                                   "startedAt": started_at, "finishedAt": now,
+                                   "durationMs": duration_ms}
         summary = {"runId": job.run_id, "queue": job.queue, "jobId": job.job_id,
                    "attempt": job.attempt, "maxAttempts": job.max_attempts, "data": job.data}
+
+        def done(fields: dict[str, Any], event: str, payload: dict[str, Any],
+                 due: datetime | None = None) -> Finished:
+            outcome = Outcome(run["_id"], {**fields, "isolate": False}, attempt)
+            return Finished(outcome, job.queue, event, {**summary, **payload}, due)
+
         if error is None:
             attempt["outcome"] = "completed"
-            fields = {"finishedAt": now, "durationMs": duration_ms,
-                      "result": _result_summary(result), "error": None}
-            if await self.runs.finish(run["_id"], self.owner, "completed", fields, attempt):
-                log.debug("run completed", extra={"runId": job.run_id, "queue": job.queue,
-                                                  "durationMs": duration_ms})
-                await self._emit("completed", {**summary, "result": fields["result"],
-                                               "durationMs": duration_ms})
-            else:
-                log.warning("lost the lease before completing", extra={"runId": job.run_id})
-            return
+            summary_result = _result_summary(result)
+            return done({"state": "completed", "finishedAt": now, "durationMs": duration_ms,
+                         "result": summary_result, "error": None},
+                        "completed", {"result": summary_result, "durationMs": duration_ms})
         if isinstance(error, Postpone):
-            retry_at = now + timedelta(seconds=error.delay)
+            until = now + timedelta(seconds=error.delay)
             attempt.update(outcome="postponed", reason=secrets.scrub(str(error)[:300]))
-            if await self.runs.postpone(run["_id"], self.owner, retry_at, attempt):
-                await self._wake_at(retry_at)
-                log.info("job postponed", extra={**summary, "data": None,
-                                                 "until": retry_at.isoformat(),
-                                                 "reason": attempt["reason"]})
-            return
+            return done({"state": "delayed", "runAt": until,
+                         "attemptsMade": run["attemptsMade"] - 1},
+                        "postponed", {"until": until, "reason": attempt["reason"]}, until)
         permanent = isinstance(error, PermanentError)
         err = _error_doc(error, permanent)
         attempt["error"] = err
-        retry_at = None if permanent else self._retry_time(job, run, error, now)
+        retry_at = None if permanent else retry_time(
+            attempt=job.attempt, max_attempts=job.max_attempts,
+            backoff=Backoff(**run.get("backoff", {})), now=now,
+            retry_after=error.retry_after if isinstance(error, TransientError) else None,
+            deadline=job.deadline)
         if retry_at is None:
             attempt["outcome"] = "failed"
-            fields = {"finishedAt": now, "durationMs": duration_ms, "error": err}
             if job.deadline and not permanent and job.attempt < job.max_attempts:
-                fields["error"] = {**err, "deadlineExceeded": True}
-            if await self.runs.finish(run["_id"], self.owner, "failed", fields, attempt):
-                log.warning("job failed", extra={**summary, "data": None, "error": err})
-                await self._emit("failed", {**summary, "error": fields["error"],
-                                            "durationMs": duration_ms})
-            return
+                err = {**err, "deadlineExceeded": True}
+            return done({"state": "failed", "finishedAt": now, "durationMs": duration_ms,
+                         "error": err}, "failed", {"error": err, "durationMs": duration_ms})
         attempt["outcome"] = "retrying"
-        if await self.runs.reschedule(run["_id"], self.owner, retry_at, attempt, err):
-            await self._wake_at(retry_at)
-            log.info("job will be retried", extra={**summary, "data": None,
-                                                   "retryAt": retry_at, "error": err})
-            await self._emit("retrying", {**summary, "error": err, "retryAt": retry_at,
-                                          "durationMs": duration_ms})
+        return done({"state": "delayed", "runAt": retry_at, "error": err}, "retrying",
+                    {"error": err, "retryAt": retry_at, "durationMs": duration_ms}, retry_at)
 
-    def _retry_time(self, job: Job, run: dict[str, Any], error: BaseException,
-                    now: datetime) -> datetime | None:
-        """When to try again, or None: attempts used up, or the deadline would pass first."""
-        if job.attempt >= job.max_attempts:
-            return None
-        backoff = Backoff(**run.get("backoff", {}))
-        delay = backoff.delay_for(job.attempt)
-        if isinstance(error, TransientError) and error.retry_after is not None:
-            delay = max(delay, error.retry_after)
-        retry_at = now + timedelta(seconds=delay)
-        if job.deadline is not None and retry_at >= job.deadline:
-            return None
-        return retry_at
-
-    async def _promoter(self) -> None:
-        """Promote due delayed runs whenever a trigger fires (many fires, one query)."""
-        while True:
-            await self._due.wait()
-            self._due.clear()
-            try:
-                if await self.runs.promote_due(self.clock()):
-                    self.wake()
-            except Exception as exc:
-                log.warning("promoting due runs failed; the sweep will retry",
-                            extra={"error": str(exc)})
-
-    async def _renewer(self) -> None:
-        """Renew the lease of every active run, in one query, every third of a lease."""
-        lease = self.settings.lease_seconds
-        while True:
-            await asyncio.sleep(lease / 3)
-            ids = list(self._active)
-            if not ids:
+    async def _written(self, batch: list[Finished], written: set[ObjectId]) -> None:
+        """After a batch of outcomes was written: wake the timer, log, emit events."""
+        for item in batch:
+            run_id = item.outcome.run_id
+            self._leased.discard(run_id)
+            self._lost.discard(run_id)
+            payload = item.payload
+            if run_id not in written:
+                log.warning("lost the lease before recording the outcome; another process "
+                            "took the run over", extra={"runId": payload["runId"],
+                                                        "queue": item.queue})
                 continue
-            try:
-                renewed = await self.runs.renew(ids, self.owner,
-                                                self.clock() + timedelta(seconds=lease))
-                if renewed < len(ids):
-                    log.warning("some active runs are no longer ours",
-                                extra={"expected": len(ids), "renewed": renewed})
-            except Exception as exc:
-                log.warning("lease renewal failed", extra={"error": str(exc)})
+            if item.due is not None:
+                self._timer.note(item.due, item.queue)
+            logged = {**payload, "data": redact(payload["data"])}
+            if item.event == "completed":
+                log.debug("run completed", extra={"runId": payload["runId"],
+                                                  "queue": item.queue,
+                                                  "durationMs": payload["durationMs"]})
+            elif item.event == "failed":
+                log.warning("job failed", extra=logged)
+            elif item.event == "retrying":
+                log.info("job will be retried", extra=logged)
+            else:
+                log.info("job postponed", extra=logged)
+            await self._emit(item.event, payload)  # type: ignore[arg-type]
 
-    async def _sweeper(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.sweep_interval)
-            try:
-                await self._sweep()
-            except Exception as exc:
-                log.warning("sweep failed", extra={"error": str(exc)})
+    async def _renew(self) -> None:
+        """Renew the lease of every run we hold, in one query."""
+        ids = [i for i in self._leased if i not in self._lost]
+        if not ids:
+            return
+        until = self.clock() + timedelta(seconds=self.settings.lease_seconds)
+        renewed = await self.runs.renew(ids, self.owner, until)
+        if renewed == len(ids):
+            return
+        still = [i for i in ids if i in self._leased]  # some finished while we renewed
+        if len(still) <= renewed:
+            return
+        lost = set(still) - await self.runs.held(still, self.owner)
+        if lost:
+            self._lost |= lost
+            log.warning("another process took over runs this one still holds (their "
+                        "leases had expired); their outcomes will not be recorded here",
+                        extra={"runIds": [str(i) for i in sorted(lost)]})
 
-    async def _sweep(self) -> None:
-        """Requeue runs whose lease expired and promote due runs whose trigger is gone."""
+    # -- crashes -------------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """Take back the runs of dead processes, promote due runs whose wake-up was
+        missed, and re-read which queues are paused (another instance may have paused
+        one). Runs every `engine.sweep_interval` and at start."""
         now = self.clock()
-        for run in await self.runs.expired_leases(now, list(self._active)):
-            state = await self.runs.recover_stalled(run, self.settings.stalled_limit, now)
-            if state is None:
-                continue
-            log.warning("stalled run recovered", extra={"runId": str(run["_id"]),
-                        "queue": run["queue"], "movedTo": state})
-            await self._emit("stalled", {"runId": str(run["_id"]), "queue": run["queue"],
-                                         "jobId": run.get("jobId"), "movedTo": state})
+        await self._recover(now)
         if await self.runs.promote_due(now):
             self.wake()
+        paused = await self.runs.paused_queues()
+        resumed = self._paused - paused
+        self._paused = paused
+        for queue in resumed:
+            self.wake(queue)
+        if self._started and not self._isolating and \
+                await self.runs.has_isolated(self.registry.names()):
+            self._isolation.set()
 
-    async def _retention(self) -> None:
-        """Trim finished runs to each queue's keep_completed / keep_failed limits."""
+    async def _recover(self, now: datetime) -> None:
+        """Requeue (or fail) every active run of every process that is gone: one whose
+        leases expired, or one of this host that no longer runs."""
+        dead = await self.runs.expired_owners(now)
+        dead |= {o for o in await self.runs.active_owners() if owners.owner_is_dead(o, self.owner)}
+        dead.discard(self.owner)
+        if not dead:
+            return
+        runs = await self.runs.active_of(dead)
+        peers = Counter(run.get("leaseOwner") for run in runs)
+        isolate = False
+        for run in runs:
+            verdict = stall_verdict(crashes=int(run.get("crashes") or 0),
+                                    stalled=int(run.get("stalledCount") or 0),
+                                    alone=peers[run.get("leaseOwner")] == 1,
+                                    limit=self.settings.stalled_limit)
+            fields: dict[str, Any] = {"state": verdict.state, "crashes": verdict.crashes,
+                                      "stalledCount": verdict.stalled,
+                                      "isolate": verdict.isolate}
+            if verdict.state == "failed":
+                fields |= {"finishedAt": now, "error": {
+                    "message": f"the process running this job died {verdict.stalled} times "
+                               f"while it ran alone (limit {self.settings.stalled_limit}): "
+                               "the job itself kills it",
+                    "type": "Stalled", "permanent": True}}
+            else:
+                fields["runAt"] = now
+            if not await self.runs.recover(run, fields, refund=verdict.state == "waiting",
+                                           finished=verdict.state == "failed"):
+                continue
+            isolate |= verdict.isolate
+            log.warning("stalled run recovered", extra={
+                "runId": str(run["_id"]), "queue": run["queue"], "movedTo": verdict.state,
+                "deadOwner": run.get("leaseOwner"), "crashes": verdict.crashes,
+                "stalledCount": verdict.stalled, "isolate": verdict.isolate})
+            await self._emit("stalled", {"runId": str(run["_id"]), "queue": run["queue"],
+                                         "jobId": run.get("jobId"), "movedTo": verdict.state})
+        if isolate:
+            self._isolation.set()
+        self.wake()
+
+    async def _isolate(self) -> None:
+        """Run, one at a time and alone in this process, the runs that were active at
+        several crashes: while one starts and for its first lease period, no other run
+        starts here, so if it kills the process it is the one to blame."""
         while True:
-            await asyncio.sleep(self.settings.retention_interval)
+            await self._isolation.wait()
+            self._isolation.clear()
             try:
-                await self.apply_retention()
-            except Exception as exc:
-                log.warning("retention failed", extra={"error": str(exc)})
+                while self._accepting:
+                    self._isolating = True
+                    with contextlib.suppress(TimeoutError):  # long runs do not hold it up
+                        await asyncio.wait_for(self._idle.wait(), self.settings.lease_seconds)
+                    queues = [q for q in self.registry.names() if q not in self._paused]
+                    run = await self.runs.claim_isolated(queues, self.owner, self.clock(),
+                                                         self.settings.lease_seconds)
+                    if run is None:
+                        break
+                    log.info("running a run alone: it was active when its process died",
+                             extra={"runId": str(run["_id"]), "queue": run["queue"],
+                                    "crashes": run.get("crashes")})
+                    task = self._start_run(self.registry.get(run["queue"]), run)
+                    await asyncio.wait({task}, timeout=self.settings.lease_seconds)
+            finally:
+                self._isolating = False
+                self.wake()
+
+    # -- retention -------------------------------------------------------------------
 
     async def apply_retention(self) -> int:
         deleted = 0
@@ -532,9 +659,15 @@ class Engine:
     # -- pause / resume (used by operations) ----------------------------------------
 
     async def set_paused(self, queue: str, paused: bool) -> None:
+        """Pause or resume a queue. Once a pause returns, no run of the queue starts here
+        (a claim in flight is waited for); other instances follow at their next sweep."""
         self.registry.get(queue)
         await self.runs.set_paused(queue, paused)
         (self._paused.add if paused else self._paused.discard)(queue)
+        lock = self._claiming.get(queue)
+        if paused and lock is not None:
+            async with lock:
+                pass
         if not paused:
             self.wake(queue)
 
@@ -543,4 +676,5 @@ class Engine:
 
     @property
     def active_count(self) -> int:
-        return len(self._active)
+        return len(self._handlers)
+

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
+from pydantic import BaseModel, ValidationError
+
 from .config import QueueSettings
 
 
@@ -29,7 +31,7 @@ class TransientError(Exception):
         self.retry_after = retry_after
 
 
-class Postpone(Exception):  # noqa: N818 - an instruction to the engine, not a failure
+class Postpone(Exception):
     """Raise to put the run back, unchanged, for `delay` seconds: no attempt is used and
     the run's deadline does not apply (e.g. its provider is on hold until an operator
     fixes the configuration). The attempt is recorded with outcome "postponed"."""
@@ -41,6 +43,10 @@ class Postpone(Exception):  # noqa: N818 - an instruction to the engine, not a f
 
 class UnknownQueueError(KeyError):
     """No queue of that name is registered."""
+
+
+class InvalidJobData(ValueError):
+    """A job's data does not match what its queue's job type declares."""
 
 
 @dataclass(frozen=True)
@@ -112,10 +118,6 @@ class Job:
     created_at: datetime
     deadline: datetime | None
 
-    @property
-    def is_last_attempt(self) -> bool:
-        return self.attempt >= self.max_attempts
-
 
 Handler = Callable[[Job], Awaitable[Any]]
 
@@ -125,6 +127,25 @@ class Queue:
     name: str
     handler: Handler
     options: JobOptions
+    data: type[BaseModel] | None = None  # what the job type needs in `Job.data`
+
+    def check_data(self, data: Any) -> dict[str, Any]:
+        """`data` if the job type accepts it, else InvalidJobData naming the field."""
+        if not isinstance(data, dict):
+            raise InvalidJobData("data must be a JSON object")
+        if self.data is not None:
+            try:
+                self.data.model_validate(data)
+            except ValidationError as exc:
+                raise InvalidJobData(_first_problem(exc)) from None
+        return data
+
+
+def _first_problem(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in ("data", *err["loc"]))
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {err['msg']}{more}"
 
 
 class QueueRegistry:
@@ -134,8 +155,13 @@ class QueueRegistry:
         self._queues: dict[str, Queue] = {}
         self._settings = settings or (lambda _name: QueueSettings())
 
-    def register(self, name: str, handler: Handler, **options: Any) -> Queue:
+    def register(self, name: str, handler: Handler, *, data: type[BaseModel] | None = None,
+                 **options: Any) -> Queue:
         """Register `handler` as the job type of queue `name`.
+
+        `data` is a pydantic model of what the handler needs in `Job.data`: a job whose
+        data does not match is refused when it is added (and fails for good, with the
+        reason, if it got into the database some other way).
 
         Options start from the queue's `[queues.NAME]` settings; `options`
         given here are code defaults that configuration cannot see, so they
@@ -149,7 +175,7 @@ class QueueRegistry:
         explicit = configured.model_dump(exclude_unset=True).keys()
         code_defaults = {k: v for k, v in options.items() if k not in explicit}
         effective = JobOptions.from_settings(configured).override(**code_defaults)
-        queue = Queue(name, handler, effective)
+        queue = Queue(name, handler, effective, data)
         self._queues[name] = queue
         return queue
 

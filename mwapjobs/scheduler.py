@@ -1,131 +1,70 @@
-"""APScheduler 3 as the one clock: it persists triggers and says when they fire.
+"""APScheduler 3 as the clock of repeats: it persists their triggers and says when they fire.
 
-APScheduler's `MongoDBJobStore` speaks synchronous pymongo and its schedulers
-call the store on whatever thread calls them. So APScheduler runs as a
-`BackgroundScheduler` in its own thread, and every call we make into it goes
-through one dedicated worker thread (`_in_thread`). The event loop never runs a
-pymongo call.
+APScheduler's `MongoDBJobStore` speaks synchronous pymongo, so APScheduler runs as a
+`BackgroundScheduler` in its own thread, and every call we make into it goes through
+one dedicated I/O thread (`_in_thread`): the event loop never runs a pymongo call.
+Delayed runs need no trigger at all (the engine's `DueTimer` wakes it); only repeats
+(cron or interval) live here.
 
-A trigger does not run job code. `FireExecutor` turns a fire into work for the
-engine:
-- a *wake* trigger marks a tenth of a second in which delayed runs fall due.
-  Their run documents already exist, so a fire only wakes the engine, which
-  promotes every due run in one query; 10,000 runs due together share one
-  trigger;
-- a *repeat* trigger (cron or interval) creates a run; the executor waits until
-  the run is written before APScheduler moves the trigger on, so a crash in
-  between cannot lose the occurrence.
+A fire is one repeat occurrence. `_ClockThread` replaces APScheduler's processing pass
+so that the clock keeps the promise "nothing silently lost":
+- a fire is handed to the event loop, which writes the run (`Engine._on_repeat`);
+  only once that write succeeded is the trigger moved on. If it fails (MongoDB down),
+  the occurrence is tried again after `RETRY_SECONDS`, never skipped;
+- any job-store error (an `AutoReconnect` mid-pass, a `JobLookupError` because another
+  instance already moved the trigger) is logged and retried; the thread never dies of it;
+- every run written for a fire carries the fire time as its `slot`, unique in the runs
+  collection, so a fire retried after a half-finished pass, or processed by a second
+  instance on the same database, never becomes a second run.
+A supervisor (`supervise`, on the loop) checks that the thread is alive and not stuck
+in one pass; if it is, the clock is restarted and readiness says so until then.
 
-Misfires never drop work: `misfire_grace_time=None` runs late triggers however
-late, and `coalesce=True` turns a downtime's worth of missed repeats into one.
+Misfires never drop work: a late trigger fires however late, and a downtime's worth of
+missed occurrences is coalesced into one fire (the latest).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import math
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from apscheduler.executors.base import BaseExecutor
 from apscheduler.job import Job as ApsJob
 from apscheduler.jobstores.base import JobLookupError
-from apscheduler.jobstores.mongodb import MongoDBJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.date import DateTrigger
-from apscheduler.triggers.interval import IntervalTrigger
+from apscheduler.schedulers.base import STATE_PAUSED, STATE_STOPPED
 
+from .storage.jobstore import CountingJobStore
 from .storage.mongo import SCHEDULER_JOBS, Mongo
+from .triggers import make_trigger
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-WAKE_PREFIX = "wake:"
-WAKE_RESOLUTION = 0.1  # seconds
 REPEAT_PREFIX = "repeat:"
-REPEAT_HANDOFF_TIMEOUT = 60.0
+LEGACY_WAKE_PREFIX = "wake:"  # triggers of delayed runs, written by versions before 0.2
+HANDOFF_TIMEOUT = 60.0  # seconds the clock thread waits for a fire's run to be written
+RETRY_SECONDS = 5.0  # after a store error or a fire that could not be written
+STUCK_SECONDS = 2 * HANDOFF_TIMEOUT + 30.0  # one pass taking longer than this is stuck
+CHECK_SECONDS = 5.0  # how often the supervisor looks at the thread
+
+RepeatHandler = Callable[[str, str, dict[str, Any], datetime], Awaitable[None]]
 
 
 def fire(**_: Any) -> None:
-    """The importable target APScheduler stores with each trigger.
+    """The importable callable APScheduler stores with each trigger: it insists on one,
+    and triggers written by earlier versions name this one.
 
-    APScheduler persists a textual reference to a callable; `FireExecutor`
-    handles every fire itself, so this is never called.
+    `_ClockThread` handles every fire itself, so APScheduler never calls it.
     """
-    raise RuntimeError("mwapjobs triggers are handled by FireExecutor")
-
-
-class FireExecutor(BaseExecutor):  # type: ignore[misc]
-    """Hands each fire to the engine instead of calling the job's function."""
-
-    def __init__(self, on_fire: Callable[[dict[str, Any], datetime], None]) -> None:
-        super().__init__()
-        self._on_fire = on_fire
-
-    def submit_job(self, job: ApsJob, run_times: list[datetime]) -> None:
-        # No instance counting: a fire is over when `_on_fire` returns.
-        self._do_submit_job(job, run_times)
-
-    def _do_submit_job(self, job: ApsJob, run_times: list[datetime]) -> None:
-        self._on_fire(dict(job.kwargs), run_times[-1])
-
-
-class CountingJobStore(MongoDBJobStore):  # type: ignore[misc]
-    """`MongoDBJobStore` that counts its queries, so benchmarks can report round trips."""
-
-    round_trips = 0
-
-    def _count(self) -> None:
-        self.round_trips += 1
-
-    def lookup_job(self, job_id: str) -> Any:
-        self._count()
-        return super().lookup_job(job_id)
-
-    def get_due_jobs(self, now: datetime) -> Any:
-        self._count()
-        return super().get_due_jobs(now)
-
-    def get_next_run_time(self) -> Any:
-        self._count()
-        return super().get_next_run_time()
-
-    def get_all_jobs(self) -> Any:
-        self._count()
-        return super().get_all_jobs()
-
-    def add_job(self, job: ApsJob) -> None:
-        self._count()
-        super().add_job(job)
-
-    def update_job(self, job: ApsJob) -> None:
-        self._count()
-        super().update_job(job)
-
-    def remove_job(self, job_id: str) -> None:
-        self._count()
-        super().remove_job(job_id)
-
-    def jobs_with_prefix(self, prefix: str) -> list[ApsJob]:
-        """Jobs whose id starts with `prefix`, via an anchored (indexed) `_id` match.
-
-        Listing repeat schedules must not unpickle every delayed trigger.
-        `_get_jobs` is APScheduler 3's own helper; the dependency pins <4.
-        """
-        self._count()
-        jobs: list[ApsJob] = self._get_jobs({"_id": {"$regex": "^" + _escape(prefix)}})
-        return jobs
-
-
-def _escape(text: str) -> str:
-    return "".join("\\" + c if not c.isalnum() and c not in "-_:" else c for c in text)
+    raise RuntimeError("mwapjobs triggers are fired by the clock thread, not called")
 
 
 @dataclass(frozen=True)
@@ -140,196 +79,204 @@ class Repeat:
     next_run_at: datetime | None
 
 
-class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]
-    """A cron trigger that fires once per wall-clock time.
+class _ClockThread(BackgroundScheduler):  # type: ignore[misc]
+    """A BackgroundScheduler whose thread survives store errors and never drops a fire."""
 
-    When clocks go back, 02:30 happens twice; a job "at 02:30" must run once
-    that night, not twice. Crons whose hour field is a wildcard ("every hour")
-    keep firing in both hours, because there the interval is what counts.
-    """
+    def __init__(self, fire: Callable[[ApsJob, datetime], None], **options: Any) -> None:
+        super().__init__(**options)
+        self._fire = fire
+        self.busy_since: float | None = None  # monotonic start of the pass in progress
+        self.passes = 0
+        self._last_error_log = 0.0
 
-    def get_next_fire_time(self, previous: datetime | None, now: datetime) -> datetime | None:
-        candidate: datetime | None = super().get_next_fire_time(previous, now)
-        if previous is None or candidate is None or "*" in str(self.fields[5]):
-            return candidate
-        tz = self.timezone
-        if candidate.astimezone(tz).replace(tzinfo=None) == previous.astimezone(tz).replace(
-            tzinfo=None
-        ):
-            return self.get_next_fire_time(candidate, candidate)
-        return candidate
+    def _main_loop(self) -> None:
+        wait: float | None = threading.TIMEOUT_MAX
+        while self.state != STATE_STOPPED:
+            self._event.wait(wait)
+            self._event.clear()
+            if self.state == STATE_STOPPED:  # APScheduler's own loop makes one more pass
+                break
+            wait = self._guarded_pass()
 
-
-_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-
-
-def _crontab_days(field: str) -> str:
-    """Standard crontab weekdays (0 or 7 = Sunday) as names APScheduler reads right.
-
-    APScheduler 3 numbers weekdays from Monday = 0, so "1-5" would mean
-    Tuesday to Saturday; names mean the same to both.
-    """
-    if field == "*":
-        return field
-
-    def day(token: str) -> int:
-        token = token.lower()[:3]
-        if token in _DAY_NAMES:
-            return _DAY_NAMES.index(token)
-        if not token.isdigit() or int(token) > 7:
-            raise ValueError(f"bad day of week {token!r}")
-        return int(token)
-
-    days: set[int] = set()
-    for item in field.split(","):
-        span, _, step = item.partition("/")
-        if span == "*":
-            low, high = 0, 6
-        elif "-" in span:
-            first, last = span.split("-", 1)
-            low, high = day(first), day(last)
-        else:
-            low = high = day(span)
-            high = 6 if step else high
-        days |= {d % 7 for d in range(low, high + 1, int(step) if step else 1)}
-    return ",".join(_DAY_NAMES[d] for d in sorted(days))
-
-
-def make_trigger(cron: str | None, every: float | None, timezone: str) -> BaseTrigger:
-    """A cron (standard 5-field crontab) or interval trigger in `timezone`."""
-    if (cron is None) == (every is None):
-        raise ValueError("give exactly one of cron and every")
-    try:
-        tz = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {timezone!r}") from None
-    if cron is not None:
-        fields = cron.split()
+    def _guarded_pass(self) -> float | None:
+        self.busy_since = time.monotonic()
         try:
-            if len(fields) != 5:
-                raise ValueError("expected 5 fields: minute hour day month day-of-week")
-            minute, hour, day, month, weekdays = fields
-            return WallClockCronTrigger(
-                minute=minute, hour=hour, day=day, month=month,
-                day_of_week=_crontab_days(weekdays), timezone=tz,
-            )
-        except ValueError as exc:
-            raise ValueError(f"invalid cron expression {cron!r}: {exc}") from None
-    assert every is not None
-    if every <= 0:
-        raise ValueError("every must be a positive number of seconds")
-    return IntervalTrigger(seconds=every, timezone=tz)
+            return self._process_jobs()
+        except Exception as exc:
+            if self.state != STATE_STOPPED:
+                self._log_error("clock pass failed; retrying", exc)
+            return RETRY_SECONDS
+        finally:
+            self.busy_since = None
+            self.passes += 1
+
+    def _log_error(self, message: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log >= 10.0:  # one line per 10 s while an outage lasts
+            self._last_error_log = now
+            log.warning(message, extra={"error": f"{type(exc).__name__}: {exc}"[:300],
+                                        "retryIn": RETRY_SECONDS})
+
+    def _process_jobs(self) -> float | None:
+        """One pass: fire what is due, move each trigger on once its run is written."""
+        if self.state == STATE_PAUSED:
+            return None
+        now = datetime.now(self.timezone)
+        retry = False
+        with self._jobstores_lock:
+            store = self._jobstores["default"]
+            for job in store.get_due_jobs(now):
+                run_times = job._get_run_times(now)
+                if not run_times:
+                    continue
+                fire_time = run_times[-1]  # a downtime's worth of fires coalesces into one
+                try:
+                    self._fire(job, fire_time)
+                except Exception as exc:
+                    retry = True
+                    self._log_error("repeat fire not recorded yet; it will be retried", exc)
+                    continue  # the trigger stays where it is: the occurrence is kept
+                following = job.trigger.get_next_fire_time(fire_time, now)
+                try:
+                    if following is not None:
+                        job._modify(next_run_time=following)
+                        store.update_job(job)
+                    else:
+                        store.remove_job(job.id)
+                except JobLookupError:
+                    pass  # another instance removed or replaced it meanwhile
+            next_run = store.get_next_run_time()
+        wait = None if next_run is None else max(0.0, (next_run - now).total_seconds())
+        if retry:
+            wait = RETRY_SECONDS if wait is None else min(wait, RETRY_SECONDS)
+        return wait
+
+    def stop(self, timeout: float) -> bool:
+        """Stop the thread, then close the store (never the other way round: the thread
+        would use a closed client). False if the thread did not end within `timeout`."""
+        self.state = STATE_STOPPED
+        self._event.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        alive = thread is not None and thread.is_alive()
+        if not alive:
+            for store in self._jobstores.values():
+                store.shutdown()
+        return not alive
 
 
 class Scheduler:
-    """APScheduler in its own thread, driven from the event loop without blocking it."""
+    """The clock thread, driven from the event loop without blocking it."""
 
-    def __init__(
-        self,
-        mongo: Mongo,
-        on_due: Callable[[], None],
-        on_repeat: Callable[[str, str, dict[str, Any], datetime], Awaitable[None]],
-    ) -> None:
+    def __init__(self, mongo: Mongo, on_repeat: RepeatHandler) -> None:
         self._mongo = mongo
-        self._on_due = on_due
         self._on_repeat = on_repeat
         self._io = ThreadPoolExecutor(1, thread_name_prefix="mwapjobs-scheduler-io")
-        self._aps: BackgroundScheduler | None = None
+        self._clock: _ClockThread | None = None
         self._store: CountingJobStore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._armed: set[int] = set()  # wake-up slots with a trigger already
+        self._round_trips = 0  # of stores replaced by a restart
+        self.restarts = 0
 
     @property
     def running(self) -> bool:
-        return self._aps is not None and self._aps.running
+        """The clock was started and not stopped (it may be restarting)."""
+        return self._clock is not None
+
+    @property
+    def healthy(self) -> bool:
+        """The clock's thread is alive and not stuck in one pass."""
+        clock = self._clock
+        if clock is None or clock.state == STATE_STOPPED:
+            return False
+        thread = clock._thread
+        busy = clock.busy_since
+        return bool(thread is not None and thread.is_alive()
+                    and (busy is None or time.monotonic() - busy < STUCK_SECONDS))
 
     @property
     def round_trips(self) -> int:
-        return self._store.round_trips if self._store else 0
+        return self._round_trips + (self._store.round_trips if self._store else 0)
 
     async def _in_thread(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn)
 
     async def start(self) -> None:
-        """Start APScheduler; raises (e.g. `ServerSelectionTimeoutError`) if MongoDB is down."""
+        """Start the clock; raises (e.g. `ServerSelectionTimeoutError`) if MongoDB is down."""
         self._loop = asyncio.get_running_loop()
-        await self._in_thread(self._start_sync)
+        self._clock, self._store = await self._in_thread(self._start_sync)
 
-    def _start_sync(self) -> None:
-        store = CountingJobStore(
-            database=self._mongo.db_name,
-            collection=SCHEDULER_JOBS,
-            client=self._mongo.jobstore_client(),
-        )
-        aps = BackgroundScheduler(
-            jobstores={"default": store},
-            executors={"default": FireExecutor(self._fire)},
-            job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},
-            timezone=UTC,
-        )
+    def _start_sync(self) -> tuple[_ClockThread, CountingJobStore]:
+        store = CountingJobStore(database=self._mongo.db_name, collection=SCHEDULER_JOBS,
+                                 client=self._mongo.jobstore_client())
+        clock = _ClockThread(self._fire, jobstores={"default": store},
+                             job_defaults={"coalesce": True, "misfire_grace_time": None,
+                                           "max_instances": 1},
+                             timezone=UTC)
         try:
-            aps.start()
+            clock.start()
+            # Delayed runs no longer have triggers; those of older versions go.
+            store.collection.delete_many({"_id": {"$regex": f"^{LEGACY_WAKE_PREFIX}"}})
         except BaseException:
-            aps.shutdown(wait=False) if aps.running else None
+            clock.stop(5.0)
             raise
-        self._aps, self._store = aps, store
+        return clock, store
 
     async def shutdown(self) -> None:
         """Stop firing. Triggers stay in MongoDB and resume at the next start."""
-        if self._aps is not None:
-            aps, self._aps = self._aps, None
-            await self._in_thread(lambda: aps.shutdown(wait=False))
+        clock, self._clock = self._clock, None
+        if clock is not None:
+            await self._in_thread(lambda: clock.stop(HANDOFF_TIMEOUT + 5))
 
     def close(self) -> None:
         self._io.shutdown(wait=False)
 
-    def _fire(self, kwargs: dict[str, Any], run_time: datetime) -> None:
-        """Runs on APScheduler's thread for every fire."""
+    async def supervise(self) -> None:
+        """Restart the clock if its thread died or is stuck (runs as a background loop)."""
+        while True:
+            await asyncio.sleep(CHECK_SECONDS)
+            if self._clock is None or self.healthy:
+                continue
+            old = self._clock
+            log.error("the clock thread died or is stuck; restarting it",
+                      extra={"aliveThread": bool(old._thread and old._thread.is_alive()),
+                             "busySeconds": round(time.monotonic() - old.busy_since, 1)
+                             if old.busy_since else None})
+            old.state = STATE_STOPPED
+            old._event.set()
+            try:
+                clock, store = await self._in_thread(self._start_sync)
+            except Exception as exc:
+                log.warning("could not restart the clock; retrying",
+                            extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+                continue
+            if self._store is not None:
+                self._round_trips += self._store.round_trips
+            if self._clock is old:  # not shut down meanwhile
+                self._clock, self._store = clock, store
+                self.restarts += 1
+            else:
+                await self._in_thread(functools.partial(clock.stop, 5.0))
+            # The old thread exits when its pass ends; closing its client ends a stuck one.
+            threading.Thread(target=old.stop, args=(HANDOFF_TIMEOUT,), daemon=True,
+                             name="mwapjobs-clock-reaper").start()
+
+    def _fire(self, job: ApsJob, fire_time: datetime) -> None:
+        """On the clock thread, for every fire: write its run; raise if that failed."""
+        kwargs = job.kwargs
+        if kwargs.get("kind") != "repeat":
+            log.warning("ignoring a trigger mwapjobs did not make", extra={"id": job.id})
+            return
         loop = self._loop
         assert loop is not None
-        if kwargs.get("kind") == "repeat":
-            handoff = self._on_repeat(kwargs["queue"], kwargs["job_id"], kwargs["data"], run_time)
-            future = asyncio.run_coroutine_threadsafe(_awaited(handoff), loop)
-            future.result(timeout=REPEAT_HANDOFF_TIMEOUT)
-        else:
-            loop.call_soon_threadsafe(self._on_due)
+        handoff = self._on_repeat(kwargs["queue"], kwargs["job_id"], kwargs["data"], fire_time)
+        asyncio.run_coroutine_threadsafe(_awaited(handoff), loop).result(HANDOFF_TIMEOUT)
 
-    def _require(self) -> BackgroundScheduler:
-        if self._aps is None:
+    def _require(self) -> _ClockThread:
+        if self._clock is None:
             raise RuntimeError("the scheduler is not running")
-        return self._aps
-
-    async def wake_at(self, when: datetime) -> None:
-        """Make sure the engine is woken at `when`, rounded up to a tenth of a second.
-
-        One trigger serves every run due in the same tenth of a second, so a
-        burst of 10,000 runs due together costs one trigger, not 10,000. A
-        wake-up with nothing left to promote (the run was promoted by hand or
-        removed) is harmless, so triggers are never removed early.
-        """
-        aps = self._require()
-        slot = math.ceil(when.timestamp() / WAKE_RESOLUTION)
-        if slot in self._armed:
-            return
-        self._armed.add(slot)
-        if len(self._armed) > 100_000:  # forget slots that have passed
-            now_slot = datetime.now(UTC).timestamp() / WAKE_RESOLUTION
-            self._armed = {s for s in self._armed if s >= now_slot}
-        try:
-            await self._in_thread(
-                lambda: aps.add_job(
-                    fire,
-                    trigger=DateTrigger(
-                        run_date=datetime.fromtimestamp(slot * WAKE_RESOLUTION, UTC),
-                        timezone=UTC),
-                    id=f"{WAKE_PREFIX}{slot}",
-                    kwargs={"kind": "wake"},
-                    replace_existing=True,
-                )
-            )
-        except BaseException:
-            self._armed.discard(slot)
-            raise
+        return self._clock
 
     async def set_repeat(
         self, queue: str, job_id: str, data: dict[str, Any], *, cron: str | None = None,
@@ -337,7 +284,7 @@ class Scheduler:
     ) -> Repeat:
         """Create or replace a repeat schedule; an identical one is left as it is, so a
         restart does not push an interval's next fire further out."""
-        aps = self._require()
+        clock = self._require()
         trigger = make_trigger(cron, every, timezone)
         job_key = f"{REPEAT_PREFIX}{queue}:{job_id}"
         kwargs = {
@@ -346,21 +293,20 @@ class Scheduler:
         }
 
         def upsert() -> ApsJob:
-            existing = aps.get_job(job_key)
+            existing = clock.get_job(job_key)
             if existing is not None and existing.kwargs == kwargs:
                 return existing
-            return aps.add_job(fire, trigger=trigger, id=job_key, kwargs=kwargs,
-                               replace_existing=True)
+            return clock.add_job(fire, trigger=trigger, id=job_key,
+                                 kwargs=kwargs, replace_existing=True)
 
-        job = await self._in_thread(upsert)
-        return _repeat_info(job)
+        return _repeat_info(await self._in_thread(upsert))
 
     async def remove_repeat(self, queue: str, job_id: str) -> bool:
-        aps = self._require()
+        clock = self._require()
 
         def remove() -> bool:
             try:
-                aps.remove_job(f"{REPEAT_PREFIX}{queue}:{job_id}")
+                clock.remove_job(f"{REPEAT_PREFIX}{queue}:{job_id}")
                 return True
             except JobLookupError:
                 return False
@@ -369,7 +315,7 @@ class Scheduler:
 
     async def repeats(self, queue: str | None = None) -> list[Repeat]:
         store = self._store
-        if store is None or not self.running:
+        if store is None or self._clock is None:
             raise RuntimeError("the scheduler is not running")
         prefix = REPEAT_PREFIX + (f"{queue}:" if queue else "")
         jobs = await self._in_thread(lambda: store.jobs_with_prefix(prefix))
@@ -389,3 +335,6 @@ def _repeat_info(job: ApsJob) -> Repeat:
         timezone=job.kwargs["timezone"],
         next_run_at=job.next_run_time,
     )
+
+
+__all__ = ["REPEAT_PREFIX", "Repeat", "Scheduler", "make_trigger"]

@@ -13,7 +13,7 @@ from pymongo.errors import ServerSelectionTimeoutError
 
 from mwapjobs.daemon import Daemon
 from mwapjobs.queues import Job
-from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.mongo import Mongo, StoreUnavailable
 from tests.conftest import REAL_MONGODB_URI, make_settings, wait_for
 
 T = TypeVar("T")
@@ -26,12 +26,18 @@ class FlakyMongo(Mongo):
     attempts = 0
 
     async def call(self, op: Callable[[Any], Awaitable[T]]) -> T:
-        self._fail_if_down()
-        return await super().call(op)
+        if not self.down:
+            return await super().call(op)
+        self.attempts += 1
 
-    async def ping(self) -> None:
+        def unreachable(db: Any) -> Awaitable[T]:
+            raise ServerSelectionTimeoutError("injected outage: no servers available")
+
+        return await super().call(unreachable)  # the door sees what a driver would raise
+
+    async def ping(self, timeout: float = 2.0) -> None:
         self._fail_if_down()
-        await super().ping()
+        await super().ping(timeout)
 
     def _fail_if_down(self) -> None:
         if self.down:
@@ -108,7 +114,7 @@ async def test_outage_after_start_reports_not_ready_and_work_resumes() -> None:
         _, body = await readyz(daemon)
         assert "injected outage" in body["error"]["message"]
         assert await healthz_status(daemon) == 200
-        with pytest.raises(ServerSelectionTimeoutError):
+        with pytest.raises(StoreUnavailable, match="injected outage"):
             await daemon.engine.add("q", {"n": 2})
 
         mongo.down = False

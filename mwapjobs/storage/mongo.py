@@ -10,6 +10,12 @@ thread and mongomock scans whole collections, so for the embedded store
 `call` runs each query on a dedicated thread with its own event loop, the way a
 database server would answer from another process. The loop that serves HTTP
 never executes a query itself, embedded or not.
+
+The door also knows whether the server answers: a query that fails for want of a
+server (`pymongo.errors.ConnectionFailure`: no server selected, connection lost, a
+socket timeout) marks it unreachable at once and raises `StoreUnavailable`, which
+the API answers with 503; the next query or ping that succeeds marks it reachable.
+State changes are logged once each, not per failed query.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import logging
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -25,12 +32,14 @@ import mongomock
 import pymongo
 from mongomock_motor import AsyncMongoMockClient
 from motor.motor_asyncio import AsyncIOMotorClient
+from pymongo.errors import ConnectionFailure
 from pymongo.uri_parser import parse_uri
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MEMORY_SCHEME = "memory://"
+LOG_EVERY = 30.0  # seconds between "mongodb unreachable" lines while an outage lasts
 DEFAULT_EMBEDDED_DB = "mwap"
 
 # Our collections carry a prefix so that they stand apart from the backend's.
@@ -44,8 +53,17 @@ TENANTS = "tenants"
 SUPERADMINS = "superadmins"
 
 
+class StoreUnavailable(Exception):
+    """MongoDB did not answer; the message says why (never a credential)."""
+
+
 class MongoUriError(ValueError):
     """The URI cannot be used (no database named, bad syntax)."""
+
+
+def _describe(error: BaseException) -> str:
+    """One line about a driver error; pymongo's texts name hosts, never credentials."""
+    return f"{type(error).__name__}: {error}"[:300]
 
 
 def database_name(uri: str) -> str:
@@ -132,13 +150,21 @@ class Mongo:
         self._embedded_loop = _EmbeddedLoop() if embedded else None
         self.round_trips = 0
         self.closed = False
+        # Reachability, as the last query or ping found it.
+        self.reachable = False
+        self.last_error: str | None = "not checked yet"
+        self.down_since: float | None = time.monotonic()
+        self._logged_down = -LOG_EVERY
 
     @classmethod
     def connect(
-        cls, uri: str, server_selection_timeout: float = 5.0, db_name: str | None = None
+        cls, uri: str, server_selection_timeout: float = 5.0, db_name: str | None = None,
+        socket_timeout: float = 30.0,
     ) -> Mongo:
         """Clients for `uri`; nothing is contacted until the first query.
-        `db_name` overrides the URI's database (tests use a fresh one each)."""
+        `db_name` overrides the URI's database (tests use a fresh one each).
+        `socket_timeout` bounds how long a query waits for a server that stopped
+        answering mid-way (a frozen server would otherwise hold it forever)."""
         name = db_name or database_name(uri)
         if uri.startswith(MEMORY_SCHEME):
             return cls.from_clients(mongomock.MongoClient(tz_aware=True), name)
@@ -146,6 +172,7 @@ class Mongo:
         options: dict[str, Any] = {
             "serverSelectionTimeoutMS": timeout_ms,
             "connectTimeoutMS": timeout_ms,
+            "socketTimeoutMS": int(socket_timeout * 1000),
             "tz_aware": True,
             "appname": "mwapjobs",
         }
@@ -174,18 +201,51 @@ class Mongo:
         if self.closed:
             raise RuntimeError("the database handle is closed")
         self.round_trips += 1
-        if self._embedded_loop is None:
-            return await op(self.db)
-        return await self._embedded_loop.run(op, self.db)
+        try:
+            if self._embedded_loop is not None:
+                return await self._embedded_loop.run(op, self.db)
+            result = await op(self.db)
+        except ConnectionFailure as exc:
+            self.mark_down(exc)
+            raise StoreUnavailable(f"MongoDB unreachable: {_describe(exc)}") from None
+        if not self.reachable:
+            self.mark_up()
+        return result
 
-    async def ping(self) -> None:
-        """Check that the server answers. The embedded store lives in this process and
-        always answers; asking it through the query thread would only measure how many
+    async def ping(self, timeout: float = 2.0) -> None:
+        """Check that the server answers within `timeout` seconds, and record it; raises
+        StoreUnavailable if not. The embedded store lives in this process and always
+        answers; asking it through the query thread would only measure how many
         queries wait in line before the ping (a burst of them made readiness flap)."""
         if self.closed:
             raise RuntimeError("the database handle is closed")
-        if not self.embedded:
-            await self.call(lambda db: db.command("ping"))
+        if self.embedded:
+            self.mark_up()
+            return
+        try:
+            await asyncio.wait_for(self.call(lambda db: db.command("ping")), timeout)
+        except TimeoutError:
+            error = TimeoutError(f"no answer to a ping within {timeout:g}s")
+            self.mark_down(error)
+            raise StoreUnavailable(f"MongoDB unreachable: {_describe(error)}") from None
+
+    def mark_up(self) -> None:
+        if not self.reachable:
+            log.info("mongodb reachable")
+        self.reachable, self.last_error, self.down_since = True, None, None
+
+    def mark_down(self, error: BaseException) -> None:
+        """Record a failure; logged when it starts, then every LOG_EVERY s while it lasts."""
+        message = _describe(error)
+        now = time.monotonic()
+        if self.reachable or now - self._logged_down >= LOG_EVERY:
+            self._logged_down = now
+            log.error("mongodb unreachable", extra={
+                "error": message,
+                "downSeconds": round(now - self.down_since, 1) if self.down_since else 0})
+        if self.down_since is None:
+            self.down_since = now
+        self.reachable, self.last_error = False, message
 
     def jobstore_client(self) -> Any:
         """A sync client for APScheduler's job store. APScheduler closes it on shutdown,

@@ -6,30 +6,40 @@ A run is one job from the moment it is added until it is removed:
        ▲                  ▲                     │  └───▶ failed
        └──(retry later)───┴────(lease expired)──┘
 
-Every state change is one conditional update (`state` and, for active runs,
-the lease owner are part of the filter), so a late or duplicate actor changes
-nothing instead of clobbering newer state. Queries use the indexes made in
-`ensure_indexes`; nothing here scans run history.
+A claim takes waiting runs and delayed runs that are due alike, so a delayed run needs
+no promotion to be picked up (the sweep still promotes due ones, for the counts).
+Every state change is one conditional update (`state` and, for active runs, the lease
+owner are part of the filter), so a late or duplicate actor changes nothing instead
+of clobbering newer state. Queries use the indexes made in `ensure_indexes`; nothing
+here scans run history.
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from bson import ObjectId
 from bson.errors import InvalidId
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, OperationFailure
 
+from .batch import by_id
 from .mongo import QUEUES, RUNS, Mongo
 
 State = Literal["delayed", "waiting", "active", "completed", "failed"]
 STATES: tuple[State, ...] = ("delayed", "waiting", "active", "completed", "failed")
 PENDING: tuple[State, ...] = ("delayed", "waiting", "active")
 FINISHED: tuple[State, ...] = ("completed", "failed")
+LEASE_FIELDS = ("leaseOwner", "leaseUntil", "claimToken")
+
+
+class JobIdTaken(Exception):
+    """Another pending run already has this job id."""
 
 
 def parse_run_id(run_id: str) -> ObjectId | None:
@@ -39,10 +49,50 @@ def parse_run_id(run_id: str) -> ObjectId | None:
         return None
 
 
+def dedupe_key(queue: str, job_id: str) -> str:
+    """What makes a job id unique among the pending runs of a queue."""
+    return f"{queue}:{job_id}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The end of one attempt, as written by `write_outcomes`.
+
+    `fields` are set on the run (absolute values: the run is ours while we write);
+    `attempt` is appended to its history. A finishing outcome (completed, failed) also
+    frees the job id.
+    """
+
+    run_id: ObjectId
+    fields: dict[str, Any]
+    attempt: dict[str, Any]
+
+    @property
+    def finishing(self) -> bool:
+        return self.fields.get("state") in FINISHED
+
+
 def _create_index(
     collection: str, keys: list[tuple[str, int]], options: dict[str, Any]
 ) -> Callable[[Any], Awaitable[str]]:
     return lambda db: db[collection].create_index(keys, **options)
+
+
+def _find_one(query: dict[str, Any]) -> Callable[[Any], Awaitable[dict[str, Any] | None]]:
+    return lambda db: db[RUNS].find_one(query)
+
+
+def _find_ids(query: dict[str, Any]) -> Callable[[Any], Awaitable[list[dict[str, Any]]]]:
+    return lambda db: db[RUNS].find(query, {"_id": 1}).to_list(None)
+
+
+def _update_many(query: dict[str, Any], update: Any) -> Callable[[Any], Awaitable[Any]]:
+    return lambda db: db[RUNS].update_many(query, update)
+
+
+def _due_query(now: datetime) -> dict[str, Any]:
+    """Runs that may start now: waiting, or delayed and due."""
+    return {"$or": [{"state": "waiting"}, {"state": "delayed", "runAt": {"$lte": now}}]}
 
 
 class RunStore:
@@ -59,32 +109,45 @@ class RunStore:
                  ("runAt", ASCENDING)],
                 {"name": "mwapjobs_claim"},
             ),
-            ([("state", ASCENDING), ("runAt", ASCENDING)], {"name": "mwapjobs_due"}),
+            # Promotion of due runs, and the due timer's pages in (runAt, _id) order.
+            ([("state", ASCENDING), ("runAt", ASCENDING), ("_id", ASCENDING)],
+             {"name": "mwapjobs_due_order"}),
             ([("state", ASCENDING), ("leaseUntil", ASCENDING)], {"name": "mwapjobs_lease"}),
             (
                 [("queue", ASCENDING), ("state", ASCENDING), ("finishedAt", DESCENDING)],
                 {"name": "mwapjobs_history"},
             ),
             ([("key", ASCENDING)], {"name": "mwapjobs_dedupe", "unique": True, "sparse": True}),
+            # One run per repeat occurrence, however often its fire is retried.
+            ([("slot", ASCENDING)], {"name": "mwapjobs_slot", "unique": True, "sparse": True}),
         ]
         for keys, options in specs:
             await self._mongo.call(_create_index(RUNS, keys, options))
+        with contextlib.suppress(OperationFailure):  # replaced by mwapjobs_due_order
+            await self._mongo.call(lambda db: db[RUNS].drop_index("mwapjobs_due"))
 
     # -- adding ------------------------------------------------------------
 
     async def insert(self, doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Insert a new run; if its `key` is pending already, return that run instead.
+        """Insert a new run; if its `key` is pending already (or its `slot` was written
+        before), return that run instead.
 
         Returns (run, created). Two round trips when deduplicated.
         """
-        try:
-            await self._mongo.call(lambda db: db[RUNS].insert_one(doc))
-            return doc, True
-        except DuplicateKeyError:
-            existing = await self._mongo.call(lambda db: db[RUNS].find_one({"key": doc["key"]}))
-            if existing is None:  # it finished between our insert and this read
-                return await self.insert(doc)
-            return existing, False
+        for _ in range(3):
+            try:
+                await self._mongo.call(lambda db: db[RUNS].insert_one(doc))
+                return doc, True
+            except DuplicateKeyError:
+                pass
+            for field in ("key", "slot"):
+                if doc.get(field) is None:
+                    continue
+                existing = await self._mongo.call(_find_one({field: doc[field]}))
+                if existing is not None:
+                    return existing, False
+            # The run holding the key or slot is gone meanwhile (finished, or trimmed).
+        return doc, False  # a slot whose run is gone: that occurrence was done already
 
     # -- the engine's hot path --------------------------------------------
 
@@ -97,18 +160,35 @@ class RunStore:
         )
         return int(result.modified_count)
 
+    async def due_after(self, cursor: tuple[datetime, Any],
+                        limit: int) -> list[tuple[datetime, Any, str]]:
+        """(runAt, _id, queue) of up to `limit` delayed runs after `cursor`, in order."""
+        when, after_id = cursor
+        query: dict[str, Any] = {"state": "delayed"}
+        if after_id is None:
+            query["runAt"] = {"$gt": when}
+        else:
+            query["$or"] = [{"runAt": {"$gt": when}}, {"runAt": when, "_id": {"$gt": after_id}}]
+        docs: list[dict[str, Any]] = await self._mongo.call(
+            lambda db: db[RUNS].find(query, {"runAt": 1, "queue": 1})
+            .sort([("runAt", ASCENDING), ("_id", ASCENDING)]).limit(limit).to_list(limit)
+        )
+        return [(d["runAt"], d["_id"], d["queue"]) for d in docs]
+
     async def claim(
         self, queue: str, limit: int, owner: str, now: datetime, lease: float
     ) -> list[dict[str, Any]]:
-        """Take up to `limit` waiting runs, highest priority then oldest first.
+        """Take up to `limit` runs that may start now, highest priority then oldest first;
+        runs to be run alone (`isolate`) are left to `claim_isolated`.
 
         Two round trips per batch: read the candidates, then flip those still
-        waiting to active under a batch token. A third reads back by token
+        claimable to active under a batch token. A third reads back by token
         only if someone else took some of them in between.
         """
+        query = {"queue": queue, "isolate": {"$ne": True}, **_due_query(now)}
         candidates: list[dict[str, Any]] = await self._mongo.call(
             lambda db: db[RUNS]
-            .find({"queue": queue, "state": "waiting"})
+            .find(query)
             .sort([("priority", DESCENDING), ("runAt", ASCENDING)])
             .limit(limit)
             .to_list(limit)
@@ -116,15 +196,13 @@ class RunStore:
         if not candidates:
             return []
         token = uuid.uuid4().hex
-        until = now + timedelta(seconds=lease)
+        claimed = {"state": "active", "leaseOwner": owner,
+                   "leaseUntil": now + timedelta(seconds=lease), "startedAt": now,
+                   "claimToken": token}
         ids = [c["_id"] for c in candidates]
-        claimed = {
-            "state": "active", "leaseOwner": owner, "leaseUntil": until,
-            "startedAt": now, "claimToken": token,
-        }
         result = await self._mongo.call(
             lambda db: db[RUNS].update_many(
-                {"_id": {"$in": ids}, "state": "waiting"},
+                {"_id": {"$in": ids}, "isolate": {"$ne": True}, **_due_query(now)},
                 {"$set": claimed, "$inc": {"attemptsMade": 1}},
             )
         )
@@ -138,6 +216,32 @@ class RunStore:
             doc["attemptsMade"] = doc.get("attemptsMade", 0) + 1
         return candidates
 
+    async def claim_isolated(self, queues: list[str], owner: str, now: datetime,
+                             lease: float) -> dict[str, Any] | None:
+        """Take the oldest run of `queues` that must run alone, if one may start now."""
+        if not queues:
+            return None
+        return await self._mongo.call(
+            lambda db: db[RUNS].find_one_and_update(
+                {"queue": {"$in": queues}, "isolate": True, **_due_query(now)},
+                {"$set": {"state": "active", "leaseOwner": owner,
+                          "leaseUntil": now + timedelta(seconds=lease), "startedAt": now,
+                          "claimToken": uuid.uuid4().hex},
+                 "$inc": {"attemptsMade": 1}},
+                sort=[("runAt", ASCENDING)], return_document=ReturnDocument.AFTER,
+            )
+        )
+
+    async def has_isolated(self, queues: list[str]) -> bool:
+        """Whether a run of `queues` waits to be run alone."""
+        if not queues:
+            return False
+        doc = await self._mongo.call(
+            lambda db: db[RUNS].find_one(
+                {"queue": {"$in": queues}, "isolate": True,
+                 "state": {"$in": ["waiting", "delayed"]}}, {"_id": 1}))
+        return doc is not None
+
     async def renew(self, ids: list[ObjectId], owner: str, until: datetime) -> int:
         """Extend the lease of our active runs, all in one query."""
         if not ids:
@@ -150,32 +254,52 @@ class RunStore:
         )
         return int(result.modified_count)
 
-    async def finish(
-        self,
-        run_id: ObjectId,
-        owner: str,
-        state: State,
-        fields: dict[str, Any],
-        attempt: dict[str, Any],
-    ) -> bool:
-        """End an attempt: move our active run to `state` and record the attempt.
+    async def held(self, ids: list[ObjectId], owner: str) -> set[ObjectId]:
+        """Which of `ids` are active runs of ours (after a renewal fell short)."""
+        docs = await self._mongo.call(
+            lambda db: db[RUNS].find({"_id": {"$in": ids}, "state": "active",
+                                      "leaseOwner": owner}, {"_id": 1}).to_list(None))
+        return {d["_id"] for d in docs}
 
-        False when the run is no longer ours (removed, or its lease was lost),
-        in which case nothing is written.
+    async def write_outcomes(self, owner: str, outcomes: Sequence[Outcome],
+                             token: str) -> set[ObjectId]:
+        """Record the end of several attempts of our runs; returns the ids written.
+
+        One update for the finishing outcomes and one for the others (they keep
+        their job id), each handing every run its own fields (`batch.by_id`) and
+        only where the run is still ours. A run written already by an earlier try
+        with the same `token` counts as written; a third query reads those back
+        only when the updates matched fewer runs than given.
         """
-        update: dict[str, Any] = {
-            "$set": {"state": state, **fields},
-            "$unset": {"leaseOwner": "", "leaseUntil": "", "claimToken": ""},
-            "$push": {"attempts": attempt},
-        }
-        if state in FINISHED:
-            update["$unset"]["key"] = ""  # a finished run no longer blocks its job id
-        result = await self._mongo.call(
-            lambda db: db[RUNS].update_one(
-                {"_id": run_id, "state": "active", "leaseOwner": owner}, update
-            )
-        )
-        return bool(result.modified_count)
+        written: set[ObjectId] = set()
+        for finishing in (True, False):
+            group = sorted((o for o in outcomes if o.finishing == finishing),
+                           key=lambda o: o.run_id)
+            if not group:
+                continue
+            scalar = sorted({name for o in group for name in o.fields})
+            values = [(o.run_id, {**o.fields, "attempts": [o.attempt]}) for o in group]
+            drop = dict.fromkeys(("_o", *LEASE_FIELDS, *(("key",) if finishing else ())), 0)
+            pipeline = [
+                {"$set": {"_o": by_id(values)}},
+                {"$set": {
+                    **{name: f"$_o.{name}" for name in scalar},
+                    "attempts": {"$concatArrays": [{"$ifNull": ["$attempts", []]},
+                                                   "$_o.attempts"]},
+                    "writeToken": {"$literal": token},
+                }},
+                {"$project": drop},
+            ]
+            ids = [o.run_id for o in group]
+            result = await self._mongo.call(_update_many(
+                {"_id": {"$in": ids}, "state": "active", "leaseOwner": owner}, pipeline))
+            if result.modified_count == len(ids):
+                written.update(ids)
+                continue
+            docs = await self._mongo.call(
+                _find_ids({"_id": {"$in": ids}, "writeToken": token}))
+            written.update(d["_id"] for d in docs)
+        return written
 
     async def release(self, ids: list[ObjectId], owner: str) -> int:
         """Give our unfinished active runs back (shutdown): waiting again, attempt refunded."""
@@ -186,76 +310,54 @@ class RunStore:
                 {"_id": {"$in": ids}, "state": "active", "leaseOwner": owner},
                 {
                     "$set": {"state": "waiting"},
-                    "$unset": {"leaseOwner": "", "leaseUntil": "", "claimToken": ""},
+                    "$unset": dict.fromkeys(LEASE_FIELDS, ""),
                     "$inc": {"attemptsMade": -1},
                 },
             )
         )
         return int(result.modified_count)
 
-    async def expired_leases(self, now: datetime, exclude: list[ObjectId]) -> list[dict[str, Any]]:
-        """Active runs whose lease ran out: their worker died (or froze)."""
-        expired: list[dict[str, Any]] = await self._mongo.call(
-            lambda db: db[RUNS]
-            .find({"state": "active", "leaseUntil": {"$lt": now}, "_id": {"$nin": exclude}})
-            .to_list(None)
-        )
-        return expired
+    # -- crash recovery --------------------------------------------------------
 
-    async def recover_stalled(
-        self, run: dict[str, Any], stalled_limit: int, now: datetime
-    ) -> State | None:
-        """Requeue a stalled run, or fail it once it has stalled more than `stalled_limit` times.
+    async def active_owners(self) -> set[str]:
+        """Every process that holds an active run now (the lease index)."""
+        owners = await self._mongo.call(
+            lambda db: db[RUNS].distinct("leaseOwner", {"state": "active"}))
+        return {str(o) for o in owners if o}
 
-        The filter repeats the expired lease, so a worker that renewed in the
-        meantime keeps its run. Returns the new state, or None if untouched.
+    async def expired_owners(self, now: datetime) -> set[str]:
+        """Processes with an active run whose lease ran out: they died (or froze)."""
+        owners = await self._mongo.call(
+            lambda db: db[RUNS].distinct("leaseOwner",
+                                         {"state": "active", "leaseUntil": {"$lt": now}}))
+        return {str(o) for o in owners if o}
+
+    async def active_of(self, owners: Iterable[str]) -> list[dict[str, Any]]:
+        """The active runs of these (dead) processes."""
+        found: list[dict[str, Any]] = await self._mongo.call(
+            lambda db: db[RUNS].find(
+                {"state": "active", "leaseOwner": {"$in": list(owners)}},
+                {"data": 0, "attempts": 0, "result": 0}).to_list(None))
+        return found
+
+    async def recover(self, run: dict[str, Any], fields: dict[str, Any], *,
+                      refund: bool, finished: bool) -> bool:
+        """Take a dead process's active run back: set `fields` (its new state), drop the
+        lease, refund the attempt that never finished, free the job id if it failed.
+
+        The filter repeats the lease as read, so a worker that renewed meanwhile
+        keeps its run.
         """
-        stalled = int(run.get("stalledCount", 0)) + 1
-        base_filter = {
-            "_id": run["_id"], "state": "active",
-            "leaseOwner": run.get("leaseOwner"), "leaseUntil": run.get("leaseUntil"),
-        }
-        unset = {"leaseOwner": "", "leaseUntil": "", "claimToken": ""}
-        if stalled > stalled_limit:
-            error = {
-                "message": f"job stalled {stalled} times (limit {stalled_limit}): "
-                "the process running it kept dying",
-                "type": "Stalled",
-                "permanent": True,
-            }
-            update = {
-                "$set": {"state": "failed", "stalledCount": stalled, "finishedAt": now,
-                         "error": error},
-                "$unset": {**unset, "key": ""},
-            }
-            new_state: State = "failed"
-        else:
-            update = {
-                "$set": {"state": "waiting", "stalledCount": stalled, "runAt": now},
-                "$unset": unset,
-                "$inc": {"attemptsMade": -1},  # the attempt never got to finish
-            }
-            new_state = "waiting"
-        result = await self._mongo.call(lambda db: db[RUNS].update_one(base_filter, update))
-        return new_state if result.modified_count else None
-
-    async def reschedule(self, run_id: ObjectId, owner: str, run_at: datetime,
-                         attempt: dict[str, Any], error: dict[str, Any]) -> bool:
-        """End a failed attempt with a retry at `run_at` (state delayed)."""
-        return await self.finish(run_id, owner, "delayed", {"runAt": run_at, "error": error},
-                                 attempt)
-
-    async def postpone(self, run_id: ObjectId, owner: str, run_at: datetime,
-                       attempt: dict[str, Any]) -> bool:
-        """Put our active run back to delayed until `run_at`, refunding the attempt."""
+        unset = dict.fromkeys(LEASE_FIELDS, "")
+        if finished:
+            unset["key"] = ""
+        update: dict[str, Any] = {"$set": fields, "$unset": unset}
+        if refund:
+            update["$inc"] = {"attemptsMade": -1}
         result = await self._mongo.call(
             lambda db: db[RUNS].update_one(
-                {"_id": run_id, "state": "active", "leaseOwner": owner},
-                {"$set": {"state": "delayed", "runAt": run_at},
-                 "$unset": {"leaseOwner": "", "leaseUntil": "", "claimToken": ""},
-                 "$push": {"attempts": attempt}, "$inc": {"attemptsMade": -1}},
-            )
-        )
+                {"_id": run["_id"], "state": "active", "leaseOwner": run.get("leaseOwner"),
+                 "leaseUntil": run.get("leaseUntil")}, update))
         return bool(result.modified_count)
 
     # -- operations ----------------------------------------------------------
@@ -294,19 +396,22 @@ class RunStore:
     ) -> dict[str, Any] | None:
         """Move a run in one of `from_states` to waiting now (retry, promote).
 
-        Raises DuplicateKeyError when re-pending it would collide with another
-        pending run of the same job id.
+        Raises JobIdTaken when re-pending it would collide with another pending run of
+        the same job id.
         """
         update: dict[str, Any] = {"$set": {"state": "waiting", "runAt": now, **reset}}
         if key:
             update["$set"]["key"] = key
-        return await self._mongo.call(
-            lambda db: db[RUNS].find_one_and_update(
-                {"_id": run_id, "state": {"$in": list(from_states)}},
-                update,
-                return_document=ReturnDocument.AFTER,
+        try:
+            return await self._mongo.call(
+                lambda db: db[RUNS].find_one_and_update(
+                    {"_id": run_id, "state": {"$in": list(from_states)}},
+                    update,
+                    return_document=ReturnDocument.AFTER,
+                )
             )
-        )
+        except DuplicateKeyError:
+            raise JobIdTaken(key) from None
 
     async def delete(self, run_id: ObjectId, states: tuple[State, ...]) -> dict[str, Any] | None:
         """Delete a run if it is in one of `states`; returns what was deleted."""
@@ -344,12 +449,14 @@ class RunStore:
 
     async def pending_by_job(self, queue: str,
                              job_ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
-        """jobId → {state, runAt} of a queue's pending runs (all, or those of `job_ids`)."""
+        """jobId → {state, runAt, priority, data} of a queue's pending runs (all, or those
+        of `job_ids`)."""
         query: dict[str, Any] = {"queue": queue, "state": {"$in": list(PENDING)}}
         if job_ids is not None:
             query["jobId"] = {"$in": job_ids}
         docs = await self._mongo.call(
-            lambda db: db[RUNS].find(query, {"jobId": 1, "state": 1, "runAt": 1}).to_list(None)
+            lambda db: db[RUNS].find(query, {"jobId": 1, "state": 1, "runAt": 1,
+                                             "priority": 1, "data": 1}).to_list(None)
         )
         return {d["jobId"]: d for d in docs if d.get("jobId") is not None}
 
