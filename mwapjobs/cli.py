@@ -1,7 +1,10 @@
-"""Command line: `mwapjobs serve | check-config | demo`.
+"""Command line: `mwapjobs serve | check-config | demo | admin-token`, and `--version`.
 
-Configuration problems exit with status 2 and one line on stderr naming the
-setting, never a traceback: that line is what an operator sees in journalctl.
+Without --config, the configuration file is $MWAPJOBS_CONFIG, else ./config.toml,
+else /etc/mwapjobs/config.toml (none is fine: the environment alone can configure
+it); environment variables override the file. Configuration problems exit with
+status 2 and one line on stderr naming the setting, never a traceback: that line
+is what an operator sees in journalctl.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 import secrets
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 from .config import ConfigError, Settings, load_settings, masked, resolve_config_path
 from .daemon import Daemon, run_until_signalled
@@ -24,11 +28,23 @@ from .storage.mongo import MongoUriError, database_name
 EXIT_CONFIG = 2
 
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml's, once installed)."""
+    try:
+        return version("mwapjobs")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mwapjobs", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="mwapjobs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mwapjobs {package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
     for name, text in (
-        ("serve", "run the daemon"),
+        ("serve", "run the daemon (needs MONGODB_URI, and ENCRYPTION_KEY while token "
+                  "refresh or health checks are enabled)"),
         ("check-config", "validate the configuration and print it with secrets masked"),
         ("demo", "run the daemon with a demo queue and sample jobs "
                  "(MONGODB_URI defaults to memory://)"),

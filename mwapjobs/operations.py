@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from datetime import timedelta
 from typing import Any
 
 from pymongo.errors import DuplicateKeyError
 
 from .engine import Engine
+from .redaction import REDACTED, redact
 from .scheduler import Repeat
 from .storage.runs import FINISHED, STATES, State, parse_run_id
 
 MAX_PAGE_SIZE = 200
-_SECRET_KEY = re.compile(r"(?i)token|secret|password|passwd|authorization|api[_-]?key|cookie")
-REDACTED = "[redacted]"
 
 
 class NotFoundError(LookupError):
@@ -32,19 +30,12 @@ class ConflictError(RuntimeError):
     pass
 
 
-def redact(value: Any) -> Any:
-    """A copy of job data with every secret-looking field masked, for display."""
-    if isinstance(value, dict):
-        return {k: REDACTED if _SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
-
-
 def run_view(doc: dict[str, Any]) -> dict[str, Any]:
-    """A run as the API and dashboard show it: stable names, secrets masked."""
+    """A run as the API and dashboard show it: stable names, secrets masked
+    (see `mwapjobs.redaction`). Its id is `runId`, as everywhere else (the engine's
+    events, `add()`, the API's paths)."""
     return {
-        "id": str(doc["_id"]),
+        "runId": str(doc["_id"]),
         "queue": doc["queue"],
         "jobId": doc.get("jobId"),
         "state": doc["state"],
@@ -214,4 +205,4 @@ class Operations:
         return [repeat_view(r) for r in await self.engine.scheduler.repeats(queue)]
 
 
-__all__ = ["ConflictError", "NotFoundError", "Operations", "redact", "run_view"]
+__all__ = ["REDACTED", "ConflictError", "NotFoundError", "Operations", "redact", "run_view"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -193,3 +195,23 @@ def test_masked_keeps_non_secret_values() -> None:
     shown = masked(settings)
     assert shown["mongodb_uri"] == "mongodb://db:27017/mwap"
     assert shown["encryption_key"] == "********"
+
+
+def test_cli_version_is_the_installed_packages() -> None:
+    result = cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"mwapjobs {importlib.metadata.version('mwapjobs')}"
+
+
+def test_cli_help_lists_every_command() -> None:
+    from mwapjobs.cli import _parser
+
+    [commands] = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands.choices) == {"serve", "check-config", "demo", "admin-token"}
+    result = cli("--help")
+    assert result.returncode == 0, result.stderr
+    for name in commands.choices:
+        assert f"\n    {name} " in result.stdout or f"\n    {name}\n" in result.stdout, name
+    assert "mwapjobs serve | check-config | demo | admin-token" in result.stdout
+    assert "--version" in result.stdout
+    assert "ENCRYPTION_KEY" in cli("serve", "--help").stdout

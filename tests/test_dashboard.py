@@ -230,7 +230,7 @@ async def test_a_login_posted_from_another_site_is_refused(daemon: Daemon) -> No
 
 async def test_cookie_sessions_need_the_csrf_token_to_change_anything(daemon: Daemon) -> None:
     failed = (await daemon.operations.list_runs("reports", "failed"))["items"]
-    run_id = failed[0]["id"]
+    run_id = failed[0]["runId"]
     async with client(daemon) as http:
         await log_in(http)
         token = await csrf_token(http)

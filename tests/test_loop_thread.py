@@ -1,38 +1,52 @@
 """No synchronous MongoDB call ever runs on the event loop's thread.
 
-Every method through which a query reaches the database is wrapped to record the
-thread it runs on: mongomock's collection and cursor (the embedded store, which
-is also what APScheduler's job store talks to in tests) and pymongo's (under a
-real server, with MWAPJOBS_TEST_MONGODB_URI). A full engine lifecycle is then
-driven through `Engine` and `Operations`; not one recorded call may come from the
-loop's thread. A control test proves the wrappers do see a call made on it.
+Every point through which a query reaches the database is wrapped to record the
+thread it runs on:
+
+- mongomock's collection and cursor (the embedded store, which is also what
+  APScheduler's job store talks to in tests);
+- under a real server (MWAPJOBS_TEST_MONGODB_URI), pymongo's connection: every
+  byte a query sends or receives goes through `Connection.send_message` and
+  `Connection.receive_message`, and every new socket through `Pool.connect`.
+  Wrapping pymongo's `Collection` or `Cursor` would not do: motor binds those
+  methods when it is imported, so its calls never meet a later monkeypatch. A
+  connection's methods are looked up on each call, by pymongo itself.
+
+A full engine lifecycle is then driven through `Engine` and `Operations`; not one
+recorded call may come from the loop's thread. Control tests prove the wrappers
+see a call made on the current thread (mongomock, pymongo) and motor's calls
+made on its own threads, on both lanes: without a real server they talk to a
+minimal wire-protocol server in this file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socketserver
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import Any
 
+import bson
 import mongomock
 import mongomock.collection
-import pymongo.synchronous.collection
-import pymongo.synchronous.command_cursor
-import pymongo.synchronous.cursor
+import pymongo
+import pymongo.synchronous.pool
 import pytest
 from apscheduler.jobstores.mongodb import MongoDBJobStore
 from bson import ObjectId
+from motor.motor_asyncio import AsyncIOMotorClient
 
 from mwapjobs.config import EngineSettings
 from mwapjobs.engine import Engine, utcnow
 from mwapjobs.operations import Operations
 from mwapjobs.queues import Job, PermanentError, QueueRegistry
 from mwapjobs.storage.mongo import Mongo
-from tests.conftest import wait_for
+from tests.conftest import REAL_MONGODB_URI, wait_for
 
 MONGOMOCK_COLLECTION = [
     "insert_one", "insert_many", "find", "find_one", "update_one", "update_many",
@@ -42,19 +56,32 @@ MONGOMOCK_COLLECTION = [
     "index_information", "drop", "_iter_documents",
 ]
 MONGOMOCK_CURSOR = ["__next__", "_compute_results"]
-# pymongo's find()/aggregate() only build a cursor; the I/O happens in _refresh.
-PYMONGO_COLLECTION = [m for m in MONGOMOCK_COLLECTION
-                      if m not in ("find", "aggregate", "_iter_documents")]
-PYMONGO_CURSOR = ["_refresh", "next"]
 JOBSTORE = ["start", "lookup_job", "get_due_jobs", "get_next_run_time", "get_all_jobs",
             "add_job", "update_job", "remove_job", "remove_all_jobs", "_get_jobs", "shutdown"]
+OP_MSG, OP_COMPRESSED = 2013, 2012
 
 
 @dataclass(frozen=True)
 class Call:
     where: str
+    op: str  # the method (mongomock, job store) or the command sent (pymongo's wire)
     thread: int
     thread_name: str
+
+
+def command_name(message: bytes | memoryview) -> str:
+    """The command an OP_MSG carries: the first key of its body (section kind 0)."""
+    raw = bytes(message)
+    (op_code,) = struct.unpack_from("<i", raw, 12)
+    if op_code == OP_COMPRESSED:
+        return "<compressed>"
+    if op_code != OP_MSG or raw[20] != 0:
+        return f"<opcode {op_code}>"
+    return raw[26:raw.index(b"\0", 26)].decode()
+
+
+def _named(name: str) -> Callable[..., str]:
+    return lambda *_, **__: name
 
 
 class Recorder:
@@ -64,21 +91,21 @@ class Recorder:
         self._lock = threading.Lock()
 
     def wrap(self, monkeypatch: pytest.MonkeyPatch, cls: type, names: list[str],
-             into: list[Call]) -> None:
+             into: list[Call], op: Callable[..., str] | None = None) -> None:
         for name in names:
             original = cls.__dict__.get(name)
-            if original is None or not callable(original):
-                continue
-            monkeypatch.setattr(cls, name, self._recording(original, f"{cls.__name__}.{name}",
-                                                           into))
+            assert callable(original), f"{cls.__name__}.{name} is gone: fix the instrumentation"
+            monkeypatch.setattr(cls, name, self._recording(
+                original, f"{cls.__name__}.{name}", into, op or _named(name)))
 
-    def _recording(self, fn: Callable[..., Any], where: str,
-                   into: list[Call]) -> Callable[..., Any]:
+    def _recording(self, fn: Callable[..., Any], where: str, into: list[Call],
+                   op: Callable[..., str]) -> Callable[..., Any]:
         @wraps(fn)
         def recorded(*args: Any, **kwargs: Any) -> Any:
             current = threading.current_thread()
             with self._lock:
-                into.append(Call(where, threading.get_ident(), current.name))
+                into.append(Call(where, op(*args, **kwargs), threading.get_ident(),
+                                 current.name))
             return fn(*args, **kwargs)
 
         return recorded
@@ -86,21 +113,110 @@ class Recorder:
     def on(self, thread: int, calls: list[Call]) -> list[Call]:
         return [c for c in calls if c.thread == thread]
 
+    def wire(self) -> list[Call]:
+        return [c for c in self.db if c.where.startswith(("Connection.", "Pool."))]
+
 
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     rec = Recorder()
     rec.wrap(monkeypatch, mongomock.collection.Collection, MONGOMOCK_COLLECTION, rec.db)
     rec.wrap(monkeypatch, mongomock.collection.Cursor, MONGOMOCK_CURSOR, rec.db)
-    rec.wrap(monkeypatch, pymongo.synchronous.collection.Collection, PYMONGO_COLLECTION, rec.db)
-    rec.wrap(monkeypatch, pymongo.synchronous.cursor.Cursor, PYMONGO_CURSOR, rec.db)
-    rec.wrap(monkeypatch, pymongo.synchronous.command_cursor.CommandCursor, PYMONGO_CURSOR,
-             rec.db)
+    connection = pymongo.synchronous.pool.Connection
+    rec.wrap(monkeypatch, connection, ["send_message"], rec.db,
+             lambda _conn, message, *_: command_name(message))
+    rec.wrap(monkeypatch, connection, ["receive_message"], rec.db, _named("reply"))
+    rec.wrap(monkeypatch, pymongo.synchronous.pool.Pool, ["connect"], rec.db,
+             _named("connect"))
     rec.wrap(monkeypatch, MongoDBJobStore, JOBSTORE, rec.jobstore)
     yield rec
 
 
-def test_the_wrappers_see_a_call_on_the_current_thread(recorder: Recorder) -> None:
+# -- a minimal MongoDB for the controls when no real server is configured ---------------------
+
+
+class _WireHandler(socketserver.BaseRequestHandler):
+    server: FakeMongo
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.request.recv(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def handle(self) -> None:
+        while True:
+            try:
+                length, request_id, _, op_code = struct.unpack("<iiii", self._read(16))
+                body = self._read(length - 16)
+            except (EOFError, OSError):
+                return
+            if op_code != OP_MSG:
+                return
+            payload = struct.pack("<IB", 0, 0) + bson.encode(self.server.answer(body))
+            header = struct.pack("<iiii", 16 + len(payload), 0, request_id, OP_MSG)
+            self.request.sendall(header + payload)
+
+
+class FakeMongo(socketserver.ThreadingTCPServer):
+    """Answers OP_MSG hello, insert and find (everything inserted), and ok to the rest:
+    enough for pymongo and motor to insert a document and read it back."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _WireHandler)
+        self.docs: list[dict[str, Any]] = []
+        self.uri = f"mongodb://127.0.0.1:{self.server_address[1]}/?directConnection=true"
+
+    def answer(self, body: bytes) -> dict[str, Any]:
+        command: dict[str, Any] = {}
+        documents: list[dict[str, Any]] = []
+        pos = 4  # after flagBits
+        while pos < len(body):
+            kind, (size,) = body[pos], struct.unpack_from("<i", body, pos + 1)
+            if kind == 0:
+                command = bson.decode(body[pos + 1:pos + 1 + size])
+            else:  # a document sequence: size, identifier, documents
+                start = body.index(b"\0", pos + 5) + 1
+                documents += bson.decode_all(body[start:pos + 1 + size])
+            pos += 1 + size
+        name = next(iter(command)).lower()
+        if name in ("hello", "ismaster"):
+            return {"isWritablePrimary": True, "ismaster": True, "helloOk": True,
+                    "maxWireVersion": 21, "minWireVersion": 0,
+                    "maxBsonObjectSize": 16 * 1024 * 1024, "maxMessageSizeBytes": 48_000_000,
+                    "maxWriteBatchSize": 100_000, "localTime": datetime.now(UTC),
+                    "connectionId": 1, "ok": 1.0}
+        if name == "insert":
+            self.docs += documents
+            return {"n": len(documents), "ok": 1.0}
+        if name == "find":
+            return {"cursor": {"id": bson.Int64(0), "firstBatch": self.docs,
+                               "ns": f"{command['$db']}.{command['find']}"}, "ok": 1.0}
+        return {"ok": 1.0}
+
+
+@pytest.fixture
+def wire_uri() -> Iterator[str]:
+    """A MongoDB to talk to over the wire: the real one of the lane, else `FakeMongo`."""
+    if REAL_MONGODB_URI:
+        yield REAL_MONGODB_URI
+        return
+    server = FakeMongo()
+    thread = threading.Thread(target=server.serve_forever, name="fake-mongo", daemon=True)
+    thread.start()
+    try:
+        yield server.uri
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_wrappers_see_a_mongomock_call_on_the_current_thread(recorder: Recorder) -> None:
     """Control: without this, an empty or broken instrumentation would pass the real test."""
     collection = mongomock.MongoClient().db.c
     collection.insert_one({"a": 1})
@@ -108,6 +224,41 @@ def test_the_wrappers_see_a_call_on_the_current_thread(recorder: Recorder) -> No
     me = threading.get_ident()
     seen = {c.where for c in recorder.on(me, recorder.db)}
     assert {"Collection.insert_one", "Collection.find", "Cursor.__next__"} <= seen
+
+
+def test_the_wrappers_see_a_pymongo_call_on_the_current_thread(recorder: Recorder,
+                                                               wire_uri: str) -> None:
+    collection = pymongo.MongoClient(wire_uri, serverSelectionTimeoutMS=5000)
+    try:
+        c = collection["mwapjobs_loop_thread_control"]["c"]
+        c.insert_one({"a": 1})
+        assert c.find_one({"a": 1}) is not None
+        c.drop()
+    finally:
+        collection.close()
+    me = threading.get_ident()
+    mine = recorder.on(me, recorder.wire())
+    assert {("Connection.send_message", "insert"), ("Connection.send_message", "find"),
+            ("Connection.receive_message", "reply")} <= {(c.where, c.op) for c in mine}
+
+
+async def test_the_wrappers_see_motors_calls_on_its_own_threads(recorder: Recorder,
+                                                                wire_uri: str) -> None:
+    """What wrapping pymongo's Collection missed: motor's queries, run in motor's threads."""
+    loop_thread = threading.get_ident()
+    client: Any = AsyncIOMotorClient(wire_uri, serverSelectionTimeoutMS=5000)
+    try:
+        c = client["mwapjobs_loop_thread_control"]["motor"]
+        await c.insert_one({"a": 1})
+        assert await c.find_one({"a": 1}) is not None
+        await c.drop()
+    finally:
+        # motor's close() is synchronous: it sends endSessions from the calling thread.
+        await asyncio.to_thread(client.close)
+    sent = {c.op for c in recorder.wire()
+            if c.where == "Connection.send_message" and c.thread != loop_thread}
+    assert {"insert", "find"} <= sent
+    assert recorder.on(loop_thread, recorder.wire()) == []
 
 
 class Behaviour:
@@ -200,9 +351,14 @@ async def test_no_sync_database_call_on_the_loop_thread(recorder: Recorder,
         await engine.stop(1)
 
     assert recorder.db, "the wrappers saw no database call at all"
-    seen = {c.where.split(".")[1] for c in recorder.db}
-    expected = {"insert_one", "update_many", "update_one", "find_one", "find_one_and_update",
-                "find_one_and_delete", "count_documents", "create_index", "delete_many"}
+    seen = {c.op for c in recorder.db}
+    if REAL_MONGODB_URI:  # the commands motor and APScheduler's pymongo sent
+        expected = {"insert", "update", "find", "findAndModify", "delete", "aggregate",
+                    "createIndexes", "reply", "connect"}
+    else:
+        expected = {"insert_one", "update_many", "update_one", "find_one",
+                    "find_one_and_update", "find_one_and_delete", "count_documents",
+                    "create_index", "delete_many"}
     assert expected <= seen, f"not exercised: {expected - seen}"
     on_loop = recorder.on(loop_thread, recorder.db)
     assert on_loop == [], f"sync database calls on the event loop thread: {on_loop}"

@@ -15,6 +15,7 @@ from mwapjobs.config import EngineSettings
 from mwapjobs.engine import Engine
 from mwapjobs.operations import REDACTED, ConflictError, NotFoundError, Operations
 from mwapjobs.queues import Job, PermanentError, QueueRegistry
+from mwapjobs.redaction import is_secret_key, redact
 from mwapjobs.scheduler import WAKE_PREFIX, WAKE_RESOLUTION
 from mwapjobs.storage.mongo import RUNS, SCHEDULER_JOBS, Mongo
 from tests.conftest import wait_for
@@ -160,14 +161,14 @@ async def test_list_runs_pages_and_orders(setup: Setup) -> None:
 
     page1 = await ops.list_runs("q", "completed", page=1, page_size=2)
     assert (page1["page"], page1["pageSize"], page1["total"]) == (1, 2, 5)
-    assert [r["id"] for r in page1["items"]] == [ids[4], ids[3]]  # newest first
+    assert [r["runId"] for r in page1["items"]] == [ids[4], ids[3]]  # newest first
     page3 = await ops.list_runs("q", "completed", page=3, page_size=2)
-    assert [r["id"] for r in page3["items"]] == [ids[0]]
+    assert [r["runId"] for r in page3["items"]] == [ids[0]]
     assert page3["total"] == 5
     page4 = await ops.list_runs("q", "completed", page=4, page_size=2)
     assert page4["items"] == [] and page4["total"] == 5
     everything = await ops.list_runs("q", "completed")
-    assert [r["id"] for r in everything["items"]] == ids[::-1]
+    assert [r["runId"] for r in everything["items"]] == ids[::-1]
     assert (everything["page"], everything["pageSize"]) == (1, 20)
 
     empty = await ops.list_runs("q", "failed")
@@ -183,13 +184,13 @@ async def test_list_runs_orders_pending_runs_as_they_will_run(setup: Setup) -> N
     clock.advance(1)
     low_later = (await engine.add("q", {}, priority=0)).run_id
     listed = await ops.list_runs("q", "waiting")
-    assert [r["id"] for r in listed["items"]] == [high, low, low_later]
+    assert [r["runId"] for r in listed["items"]] == [high, low, low_later]
     assert listed["total"] == 3
 
     later = (await engine.add("q", {}, delay=7200)).run_id
     sooner = (await engine.add("q", {}, delay=3600)).run_id
     delayed = await ops.list_runs("q", "delayed")
-    assert [r["id"] for r in delayed["items"]] == [sooner, later]
+    assert [r["runId"] for r in delayed["items"]] == [sooner, later]
 
 
 async def test_list_runs_rejects_bad_arguments(setup: Setup) -> None:
@@ -211,7 +212,7 @@ async def test_get_run(setup: Setup) -> None:
     engine, ops, _, _ = setup
     run_id = await finished(engine, ops, {"result": {"n": 1}, "x": 2}, "completed")
     view = await ops.get_run(run_id)
-    assert view["id"] == run_id
+    assert view["runId"] == run_id
     assert view["queue"] == "q"
     assert view["state"] == "completed"
     assert view["data"] == {"result": {"n": 1}, "x": 2}
@@ -238,7 +239,7 @@ async def test_retry_a_failed_run(setup: Setup) -> None:
     assert failed["error"]["message"] == "first time fails"
 
     retried = await ops.retry(added.run_id)
-    assert retried["id"] == added.run_id
+    assert retried["runId"] == added.run_id
     assert retried["state"] in ("waiting", "active", "completed")
     assert retried["error"] is None
     done = await wait_state(ops, added.run_id, "completed")
@@ -304,7 +305,7 @@ async def test_remove_runs_that_are_not_running(setup: Setup, mongo: Mongo) -> N
 
     for run_id, state in ((waiting, "waiting"), (delayed, "delayed"), (failed, "failed")):
         removed = await ops.remove(run_id)
-        assert (removed["id"], removed["state"]) == (run_id, state)
+        assert (removed["runId"], removed["state"]) == (run_id, state)
         with pytest.raises(NotFoundError):
             await ops.get_run(run_id)
     assert (await engine.add("q", {}, delay=3600, job_id="later")).created is True
@@ -391,3 +392,28 @@ async def test_secrets_are_redacted_in_repeat_views(setup: Setup) -> None:
     assert view["jobId"] == "sync"
     assert view["schedule"] == "every 3600s"
     assert view["timezone"] == "UTC"
+
+
+@pytest.mark.parametrize(("key", "secret"), [
+    ("accessToken", True), ("refresh_token", True), ("client_secret", True),
+    ("clientSecret", True), ("password", True), ("SMTP_PASS", True), ("Authorization", True),
+    ("cookie", True), ("apiKey", True), ("X-Api-Key", True), ("privateKey", True),
+    ("credentials", True), ("csrfToken", True), ("tokens", True),
+    ("tokenExpiresAt", False), ("tokenUrl", False), ("tokenMethod", False),
+    ("secretName", False), ("key", False), ("jobKey", False), ("integrationId", False),
+    ("tenant", False), ("", False), (3, False),
+])
+def test_secret_looking_keys_are_judged_by_their_last_word(key: object, secret: bool) -> None:
+    assert is_secret_key(key) is secret
+
+
+def test_redact_masks_values_at_any_depth_but_keeps_none_and_booleans() -> None:
+    data = {"integrationId": "i1", "tokenExpiresAt": "2026-12-01T10:00:00+00:00",
+            "auth": {"refreshToken": {"value": "r", "rotated": True}, "hasToken": True,
+                     "accessToken": None},
+            "attempts": ({"error": {"client_secret": 42}},)}
+    assert redact(data) == {
+        "integrationId": "i1", "tokenExpiresAt": "2026-12-01T10:00:00+00:00",
+        "auth": {"refreshToken": REDACTED, "hasToken": True, "accessToken": None},
+        "attempts": [{"error": {"client_secret": REDACTED}}]}
+    assert data["auth"]["refreshToken"] == {"value": "r", "rotated": True}  # a copy

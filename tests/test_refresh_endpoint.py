@@ -8,11 +8,13 @@ signed by a local JWKS (tests/support/jwks.py) and roles read from MWAP's own
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -21,7 +23,7 @@ import pytest
 from mwapjobs.auth import Authenticator
 from mwapjobs.daemon import Daemon
 from mwapjobs.jobs.token_refresh import MANUAL_PRIORITY, QUEUE
-from mwapjobs.logs import JsonFormatter
+from mwapjobs.logs import JsonFormatter, secrets, setup_logging, stop_logging
 from mwapjobs.storage.identity import IdentityStore
 from mwapjobs.storage.mongo import Mongo
 from tests.conftest import make_settings, wait_for
@@ -48,6 +50,9 @@ OWNER, OTHER_OWNER, SUPER, STRANGER = ("auth0|owner-a", "auth0|owner-b", "auth0|
                                        "auth0|stranger")
 ADMIN_TOKEN = "mwapjobs-admin-token-for-tests-0123456789"
 TEST_SERVER_LOGGERS = ("authlib", "werkzeug", "flask")
+# pymongo's loggers (pymongo/logger.py): at DEBUG they write whole commands and replies.
+PYMONGO_LOGGERS = ("pymongo", "pymongo.command", "pymongo.connection",
+                   "pymongo.serverSelection", "pymongo.client", "pymongo.topology")
 PATH = "/api/v1/oauth/tenants/{tenant}/integrations/{integration}/refresh"
 
 
@@ -348,6 +353,11 @@ async def test_an_audit_line_is_written_per_refresh_request(
 async def test_no_token_or_secret_in_responses_or_logs(
         api: Api, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
+    # Whatever the level, pymongo's loggers stay at WARNING: this is the very check
+    # pymongo makes before it writes a command or reply into the log (on the wire lane
+    # those replies carry the stored ciphertexts, which the loop below would find).
+    for name in PYMONGO_LOGGERS:
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
     good, good_rt = await api.integration()
     bad, bad_rt = await api.integration()
     api.oauth.revoke(bad_rt)
@@ -385,8 +395,121 @@ async def test_no_token_or_secret_in_responses_or_logs(
     logged = [r.getMessage() + " " + repr(vars(r)) for r in ours]
     formatted = [JsonFormatter().format(r) for r in ours]
     assert logged, "expected some log records"
+    chatter = [r for r in ours if r.name.startswith("pymongo") and r.levelno < logging.WARNING]
+    assert chatter == []
     for secret in secrets:
         for text in texts:
             assert secret not in text
         for line in logged + formatted:
             assert secret not in line, line
+
+
+# -- log lines ---------------------------------------------------------------------------------
+
+
+class JsonStdout:
+    """The daemon's real logging (`setup_logging`), writing to a stdout of our own."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+        self.out = io.StringIO()
+
+    def setup(self, level: str = "debug") -> None:
+        self.monkeypatch.setattr(sys, "stdout", self.out)  # where the handler will write
+        setup_logging(level)
+
+    def lines(self) -> list[Any]:
+        stop_logging()  # the listener thread writes everything queued, then stops
+        return [json.loads(line) for line in self.out.getvalue().splitlines()]
+
+
+@pytest.fixture
+def json_stdout(monkeypatch: pytest.MonkeyPatch) -> Iterator[JsonStdout]:
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    capture = JsonStdout(monkeypatch)
+    capture.setup()
+    try:
+        yield capture
+    finally:
+        stop_logging()
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def test_pymongo_never_logs_below_warning_whatever_the_level(
+        json_stdout: JsonStdout) -> None:
+    stray = logging.getLogger("pymongo.command")
+    stray.setLevel(logging.DEBUG)  # someone set it lower: setup_logging puts it back
+    json_stdout.setup("debug")
+    for name in PYMONGO_LOGGERS:
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+    reply = '{"reply": {"refreshToken": "c2VjcmV0:Y2lwaGVy:dGV4dA=="}}'
+    logging.getLogger("pymongo.command").debug(reply)
+    logging.getLogger("pymongo.connection").info("Connection checked out")
+    # and should a record get past the levels (a handler's filter drops it):
+    record = logging.makeLogRecord({"name": "pymongo.command", "levelno": logging.DEBUG,
+                                    "levelname": "DEBUG", "msg": reply})
+    for handler in logging.getLogger().handlers:
+        handler.handle(record)
+    logging.getLogger("pymongo.topology").warning("pymongo warnings still get through")
+    logging.getLogger("mwapjobs.test").debug("ours at debug still get through")
+    lines = json_stdout.lines()
+    assert [(line["logger"], line["message"]) for line in lines] == [
+        ("pymongo.topology", "pymongo warnings still get through"),
+        ("mwapjobs.test", "ours at debug still get through"),
+    ]
+
+
+def test_secrets_inside_string_values_are_scrubbed_before_encoding(
+        json_stdout: JsonStdout) -> None:
+    """A provider's error text quoting JSON: once encoded, its quotes are escaped
+    (`{\\"refresh_token\\": \\"abc\\"}`), which a pass over the line alone missed."""
+    secrets.add("registered-secret-value-42")
+    provider_error = ('invalid_grant: {"refresh_token": "rt-abc-123", "access_token": '
+                      '"at-xyz-789", "note": "kept"}')
+    log = logging.getLogger("mwapjobs.test")
+    log.warning("refresh refused: %s", provider_error, extra={
+        "error": {"message": provider_error, "type": "PermanentError"},
+        "history": [{"detail": provider_error}, "Bearer abc.def.ghi"],
+        "refreshToken": "rt-plain-456", "clientSecret": {"nested": "cs-789"},
+        "hasToken": True, "tokenExpiresAt": "2026-12-01T10:00:00+00:00",
+        "mixed": 'registered-secret-value-42 with "quotes"',
+    })
+    [line] = json_stdout.lines()
+    text = json.dumps(line)
+    for secret in ("rt-abc-123", "at-xyz-789", "rt-plain-456", "cs-789", "abc.def.ghi",
+                   "registered-secret-value-42"):
+        assert secret not in text, secret
+    assert line["error"]["message"] == (
+        'invalid_grant: {"refresh_token": "[redacted]", "access_token": "[redacted]", '
+        '"note": "kept"}')
+    assert line["message"] == "refresh refused: " + line["error"]["message"]
+    assert line["history"] == [{"detail": line["error"]["message"]}, "Bearer [redacted]"]
+    assert (line["refreshToken"], line["clientSecret"]) == ("[redacted]", "[redacted]")
+    assert line["hasToken"] is True  # says whether there is one, which is no secret
+    assert line["tokenExpiresAt"] == "2026-12-01T10:00:00+00:00"
+    assert line["mixed"] == '[redacted] with "quotes"'
+
+
+def test_the_final_pass_catches_escaped_quotes_too() -> None:
+    """The last pass over the encoded line also knows JSON's escaped quotes."""
+    encoded = json.dumps({"message": '{"refresh_token": "abc123", "password": "p4ss"}'})
+    assert "abc123" not in secrets.scrub(encoded) and "p4ss" not in secrets.scrub(encoded)
+
+
+def test_datetimes_in_log_lines_are_iso_8601(json_stdout: JsonStdout) -> None:
+    retry_at = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    logging.getLogger("mwapjobs.engine").info("job will be retried", extra={
+        "retryAt": retry_at, "day": date(2026, 12, 1),
+        "error": {"at": retry_at + timedelta(microseconds=5)}, "tries": [retry_at],
+    })
+    [line] = json_stdout.lines()
+    assert line["retryAt"] == "2026-12-01T10:00:00+00:00"
+    assert datetime.fromisoformat(line["retryAt"]) == retry_at
+    assert line["day"] == "2026-12-01"
+    assert line["error"]["at"] == "2026-12-01T10:00:00.000005+00:00"
+    assert line["tries"] == ["2026-12-01T10:00:00+00:00"]
+    assert datetime.fromisoformat(line["timestamp"]).tzinfo is not None

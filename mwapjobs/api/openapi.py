@@ -32,6 +32,32 @@ RUN_ID = {"name": "runId", "in": "path", "required": True,
           "schema": {"type": "string", "pattern": "^[0-9a-f]{24}$"}}
 QUEUE = {"name": "queue", "in": "path", "required": True, "schema": {"type": "string"}}
 ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+TIME = {"type": "string", "nullable": True,
+        "description": "ISO 8601, e.g. 2026-12-01T10:00:00+00:00"}
+# A run as `operations.run_view` shows it; its id is `runId`, as in every other answer.
+RUN = {
+    "type": "object", "required": ["runId", "queue", "state", "data", "attempts"],
+    "properties": {
+        "runId": {"type": "string", "pattern": "^[0-9a-f]{24}$"},
+        "queue": {"type": "string"},
+        "jobId": {"type": "string", "nullable": True},
+        "state": {"type": "string", "enum": STATES},
+        "data": {"type": "object", "description": "secret-looking fields are [redacted]"},
+        "priority": {"type": "integer"},
+        "runAt": TIME,
+        "createdAt": TIME,
+        "startedAt": TIME,
+        "finishedAt": TIME,
+        "durationMs": {"type": "number", "nullable": True},
+        "attemptsMade": {"type": "integer"},
+        "maxAttempts": {"type": "integer", "nullable": True},
+        "deadline": TIME,
+        "stalledCount": {"type": "integer"},
+        "result": {"nullable": True},
+        "error": {"type": "object", "nullable": True},
+        "attempts": {"type": "array", "items": {"type": "object"}},
+    },
+}
 
 
 def _page(summary: str, *, form: bool = False, params: list[dict[str, Any]] | None = None,
@@ -123,19 +149,19 @@ def document() -> dict[str, Any]:
             params=[{"name": "queue", "in": "query", "schema": {"type": "string"}}],
             errors=("404", "503"))},
         "/api/v1/queues/runs/{runId}": {
-            "get": _op("One run: data (secrets redacted), attempts, errors, timings",
+            "get": _op("One run: data (secrets redacted), attempts, errors, timings", RUN,
                        params=[RUN_ID], errors=("404", "503")),
-            "delete": _op("Remove a run that is not running", params=[RUN_ID],
-                          errors=("404", "409", "503")),
+            "delete": _op("Remove a run that is not running (answers the removed run)", RUN,
+                          params=[RUN_ID], errors=("404", "409", "503")),
         },
         "/api/v1/queues/runs/{runId}/retry": {"post": _op(
-            "Retry a failed run now, with a fresh set of attempts", params=[RUN_ID],
+            "Retry a failed run now, with a fresh set of attempts", RUN, params=[RUN_ID],
             errors=("404", "409", "503"))},
         "/api/v1/queues/runs/{runId}/promote": {"post": _op(
-            "Run a delayed run now", params=[RUN_ID], errors=("404", "409", "503"))},
+            "Run a delayed run now", RUN, params=[RUN_ID], errors=("404", "409", "503"))},
         "/api/v1/queues/{queue}/runs": {"get": _op(
             "Runs of a queue in one state, paginated",
-            {"type": "object", "properties": {"items": {"type": "array"},
+            {"type": "object", "properties": {"items": {"type": "array", "items": RUN},
                                               "page": {"type": "integer"},
                                               "pageSize": {"type": "integer"},
                                               "total": {"type": "integer"}}},

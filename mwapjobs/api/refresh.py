@@ -53,7 +53,7 @@ async def refresh_integration(request: web.Request) -> web.Response:
         return ok({"runId": added.run_id, "state": added.state}, status=202)
     run = await daemon.operations.wait_finished(added.run_id,
                                                 daemon.settings.refresh.wait_timeout)
-    outcome = {"runId": run["id"], "state": run["state"], "result": run["result"],
+    outcome = {"runId": run["runId"], "state": run["state"], "result": run["result"],
                "error": run["error"], "attempts": run["attemptsMade"]}
     return ok(outcome, status=200 if run["state"] in ("completed", "failed") else 202)
 

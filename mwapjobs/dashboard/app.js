@@ -290,9 +290,9 @@
       const whenValue = { delayed: run.runAt, waiting: run.runAt, active: run.startedAt }[run.state]
         || run.finishedAt;
       const dataText = compact(run.data);
-      return el('tr', { 'data-run-id': run.id, class: run.id === ui.detailId ? 'selected' : '' },
-        el('td', {}, button(run.id.slice(-8), { class: 'link', title: `Details of run ${run.id}`,
-          'data-action': 'details' }, () => openDetail(run.id))),
+      return el('tr', { 'data-run-id': run.runId, class: run.runId === ui.detailId ? 'selected' : '' },
+        el('td', {}, button(run.runId.slice(-8), { class: 'link', title: `Details of run ${run.runId}`,
+          'data-action': 'details' }, () => openDetail(run.runId))),
         el('td', { class: 'mono' }, run.jobId ?? '—'),
         el('td', {}, el('div', { class: 'data-preview', title: dataText }, dataText)),
         el('td', { class: 'num' }, `${run.attemptsMade}/${run.maxAttempts ?? '?'}`),
@@ -311,16 +311,16 @@
   }
 
   async function act(action, run) {
-    const label = `run ${run.id.slice(-8)}${run.jobId ? ` (${run.jobId})` : ''}`;
+    const label = `run ${run.runId.slice(-8)}${run.jobId ? ` (${run.jobId})` : ''}`;
     if (action === 'remove' &&
         !window.confirm(`Remove ${label} of ${run.queue}? This deletes it for good.`)) return;
     try {
-      const path = `/api/v1/queues/runs/${run.id}`;
+      const path = `/api/v1/queues/runs/${run.runId}`;
       const updated = action === 'remove' ? await api('DELETE', path)
         : await api('POST', `${path}/${action}`);
       const verb = { retry: 'retried', promote: 'promoted', remove: 'removed' }[action];
       notify(action === 'remove' ? `Removed ${label}.` : `${label} ${verb}: now ${updated.state}.`);
-      if (action === 'remove' && ui.detailId === run.id) closeDetail();
+      if (action === 'remove' && ui.detailId === run.runId) closeDetail();
     } catch (err) {
       notify(`Could not ${action} ${label}: ${err.message}`, true);
     }
@@ -361,7 +361,7 @@
   function renderDetail(run) {
     $('detail-section').hidden = false;
     if (!changed('detail', run)) return;
-    $('detail-title').replaceChildren('Run ', el('span', { class: 'mono' }, run.id), ' ',
+    $('detail-title').replaceChildren('Run ', el('span', { class: 'mono' }, run.runId), ' ',
       el('span', { class: `badge ${run.state}` }, run.state));
     $('detail-tools').replaceChildren(runActions(run), button('Close', {}, closeDetail));
     const fields = [
