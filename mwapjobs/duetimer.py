@@ -33,8 +33,9 @@ from sortedcontainers import SortedList
 
 log = logging.getLogger(__name__)
 
-# load(after, limit): the due times and queues of up to `limit` delayed runs strictly after
-# the cursor `after` = (runAt, _id), in that order; each item is (runAt, _id, queue).
+# load(after, limit): the due times and queues of up to `limit` delayed runs after the cursor
+# `after` = (runAt, _id) in that order (with `_id` None: from that runAt on, inclusive);
+# each item is (runAt, _id, queue).
 Load = Callable[[tuple[datetime, Any], int], Awaitable[list[tuple[datetime, Any, str]]]]
 RETRY_SECONDS = 5.0
 

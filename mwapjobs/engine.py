@@ -126,6 +126,7 @@ class Engine:
         self._accepting = False
         self._started = False
         self._paused: set[str] = set()
+        self._pause_changes = 0  # so a sweep's stale read does not undo a pause made here
         self._handlers: dict[ObjectId, asyncio.Task[None]] = {}  # handlers running now
         self._leased: set[ObjectId] = set()  # runs we hold: handler running or outcome unwritten
         self._lost: set[ObjectId] = set()  # leases another process took over
@@ -545,7 +546,7 @@ class Engine:
         still = [i for i in ids if i in self._leased]  # some finished while we renewed
         if len(still) <= renewed:
             return
-        lost = set(still) - await self.runs.held(still, self.owner)
+        lost = await self.runs.taken_over(still, self.owner)
         if lost:
             self._lost |= lost
             log.warning("another process took over runs this one still holds (their "
@@ -562,11 +563,13 @@ class Engine:
         await self._recover(now)
         if await self.runs.promote_due(now):
             self.wake()
+        changes = self._pause_changes
         paused = await self.runs.paused_queues()
-        resumed = self._paused - paused
-        self._paused = paused
-        for queue in resumed:
-            self.wake(queue)
+        if changes == self._pause_changes:  # not paused or resumed here meanwhile
+            resumed = self._paused - paused
+            self._paused = paused
+            for queue in resumed:
+                self.wake(queue)
         if self._started and not self._isolating and \
                 await self.runs.has_isolated(self.registry.names()):
             self._isolation.set()
@@ -663,6 +666,7 @@ class Engine:
         (a claim in flight is waited for); other instances follow at their next sweep."""
         self.registry.get(queue)
         await self.runs.set_paused(queue, paused)
+        self._pause_changes += 1
         (self._paused.add if paused else self._paused.discard)(queue)
         lock = self._claiming.get(queue)
         if paused and lock is not None:

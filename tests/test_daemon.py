@@ -3,46 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import mongomock
 import pytest
-from pymongo.errors import ServerSelectionTimeoutError
 
 from mwapjobs.daemon import Daemon
 from mwapjobs.queues import Job
 from mwapjobs.storage.mongo import Mongo, StoreUnavailable
 from tests.conftest import REAL_MONGODB_URI, make_settings, wait_for
-
-T = TypeVar("T")
-
-
-class FlakyMongo(Mongo):
-    """The storage door with an outage switch: every query fails while `down` is set."""
-
-    down = False
-    attempts = 0
-
-    async def call(self, op: Callable[[Any], Awaitable[T]]) -> T:
-        if not self.down:
-            return await super().call(op)
-        self.attempts += 1
-
-        def unreachable(db: Any) -> Awaitable[T]:
-            raise ServerSelectionTimeoutError("injected outage: no servers available")
-
-        return await super().call(unreachable)  # the door sees what a driver would raise
-
-    async def ping(self, timeout: float = 2.0) -> None:
-        self._fail_if_down()
-        await super().ping(timeout)
-
-    def _fail_if_down(self) -> None:
-        if self.down:
-            self.attempts += 1
-            raise ServerSelectionTimeoutError("injected outage: no servers available")
+from tests.support.flaky import FlakyMongo
 
 
 async def readyz(daemon: Daemon) -> tuple[int, dict[str, Any]]:

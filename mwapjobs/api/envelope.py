@@ -19,6 +19,7 @@ from aiohttp import web
 from bson import ObjectId
 
 from ..logs import correlation_id
+from ..storage.mongo import StoreUnavailable
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -77,6 +78,12 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         response = await handler(request)
     except ApiError as exc:
         response = error(exc.status, exc.code, exc.message)
+    except StoreUnavailable as exc:
+        log.warning("request failed: MongoDB is unreachable",
+                    extra={"path": request.path, "method": request.method, "error": str(exc)})
+        response = error(503, "service/unavailable",
+                         "MongoDB is unreachable right now; try again shortly.")
+        response.headers["Retry-After"] = "5"
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -10,10 +10,21 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from ..engine import Engine
 from ..queues import Job, PermanentError, QueueRegistry
 
 QUEUE = "demo"
+
+
+class DemoData(BaseModel):
+    """What a demo job may be given; anything else is kept and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    seconds: float = Field(0.1, ge=0, le=3600)
+    fail: str | None = None
+    succeed_on: int = Field(1, ge=1, le=100)
 
 
 async def demo_job(job: Job) -> dict[str, Any]:
@@ -27,7 +38,7 @@ async def demo_job(job: Job) -> dict[str, Any]:
 
 
 def register(registry: QueueRegistry) -> None:
-    registry.register(QUEUE, demo_job, concurrency=4, backoff={"delay": 2.0})
+    registry.register(QUEUE, demo_job, data=DemoData, concurrency=4, backoff={"delay": 2.0})
 
 
 async def seed(engine: Engine, job_seconds: float = 1.0) -> None:

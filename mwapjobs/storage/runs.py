@@ -162,11 +162,12 @@ class RunStore:
 
     async def due_after(self, cursor: tuple[datetime, Any],
                         limit: int) -> list[tuple[datetime, Any, str]]:
-        """(runAt, _id, queue) of up to `limit` delayed runs after `cursor`, in order."""
+        """(runAt, _id, queue) of up to `limit` delayed runs after `cursor` = (runAt, _id)
+        in that order; with no `_id`, from that `runAt` on."""
         when, after_id = cursor
         query: dict[str, Any] = {"state": "delayed"}
         if after_id is None:
-            query["runAt"] = {"$gt": when}
+            query["runAt"] = {"$gte": when}
         else:
             query["$or"] = [{"runAt": {"$gt": when}}, {"runAt": when, "_id": {"$gt": after_id}}]
         docs: list[dict[str, Any]] = await self._mongo.call(
@@ -254,12 +255,20 @@ class RunStore:
         )
         return int(result.modified_count)
 
-    async def held(self, ids: list[ObjectId], owner: str) -> set[ObjectId]:
-        """Which of `ids` are active runs of ours (after a renewal fell short)."""
+    async def taken_over(self, ids: list[ObjectId], owner: str) -> set[ObjectId]:
+        """Which of our runs `ids` another process took back (after a renewal fell short):
+        active under another owner, requeued by a recovery, or failed as stalled. Runs
+        we finished meanwhile are not among them."""
         docs = await self._mongo.call(
-            lambda db: db[RUNS].find({"_id": {"$in": ids}, "state": "active",
-                                      "leaseOwner": owner}, {"_id": 1}).to_list(None))
-        return {d["_id"] for d in docs}
+            lambda db: db[RUNS].find({"_id": {"$in": ids}},
+                                     {"state": 1, "leaseOwner": 1, "error.type": 1})
+            .to_list(None))
+        found = {d["_id"]: d for d in docs}
+        return {i for i in ids if i not in found
+                or (found[i]["state"] == "active" and found[i].get("leaseOwner") != owner)
+                or found[i]["state"] == "waiting"
+                or (found[i]["state"] == "failed"
+                    and (found[i].get("error") or {}).get("type") == "Stalled")}
 
     async def write_outcomes(self, owner: str, outcomes: Sequence[Outcome],
                              token: str) -> set[ObjectId]:
