@@ -10,7 +10,7 @@ become exactly one run.
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -75,7 +75,7 @@ def assert_every_occurrence_once(engines: list[Engine], runs: list[dict[str, Any
     times = fire_times(runs)
     assert len(set(times)) == len(times), f"an occurrence became two runs: {times}"
     fired = sorted({t for engine in engines for t in FIRES[id(engine)]})
-    gaps = [round((b - a).total_seconds(), 3) for a, b in zip(fired, fired[1:], strict=False)]
+    gaps = [round((b - a).total_seconds(), 3) for a, b in itertools.pairwise(fired)]
     assert all(abs(g - EVERY) < 0.01 for g in gaps), f"occurrences skipped: {gaps}"
 
 
