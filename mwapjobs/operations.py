@@ -12,12 +12,10 @@ import contextlib
 from datetime import timedelta
 from typing import Any
 
-from pymongo.errors import DuplicateKeyError
-
 from .engine import Engine
 from .redaction import REDACTED, redact
 from .scheduler import Repeat
-from .storage.runs import FINISHED, STATES, State, parse_run_id
+from .storage.runs import FINISHED, STATES, JobIdTaken, State, parse_run_id
 
 MAX_PAGE_SIZE = 200
 
@@ -145,7 +143,7 @@ class Operations:
         try:
             updated = await self.runs.requeue(doc["_id"], from_states, key,
                                               self.engine.clock(), reset)
-        except DuplicateKeyError:
+        except JobIdTaken:
             raise ConflictError(
                 f"another run of job id {doc.get('jobId')!r} is already pending"
             ) from None

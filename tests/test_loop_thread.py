@@ -340,7 +340,7 @@ async def test_no_sync_database_call_on_the_loop_thread(recorder: Recorder,
         await ops.list_runs("q", "completed", page=1, page_size=5)
         await ops.clean("q", "failed", older_than=3600)
         await engine.apply_retention()
-        await engine._sweep()
+        await engine.sweep()
 
         blocked = await engine.add("q", {"mode": "block"})
         await until(blocked.run_id, "active")
