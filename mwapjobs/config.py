@@ -168,6 +168,8 @@ class Settings(BaseSettings):
 
     mongodb_uri: SecretStr = Field(validation_alias=_mwap("MONGODB_URI"))
     encryption_key: SecretStr | None = Field(None, validation_alias=_mwap("ENCRYPTION_KEY"))
+    # Signs the stored repeat triggers; default: derived from ENCRYPTION_KEY.
+    signing_key: SecretStr | None = Field(None, min_length=16)
     auth0_domain: str | None = Field(None, validation_alias=_mwap("AUTH0_DOMAIN"))
     auth0_audience: str | None = Field(None, validation_alias=_mwap("AUTH0_AUDIENCE"))
     alerting_enabled: bool = Field(True, validation_alias=_mwap("ALERTING_ENABLED"))

@@ -46,6 +46,7 @@ from .operations import Operations
 from .queues import QueueRegistry
 from .storage.identity import IdentityStore
 from .storage.integrations import IntegrationStore
+from .storage.jobstore import signing_key
 from .storage.mongo import Mongo
 from .systemd import notify, watchdog, watchdog_interval
 
@@ -72,7 +73,8 @@ class Daemon:
                                             socket_timeout=settings.mongodb.socket_timeout)
         self.registry = registry or QueueRegistry(settings.queue)
         self.clock = clock
-        self.engine = Engine(self.mongo, self.registry, settings.engine, clock=clock)
+        self.engine = Engine(self.mongo, self.registry, settings.engine, clock=clock,
+                             signing_key=_signing_key(settings))
         self.operations = Operations(self.engine)
         self.integrations = IntegrationStore(self.mongo)
         key = settings.encryption_key.get_secret_value() if settings.encryption_key else ""
@@ -253,6 +255,13 @@ class Daemon:
             await asyncio.sleep(self.settings.mongodb.ping_interval)
             with contextlib.suppress(Exception):  # recorded by _ping
                 await self._ping()
+
+
+def _signing_key(settings: Settings) -> bytes | None:
+    """MWAPJOBS_SIGNING_KEY, else one derived from ENCRYPTION_KEY, else none."""
+    secret = settings.signing_key or settings.encryption_key
+    value = secret.get_secret_value() if secret else ""
+    return signing_key(value) if value else None
 
 
 async def run_until_signalled(daemon: Daemon) -> int:

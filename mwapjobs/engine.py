@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -112,13 +113,18 @@ class Engine:
         settings: EngineSettings | None = None,
         *,
         clock: Clock = utcnow,
+        signing_key: bytes | None = None,
     ) -> None:
+        """`signing_key` signs the stored repeat triggers (`storage.jobstore`); without
+        one, a key of this process alone is used, and the triggers are rebuilt at the
+        next start."""
         self.mongo = mongo
         self.registry = registry
         self.settings = settings or EngineSettings()
         self.clock = clock
         self.runs = RunStore(mongo)
-        self.scheduler = Scheduler(mongo, self._on_repeat)
+        self._ephemeral_key = signing_key is None
+        self.scheduler = Scheduler(mongo, self._on_repeat, signing_key or os.urandom(32))
         self.owner = owners.process_owner()
         self._timer = DueTimer(self._wake_due, self.runs.due_after, clock)
         self._writer = OutcomeWriter(self.runs, self.owner, self._written)
@@ -180,6 +186,10 @@ class Engine:
                           max_backoff=max(30.0, self.settings.sweep_interval))
         self._tasks.every("retention", self.settings.retention_interval, self.apply_retention)
         log.info("engine started", extra={"owner": self.owner, "queues": self.registry.names()})
+        if self._ephemeral_key and not self.mongo.embedded:
+            log.warning("repeat triggers are signed with a key of this process only: set "
+                        "MWAPJOBS_SIGNING_KEY or ENCRYPTION_KEY, or they are rejected "
+                        "(quarantined) and rebuilt at every start")
 
     async def stop(self, timeout: float) -> None:
         """Drain: stop claiming and firing, let running jobs finish for up to

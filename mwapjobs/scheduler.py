@@ -41,7 +41,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_PAUSED, STATE_STOPPED
 
-from .storage.jobstore import CountingJobStore
+from .storage.jobstore import JobStore
 from .storage.mongo import SCHEDULER_JOBS, Mongo
 from .triggers import make_trigger
 
@@ -169,12 +169,13 @@ class _ClockThread(BackgroundScheduler):  # type: ignore[misc]
 class Scheduler:
     """The clock thread, driven from the event loop without blocking it."""
 
-    def __init__(self, mongo: Mongo, on_repeat: RepeatHandler) -> None:
+    def __init__(self, mongo: Mongo, on_repeat: RepeatHandler, signing_key: bytes) -> None:
         self._mongo = mongo
         self._on_repeat = on_repeat
+        self._signing_key = signing_key
         self._io = ThreadPoolExecutor(1, thread_name_prefix="mwapjobs-scheduler-io")
         self._clock: _ClockThread | None = None
-        self._store: CountingJobStore | None = None
+        self._store: JobStore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._round_trips = 0  # of stores replaced by a restart
         self.restarts = 0
@@ -207,17 +208,17 @@ class Scheduler:
         self._loop = asyncio.get_running_loop()
         self._clock, self._store = await self._in_thread(self._start_sync)
 
-    def _start_sync(self) -> tuple[_ClockThread, CountingJobStore]:
-        store = CountingJobStore(database=self._mongo.db_name, collection=SCHEDULER_JOBS,
-                                 client=self._mongo.jobstore_client())
+    def _start_sync(self) -> tuple[_ClockThread, JobStore]:
+        store = JobStore(key=self._signing_key, database=self._mongo.db_name,
+                         collection=SCHEDULER_JOBS, client=self._mongo.jobstore_client())
+        # Delayed runs no longer have triggers; those of older versions go.
+        store.collection.delete_many({"_id": {"$regex": f"^{LEGACY_WAKE_PREFIX}"}})
         clock = _ClockThread(self._fire, jobstores={"default": store},
                              job_defaults={"coalesce": True, "misfire_grace_time": None,
                                            "max_instances": 1},
                              timezone=UTC)
         try:
             clock.start()
-            # Delayed runs no longer have triggers; those of older versions go.
-            store.collection.delete_many({"_id": {"$regex": f"^{LEGACY_WAKE_PREFIX}"}})
         except BaseException:
             clock.stop(5.0)
             raise

@@ -25,9 +25,9 @@ from mwapjobs import scheduler as scheduler_module
 from mwapjobs.config import EngineSettings
 from mwapjobs.engine import Engine, as_utc
 from mwapjobs.queues import Job, QueueRegistry
-from mwapjobs.storage.jobstore import CountingJobStore
+from mwapjobs.storage.jobstore import JobStore
 from mwapjobs.storage.mongo import RUNS, Mongo
-from tests.conftest import wait_for
+from tests.conftest import TEST_SIGNING_KEY, wait_for
 from tests.support.flaky import flaky
 
 EVERY = 0.5
@@ -49,7 +49,8 @@ async def engines(mongo: Mongo) -> AsyncIterator[Callable[[], Engine]]:
 
         reg = QueueRegistry()
         reg.register("q", handler, concurrency=5)
-        engine = Engine(mongo, reg, EngineSettings(lease_seconds=2, sweep_interval=0.3))
+        engine = Engine(mongo, reg, EngineSettings(lease_seconds=2, sweep_interval=0.3),
+                        signing_key=TEST_SIGNING_KEY)
         made.append(engine)
         return engine
 
@@ -106,17 +107,17 @@ async def more_runs(mongo: Mongo, than: int, timeout: float = 10) -> list[dict[s
 
 def failing(monkeypatch: pytest.MonkeyPatch, method: str, error: BaseException,
             times: int) -> list[int]:
-    """Make CountingJobStore.<method> raise `error` on its next `times` calls."""
-    original = getattr(CountingJobStore, method)
+    """Make JobStore.<method> raise `error` on its next `times` calls."""
+    original = getattr(JobStore, method)
     raised: list[int] = []
 
-    def patched(self: CountingJobStore, *args: Any) -> Any:
+    def patched(self: JobStore, *args: Any) -> Any:
         if len(raised) < times:
             raised.append(1)
             raise error
         return original(self, *args)
 
-    monkeypatch.setattr(CountingJobStore, method, patched)
+    monkeypatch.setattr(JobStore, method, patched)
     return raised
 
 
@@ -237,15 +238,15 @@ async def test_a_stuck_clock_thread_is_replaced(
     runs = await more_runs(mongo, 0)
     release = threading.Event()
     hung: list[int] = []
-    original = CountingJobStore.get_due_jobs
+    original = JobStore.get_due_jobs
 
-    def hang_once(self: CountingJobStore, now: datetime) -> Any:
+    def hang_once(self: JobStore, now: datetime) -> Any:
         if not hung:
             hung.append(1)
             release.wait(30)  # a server that stopped answering mid-query
         return original(self, now)
 
-    monkeypatch.setattr(CountingJobStore, "get_due_jobs", hang_once)
+    monkeypatch.setattr(JobStore, "get_due_jobs", hang_once)
     try:
         await wait_for(lambda: engine.scheduler.restarts == 1, timeout=15,
                        message="the stuck clock replaced")

@@ -31,7 +31,7 @@ from mwapjobs.queues import (
     UnknownQueueError,
 )
 from mwapjobs.storage.mongo import RUNS, SCHEDULER_JOBS, Mongo
-from tests.conftest import wait_for
+from tests.conftest import TEST_SIGNING_KEY, wait_for
 
 Handler = Callable[[Job], Awaitable[Any]]
 MakeEngine = Callable[..., Awaitable[Engine]]
@@ -83,7 +83,8 @@ async def make_engine(mongo: Mongo) -> AsyncIterator[MakeEngine]:
     async def make(reg: QueueRegistry, *, clock: Callable[[], datetime] = utcnow,
                    start: bool = True, **settings: Any) -> Engine:
         options = {"lease_seconds": 2, "sweep_interval": 0.3, **settings}
-        engine = Engine(mongo, reg, EngineSettings(**options), clock=clock)
+        engine = Engine(mongo, reg, EngineSettings(**options), clock=clock,
+                        signing_key=TEST_SIGNING_KEY)
         engines.append(engine)
         if start:
             await engine.start()

@@ -9,16 +9,17 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from apscheduler.jobstores.mongodb import MongoDBJobStore
 from apscheduler.triggers.base import BaseTrigger
 
 from mwapjobs.config import EngineSettings
 from mwapjobs.engine import Engine, utcnow
 from mwapjobs.operations import Operations
 from mwapjobs.queues import Job, QueueRegistry, UnknownQueueError
-from mwapjobs.scheduler import REPEAT_PREFIX, make_trigger
+from mwapjobs.scheduler import REPEAT_PREFIX
+from mwapjobs.storage.jobstore import JobStore
 from mwapjobs.storage.mongo import RUNS, SCHEDULER_JOBS, Mongo
-from tests.conftest import wait_for
+from mwapjobs.triggers import make_trigger
+from tests.conftest import TEST_SIGNING_KEY, wait_for
 
 BERLIN = ZoneInfo("Europe/Berlin")
 MakeEngine = Callable[..., Awaitable[Engine]]
@@ -169,7 +170,8 @@ async def make_engine(mongo: Mongo) -> AsyncIterator[MakeEngine]:
         reg = QueueRegistry()
         for name in queues:
             reg.register(name, handler, backoff={"delay": 0.1, "jitter": 0})
-        engine = Engine(mongo, reg, EngineSettings(lease_seconds=2, sweep_interval=0.3))
+        engine = Engine(mongo, reg, EngineSettings(lease_seconds=2, sweep_interval=0.3),
+                        signing_key=TEST_SIGNING_KEY)
         engines.append(engine)
         if start:
             await engine.start()
@@ -322,8 +324,8 @@ async def test_a_fire_while_the_previous_run_is_pending_adds_nothing(
 
 def backdate_repeat(mongo: Mongo, job_key: str, by: timedelta) -> datetime:
     """While no engine runs: make the stored trigger's next fire `by` earlier (a downtime)."""
-    store = MongoDBJobStore(database=mongo.db_name, collection=SCHEDULER_JOBS,
-                            client=mongo.jobstore_client())
+    store = JobStore(key=TEST_SIGNING_KEY, database=mongo.db_name, collection=SCHEDULER_JOBS,
+                     client=mongo.jobstore_client())
     try:
         job = store.lookup_job(job_key)
         assert job is not None

@@ -1,64 +1,207 @@
-"""APScheduler's job store for repeat triggers, on `mwapjobs_scheduler_jobs`.
+"""APScheduler's job store for repeat triggers, on `mwapjobs_scheduler_jobs`, signed.
 
-APScheduler's `MongoDBJobStore` speaks synchronous pymongo and is used only from the
-scheduler's own thread and its I/O thread (`scheduler.Scheduler`), never from the event
-loop. This subclass counts its queries, so the benchmarks and `/metrics` can report
-the clock's round trips next to the application's.
+APScheduler stores each trigger as a pickle, and unpickling runs code: a document
+planted in that collection by anyone who can write to the MWAP database would run
+inside the daemon, which holds every tenant's tokens. So this store never unpickles
+bytes it did not write:
+
+- every `job_state` is signed with HMAC-SHA256 (`sig`), over the job id and the
+  pickle, with a key that only the daemon has (`signing_key`: MWAPJOBS_SIGNING_KEY,
+  or derived from ENCRYPTION_KEY with HKDF and a fixed label);
+- a document with no signature, or a wrong one, is never unpickled: it is moved to
+  `mwapjobs_scheduler_quarantine` (with why and when), removed from the store, and
+  logged at error level; the `scheduler_documents_rejected` alert fires while the
+  quarantine holds any. Triggers written before signing (mwapjobs 0.1) meet the
+  same fate at the first start and are rebuilt by their owners (every repeat is
+  declared again when the daemon starts);
+- even a signed pickle is read by `_TriggerUnpickler`, which knows only the classes a
+  trigger is made of, as a second wall.
+
+It also counts its queries, for the benchmarks and `/metrics`. APScheduler calls it
+from its own thread and from the scheduler's I/O thread, never from the event loop.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import hashlib
+import hmac
+import io
+import logging
+import pickle
+from datetime import UTC, datetime
 from typing import Any
 
+import bson
 from apscheduler.job import Job as ApsJob
+from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
 from apscheduler.jobstores.mongodb import MongoDBJobStore
+from apscheduler.util import datetime_to_utc_timestamp
+from bson.binary import Binary
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pymongo import ASCENDING
+from pymongo.errors import DuplicateKeyError
+
+log = logging.getLogger(__name__)
+
+QUARANTINE = "mwapjobs_scheduler_quarantine"
+FIRE_REF = "mwapjobs.scheduler:fire"  # the only callable a trigger of ours names
+_LABEL = b"mwapjobs scheduler job store signature v1"
+
+# What a pickled APScheduler 3 job state of ours is made of (module -> names).
+_ALLOWED: dict[str, frozenset[str]] = {
+    "apscheduler.triggers.cron": frozenset({"CronTrigger"}),
+    "apscheduler.triggers.cron.fields": frozenset({
+        "BaseField", "WeekField", "DayOfMonthField", "DayOfWeekField", "MonthField"}),
+    "apscheduler.triggers.cron.expressions": frozenset({
+        "AllExpression", "RangeExpression", "WeekdayRangeExpression",
+        "WeekdayPositionExpression", "LastDayOfMonthExpression", "MonthRangeExpression"}),
+    "apscheduler.triggers.interval": frozenset({"IntervalTrigger"}),
+    "mwapjobs.triggers": frozenset({"WallClockCronTrigger"}),
+    "datetime": frozenset({"datetime", "timedelta", "timezone", "date"}),
+    "zoneinfo": frozenset({"ZoneInfo"}),
+}
 
 
-class CountingJobStore(MongoDBJobStore):  # type: ignore[misc]
-    """`MongoDBJobStore` that counts its queries."""
+def signing_key(secret: str) -> bytes:
+    """The job store's HMAC key, derived from a secret of the daemon's (HKDF-SHA256)."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=_LABEL).derive(secret.encode())
+
+
+def _safe_getattr(obj: Any, name: str) -> Any:
+    """`getattr` as pickle uses it for ZoneInfo (`ZoneInfo._unpickle`), and nothing else."""
+    from zoneinfo import ZoneInfo
+
+    if obj is ZoneInfo and name == "_unpickle":
+        return ZoneInfo._unpickle  # type: ignore[attr-defined]
+    raise pickle.UnpicklingError(f"attribute {name!r} is not allowed in a trigger")
+
+
+class _TriggerUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "builtins" and name == "getattr":
+            return _safe_getattr
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a trigger")
+
+
+class RejectedDocument(Exception):
+    """A stored trigger that is not ours; the message says why."""
+
+
+class JobStore(MongoDBJobStore):  # type: ignore[misc]
+    """`MongoDBJobStore` that signs what it writes, verifies what it reads, and counts."""
 
     round_trips = 0
 
-    def _count(self) -> None:
+    def __init__(self, *, key: bytes, **options: Any) -> None:
+        super().__init__(**options)
+        self._key = key
+        self.quarantine = self.collection.database[QUARANTINE]
+
+    def _sign(self, job_id: str, state: bytes) -> str:
+        message = job_id.encode() + b"\0" + state
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def _document(self, job: ApsJob) -> dict[str, Any]:
+        state = pickle.dumps(job.__getstate__(), self.pickle_protocol)
+        return {"next_run_time": datetime_to_utc_timestamp(job.next_run_time),
+                "job_state": Binary(state), "sig": self._sign(job.id, state)}
+
+    def _restore(self, document: dict[str, Any]) -> ApsJob:
+        """The job of a stored document; RejectedDocument unless we signed it."""
+        state = document.get("job_state")
+        sig = document.get("sig")
+        if not isinstance(state, bytes):
+            raise RejectedDocument("no job state")
+        if not isinstance(sig, str):
+            raise RejectedDocument("not signed (written by something other than this "
+                                   "mwapjobs, or by a version before signing)")
+        if not hmac.compare_digest(sig, self._sign(str(document["_id"]), bytes(state))):
+            raise RejectedDocument("bad signature (changed outside mwapjobs, or signed "
+                                   "with another key)")
+        try:
+            job_state = _TriggerUnpickler(io.BytesIO(state)).load()
+        except Exception as exc:
+            raise RejectedDocument(f"signed but not a trigger of ours ({exc})") from None
+        if not isinstance(job_state, dict) or job_state.get("func") != FIRE_REF:
+            raise RejectedDocument("signed but not a trigger of ours")
+        job = ApsJob.__new__(ApsJob)
+        job.__setstate__(job_state)
+        job._scheduler = self._scheduler
+        job._jobstore_alias = self._alias
+        return job
+
+    def _reject(self, document: dict[str, Any], reason: str) -> None:
+        """Move a document we will not read aside, for an operator to look at."""
+        job_id = document.get("_id")
+        self.quarantine.insert_one({
+            "jobId": str(job_id)[:500], "reason": reason, "quarantinedAt": datetime.now(UTC),
+            # As BSON bytes: whatever it holds, it is stored, not interpreted.
+            "document": Binary(bson.encode(document))})
+        self.collection.delete_one({"_id": job_id})
+        log.error("scheduler document rejected: it was never unpickled, and moved to "
+                  f"{QUARANTINE}", extra={"jobId": str(job_id)[:200], "reason": reason})
+
+    # -- APScheduler's job store interface ----------------------------------------------
+
+    def lookup_job(self, job_id: str) -> ApsJob | None:
         self.round_trips += 1
+        document = self.collection.find_one(job_id, ["job_state", "sig"])
+        if document is None:
+            return None
+        try:
+            return self._restore(document)
+        except RejectedDocument as exc:
+            self._reject(document, str(exc))
+            return None
 
-    def lookup_job(self, job_id: str) -> Any:
-        self._count()
-        return super().lookup_job(job_id)
-
-    def get_due_jobs(self, now: datetime) -> Any:
-        self._count()
-        return super().get_due_jobs(now)
+    def get_due_jobs(self, now: datetime) -> list[ApsJob]:
+        return self._get_jobs({"next_run_time": {"$lte": datetime_to_utc_timestamp(now)}})
 
     def get_next_run_time(self) -> Any:
-        self._count()
+        self.round_trips += 1
         return super().get_next_run_time()
 
-    def get_all_jobs(self) -> Any:
-        self._count()
-        return super().get_all_jobs()
+    def get_all_jobs(self) -> list[ApsJob]:
+        jobs = self._get_jobs({})
+        self._fix_paused_jobs_sorting(jobs)
+        return jobs
 
     def add_job(self, job: ApsJob) -> None:
-        self._count()
-        super().add_job(job)
+        self.round_trips += 1
+        try:
+            self.collection.insert_one({"_id": job.id, **self._document(job)})
+        except DuplicateKeyError:
+            raise ConflictingIdError(job.id) from None
 
     def update_job(self, job: ApsJob) -> None:
-        self._count()
-        super().update_job(job)
+        self.round_trips += 1
+        result = self.collection.update_one({"_id": job.id}, {"$set": self._document(job)})
+        if result and result.matched_count == 0:
+            raise JobLookupError(job.id)
 
     def remove_job(self, job_id: str) -> None:
-        self._count()
+        self.round_trips += 1
         super().remove_job(job_id)
 
-    def jobs_with_prefix(self, prefix: str) -> list[ApsJob]:
-        """Jobs whose id starts with `prefix`, via an anchored (indexed) `_id` match.
-
-        `_get_jobs` is APScheduler 3's own helper; the dependency pins <4.
-        """
-        self._count()
-        jobs: list[ApsJob] = self._get_jobs({"_id": {"$regex": "^" + _escape(prefix)}})
+    def _get_jobs(self, conditions: dict[str, Any]) -> list[ApsJob]:
+        self.round_trips += 1
+        jobs = []
+        for document in self.collection.find(conditions, ["_id", "job_state", "sig"],
+                                              sort=[("next_run_time", ASCENDING)]):
+            try:
+                jobs.append(self._restore(document))
+            except RejectedDocument as exc:
+                self._reject(document, str(exc))
         return jobs
+
+    def jobs_with_prefix(self, prefix: str) -> list[ApsJob]:
+        """Jobs whose id starts with `prefix`, via an anchored (indexed) `_id` match:
+        listing repeat schedules reads only those."""
+        return self._get_jobs({"_id": {"$regex": "^" + _escape(prefix)}})
 
 
 def _escape(text: str) -> str:
