@@ -24,6 +24,8 @@ from mwapjobs.storage.mongo import Mongo
 REAL_MONGODB_URI = os.environ.get("MWAPJOBS_TEST_MONGODB_URI")
 ROOT = Path(__file__).resolve().parents[1]
 TEST_ENCRYPTION_KEY = "0123456789abcdef0123456789abcdef"
+# Engines that share a database (restarts, two instances) must sign triggers alike.
+TEST_SIGNING_KEY = b"mwapjobs-test-signing-key-000000"
 
 
 def make_mongo() -> tuple[Mongo, Callable[[], None]]:
