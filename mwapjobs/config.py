@@ -48,6 +48,8 @@ class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(1_048_576, gt=0)
+    max_connections: int = Field(256, ge=8, le=10_000)
+    idle_timeout: float = Field(15.0, gt=0, le=3600)
 
 
 class MongoSettings(_Section):

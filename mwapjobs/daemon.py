@@ -32,6 +32,7 @@ from pydantic import SecretStr
 
 from .alerts import AlertManager
 from .api.app import build_app
+from .api.server import GuardedRunner, quiet_accept_errors
 from .auth import Authenticator, JwksCache
 from .config import ConfigError, Settings
 from .crypto import MwapCipher
@@ -123,7 +124,10 @@ class Daemon:
             raise ConfigError(
                 f"queues.{unknown[0]}: no such queue (known: "
                 f"{', '.join(self.registry.names()) or 'none'})")
-        self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        quiet_accept_errors(asyncio.get_running_loop())
+        self._runner = GuardedRunner(build_app(self), access_log=None, handle_signals=False,
+                                     max_connections=self.settings.http.max_connections,
+                                     idle_timeout=self.settings.http.idle_timeout)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.http.host, self.settings.http.port)
         await site.start()

@@ -24,7 +24,7 @@ from ..storage.mongo import StoreUnavailable
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_HTTP_CODES = {
+HTTP_CODES = {
     400: ("validation/bad-request", "The request is malformed."),
     401: ("auth/unauthorized", "Authentication is required."),
     403: ("auth/forbidden", "You are not allowed to do this."),
@@ -87,7 +87,7 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code, message = _HTTP_CODES.get(exc.status, (f"http/{exc.status}", exc.reason))
+        code, message = HTTP_CODES.get(exc.status, (f"http/{exc.status}", exc.reason))
         response = error(exc.status, code, message)
         if exc.status == 405 and "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
@@ -100,16 +100,55 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     return response
 
 
+MAX_JSON_DEPTH = 32  # objects and arrays inside one another in a request body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deeply `value` nests (stops counting past `limit`)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object body, or an empty object; anything else is a 400."""
+    """The request's JSON object body, or an empty object; anything else is a 400.
+
+    Strict JSON (no NaN or Infinity), in the charset the request names (UTF-8 by
+    default), nested at most MAX_JSON_DEPTH deep."""
     if not request.can_read_body:
         return {}
     if request.content_type != "application/json":
         raise ApiError(415, "http/unsupported-media-type", "Send JSON (application/json).")
+    raw = await request.read()
+    charset = request.charset or "utf-8"
     try:
-        body = await request.json()
+        text = raw.decode(charset)
+    except LookupError:
+        raise ApiError(400, "validation/invalid-json",
+                       f"Unknown charset {charset[:40]!r}; send UTF-8.") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "validation/invalid-json",
+                       f"The body is not valid {charset[:40]}.") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "validation/invalid-json", "The body nests too deeply.") from None
     except ValueError:
         raise ApiError(400, "validation/invalid-json", "The body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise ApiError(400, "validation/invalid-json", "The body must be a JSON object.")
+    if _depth(body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ApiError(400, "validation/invalid-json",
+                       f"The body nests deeper than {MAX_JSON_DEPTH} levels.")
     return body
