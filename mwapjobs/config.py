@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import parse_qsl, quote, unquote
 from typing import Any, Literal
 
 from pydantic import (
@@ -108,6 +109,7 @@ class AdminSettings(_Section):
 
 class MetricsSettings(_Section):
     access: Literal["loopback", "token", "open"] = "loopback"
+    hosts: list[str] = Field(default_factory=list)
 
 
 class RefreshSettings(_Section):
@@ -318,11 +320,49 @@ def masked(settings: Settings) -> dict[str, Any]:
     return data
 
 
-def mask_uri(uri: str) -> str:
-    """Hide the password in a MongoDB URI but keep host and database, which operators need."""
+# URI options whose value is a credential (pymongo's names, compared case-insensitively),
+# besides any option whose name says password, secret or token.
+_SECRET_URI_OPTIONS = frozenset({"authmechanismproperties", "tlscertificatekeyfilepassword",
+                                 "sslpempassphrase", "sslclientcertificatekeypassword"})
+
+
+def _secret_option(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in _SECRET_URI_OPTIONS or any(
+        word in lowered for word in ("password", "secret", "token", "passphrase"))
+
+
+def uri_secrets(uri: str) -> list[str]:
+    """The credential parts of a MongoDB URI: the password, and secret option values."""
     scheme, sep, rest = uri.partition("://")
-    if not sep or "@" not in rest:
+    if not sep:
+        return []
+    found: list[str] = []
+    authority, _, query = rest.partition("?")
+    if "@" in authority:
+        creds = authority.rpartition("@")[0]
+        if ":" in creds:
+            found.append(unquote(creds.split(":", 1)[1]))
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if _secret_option(name) and value:
+            found.append(value)
+            found.extend(part.split(":", 1)[1] for part in value.split(",") if ":" in part)
+    return [f for f in found if f]
+
+
+def mask_uri(uri: str) -> str:
+    """Hide the credentials in a MongoDB URI (the password, and secret options such as
+    `tlsCertificateKeyFilePassword` or `authMechanismProperties`) but keep hosts,
+    database and the other options, which operators need."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
         return uri
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:{SECRET_MASK}@{host}"
+    authority, qmark, query = rest.partition("?")
+    if "@" in authority:
+        creds, _, hosts = authority.rpartition("@")
+        authority = f"{creds.split(':', 1)[0]}:{SECRET_MASK}@{hosts}"
+    if qmark:
+        query = "&".join(
+            f"{name}={SECRET_MASK if _secret_option(name) else quote(value, safe=':,/')}"
+            for name, value in parse_qsl(query, keep_blank_values=True))
+    return f"{scheme}://{authority}{qmark}{query}"

@@ -34,7 +34,7 @@ from .alerts import AlertManager
 from .api.app import build_app
 from .api.server import GuardedRunner, quiet_accept_errors
 from .auth import Authenticator, JwksCache
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, uri_secrets
 from .crypto import MwapCipher
 from .engine import Engine, utcnow
 from .jobs.health_check import HealthChecker, unschedule
@@ -69,6 +69,8 @@ class Daemon:
         for _, value in settings:
             if isinstance(value, SecretStr):
                 secrets.add(value.get_secret_value())
+        for part in uri_secrets(uri):
+            secrets.add(part)
         self._owns_mongo = mongo is None  # an injected client is closed by whoever made it
         self.mongo = mongo or Mongo.connect(uri, settings.mongodb.server_selection_timeout,
                                             socket_timeout=settings.mongodb.socket_timeout)
