@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, unquote
 from typing import Any, Literal
+from urllib.parse import parse_qsl, quote, unquote
 
 from pydantic import (
     AliasChoices,
@@ -334,7 +334,7 @@ def _secret_option(name: str) -> bool:
 
 def uri_secrets(uri: str) -> list[str]:
     """The credential parts of a MongoDB URI: the password, and secret option values."""
-    scheme, sep, rest = uri.partition("://")
+    _scheme, sep, rest = uri.partition("://")
     if not sep:
         return []
     found: list[str] = []
