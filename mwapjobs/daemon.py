@@ -205,7 +205,7 @@ class Daemon:
         if self.jwks is not None:
             await self.jwks.close()
         if self._owns_mongo:
-            self.mongo.close()
+            await self.mongo.aclose()
         log.info("stopped")
 
     # -- readiness -----------------------------------------------------------

@@ -133,7 +133,12 @@ async def test_a_store_error_mid_pass_does_not_end_the_clock(
     runs = await more_runs(mongo, len(runs) + 2)
     assert engine.scheduler.healthy and engine.running
     assert engine.scheduler.restarts == 0  # it survived; nothing had to restart it
-    assert_every_occurrence_once([engine], runs)
+    if method == "get_due_jobs":
+        # Nothing fired while the store could not be read: like a downtime, what fell due
+        # meanwhile coalesces into one fire, and nothing becomes two runs.
+        assert len(set(fire_times(runs))) == len(runs)
+    else:  # a fire happened, and the error came after it: no occurrence is lost
+        assert_every_occurrence_once([engine], runs)
     assert "clock pass failed; retrying" in caplog.text
 
 

@@ -253,8 +253,14 @@ class Mongo:
         return self._jobstore_client()
 
     def close(self) -> None:
+        """Close the clients. Blocking (motor's close ends the server sessions from the
+        calling thread): on the event loop, await `aclose` instead."""
         self.closed = True
         if self._embedded_loop is not None:
             self._embedded_loop.stop()
         else:
             self.client.close()
+
+    async def aclose(self) -> None:
+        """`close`, off the event loop's thread."""
+        await asyncio.to_thread(self.close)
