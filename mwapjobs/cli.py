@@ -22,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .config import ConfigError, Settings, load_settings, masked, resolve_config_path
 from .daemon import Daemon, run_until_signalled
-from .logs import setup_logging
+from .logs import setup_logging, stop_logging
 from .storage.mongo import MongoUriError, database_name
 
 EXIT_CONFIG = 2
@@ -88,9 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     setup_logging(settings.log_level)
     daemon = Daemon(settings)
-    if args.command == "demo":
-        return asyncio.run(_demo(daemon, args.job_seconds))
-    return asyncio.run(run_until_signalled(daemon))
+    try:
+        if args.command == "demo":
+            return asyncio.run(_demo(daemon, args.job_seconds))
+        return asyncio.run(run_until_signalled(daemon))
+    except ConfigError as exc:  # found at start, once the queues are known
+        stop_logging()
+        print(f"mwapjobs: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 async def _demo(daemon: Daemon, job_seconds: float) -> int:

@@ -122,6 +122,7 @@ class RefreshSettings(_Section):
     provider_concurrency: int = Field(4, ge=1)
     provider_rate: float = Field(10.0, gt=0)
     wait_timeout: float = Field(30.0, gt=0)
+    manual_cooldown: float = Field(60.0, ge=0)
 
 
 class HealthSettings(_Section):

@@ -513,3 +513,25 @@ def test_datetimes_in_log_lines_are_iso_8601(json_stdout: JsonStdout) -> None:
     assert line["error"]["at"] == "2026-12-01T10:00:00.000005+00:00"
     assert line["tries"] == ["2026-12-01T10:00:00+00:00"]
     assert datetime.fromisoformat(line["timestamp"]).tzinfo is not None
+
+
+async def test_a_tenant_cannot_spend_the_shared_client_in_a_loop(api: Api) -> None:
+    """One manual refresh per integration per refresh.manual_cooldown: calls in a loop
+    make one token request, and the rest are told when to come back."""
+    iid, _ = await api.integration()
+    statuses: list[int] = []
+    retry_after: set[str] = set()
+    for _ in range(20):
+        status, body, _ = await api.post(api.tenant_a, iid, OWNER, "?wait=true")
+        statuses.append(status)
+        if status == 429:
+            assert body["error"]["code"] == "refresh/too-soon"
+            retry_after.add(body["error"]["message"])
+    assert statuses[0] == 200
+    assert set(statuses[1:]) == {429}
+    assert len(token_requests(api.oauth)) == 1
+    url = api.base + PATH.format(tenant=api.tenant_a, integration=iid)
+    async with aiohttp.ClientSession() as http, http.post(
+            url, headers=api.bearer(OWNER)) as resp:
+        assert resp.status == 429
+        assert 0 < int(resp.headers["Retry-After"]) <= 60

@@ -46,6 +46,7 @@ from ..logs import audit
 from .envelope import ApiError, ok
 from .keys import DAEMON
 from .queues import stats_key
+from .throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,9 @@ class SessionStore:
 
 
 SESSIONS: web.AppKey[SessionStore] = web.AppKey("dashboard_sessions")
+# Failed logins per client address: this many within the window, then 429 until it passes.
+LOGIN_FAILURES: web.AppKey[Throttle] = web.AppKey("dashboard_login_failures")
+MAX_FAILED_LOGINS, FAILED_LOGIN_WINDOW = 5, 300.0
 _FILES: web.AppKey[dict[str, bytes]] = web.AppKey("dashboard_files")
 
 
@@ -239,7 +243,17 @@ async def login(request: web.Request) -> web.Response:
         log.info("cross-site login refused", extra={"remote": request.remote,
                                                     "origin": request.headers.get("Origin")})
         return _login_page(request, "Log in from this server's own login page.", 403)
-    form = await request.post()
+    remote = request.remote or "unknown"
+    wait = request.app[LOGIN_FAILURES].retry_after(remote)
+    if wait is not None:
+        response = _login_page(request, "Too many failed logins from your address; try "
+                                        f"again in {int(wait) + 1} s.", 429)
+        response.headers["Retry-After"] = str(int(wait) + 1)
+        return response
+    try:
+        form = await request.post()
+    except (ValueError, LookupError, web.HTTPException):  # a broken form or charset
+        return _login_page(request, "The login form could not be read.", 400)
     token = form.get("token")
     if not isinstance(token, str) or not token.strip():
         return _login_page(request, "Enter an admin token.", 400)
@@ -247,9 +261,11 @@ async def login(request: web.Request) -> web.Response:
     try:
         caller = await daemon.auth.authenticate_token(token, request.remote)
     except ApiError as exc:
+        request.app[LOGIN_FAILURES].hit(remote)
         if exc.status == 401:
             return _login_page(request, "That token is not valid.", 401)
         return _login_page(request, exc.message, exc.status)
+    request.app[LOGIN_FAILURES].clear(remote)
     if not caller.superadmin:
         log.info("dashboard login denied: not an admin", extra={"actor": caller.actor,
                                                                 "remote": request.remote})
@@ -324,6 +340,7 @@ def _load_files() -> dict[str, bytes]:
 def add_routes(app: web.Application) -> None:
     """The dashboard's routes and session store (add `session_middleware` to the app too)."""
     app[SESSIONS] = SessionStore(app[DAEMON].settings.admin.session_ttl)
+    app[LOGIN_FAILURES] = Throttle(MAX_FAILED_LOGINS, FAILED_LOGIN_WINDOW)
     app[_FILES] = _load_files()
     r = app.router
     r.add_get(PREFIX, to_home)

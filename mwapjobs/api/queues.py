@@ -22,6 +22,7 @@ from .keys import DAEMON
 from .validation import query_int
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
+MAX_OLDER_THAN = 100 * 366 * 86400.0  # a century: anything older is "everything"
 
 
 def stats_key(queue: str) -> str:
@@ -118,9 +119,9 @@ async def clean(request: web.Request) -> web.Response:
     older_than = body.get("olderThan", 0)
     if state not in FINISHED:
         raise ApiError(400, "validation/invalid-parameter", "state must be completed or failed")
-    if not isinstance(older_than, int | float) or isinstance(older_than, bool) or older_than < 0:
+    if not _number(older_than) or not 0 <= older_than <= MAX_OLDER_THAN:
         raise ApiError(400, "validation/invalid-parameter",
-                       "olderThan must be a number of seconds >= 0")
+                       f"olderThan must be a number of seconds from 0 to {MAX_OLDER_THAN:.0f}")
     deleted = await _ops(request).clean(queue, state, float(older_than))
     audit("queue.clean", caller.actor, f"queue:{queue}", state=state, olderThan=older_than,
           deleted=deleted)

@@ -14,11 +14,14 @@ from aiohttp import web
 from ..engine import as_utc
 from ..jobs.token_refresh import MANUAL_PRIORITY, QUEUE, job_id
 from ..logs import audit
-from .envelope import ApiError, ok
+from .envelope import ApiError, error, ok
+from .throttle import Throttle
 from .keys import DAEMON
 from .validation import path_id, query_bool
 
 PATH = "/api/v1/oauth/tenants/{tenantId}/integrations/{integrationId}/refresh"
+# One manual refresh per integration per `refresh.manual_cooldown` seconds.
+MANUAL_REFRESHES: web.AppKey[Throttle] = web.AppKey("manual_refreshes")
 
 
 async def refresh_integration(request: web.Request) -> web.Response:
@@ -40,6 +43,18 @@ async def refresh_integration(request: web.Request) -> web.Response:
     if not integration.get("refreshToken"):
         raise ApiError(409, "integration/not-connected",
                        "The integration has no refresh token; the tenant must connect it.")
+    key = str(integration["_id"])
+    pending = (await daemon.engine.runs.pending_by_job(QUEUE, [job_id(key)])).get(job_id(key))
+    if pending is None or pending["state"] == "delayed":  # this call starts a refresh
+        cooldown = request.app[MANUAL_REFRESHES]
+        wait_for = cooldown.retry_after(key)
+        if wait_for is not None:  # each refresh spends the platform's shared OAuth client
+            seconds = int(wait_for) + 1
+            response = error(429, "refresh/too-soon", "This integration was refreshed by "
+                             f"hand moments ago; try again in {seconds} s.")
+            response.headers["Retry-After"] = str(seconds)
+            return response
+        cooldown.hit(key)
     expires = integration.get("tokenExpiresAt")
     deadline = as_utc(expires) if isinstance(expires, datetime) else None
     added = await daemon.engine.add(
@@ -59,4 +74,5 @@ async def refresh_integration(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app[MANUAL_REFRESHES] = Throttle(1, app[DAEMON].settings.refresh.manual_cooldown)
     app.router.add_post(PATH, refresh_integration)
