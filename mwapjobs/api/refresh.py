@@ -15,8 +15,8 @@ from ..engine import as_utc
 from ..jobs.token_refresh import MANUAL_PRIORITY, QUEUE, job_id
 from ..logs import audit
 from .envelope import ApiError, error, ok
-from .throttle import Throttle
 from .keys import DAEMON
+from .throttle import Throttle
 from .validation import path_id, query_bool
 
 PATH = "/api/v1/oauth/tenants/{tenantId}/integrations/{integrationId}/refresh"
