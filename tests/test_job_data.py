@@ -108,3 +108,23 @@ async def test_an_unknown_queue_section_stops_the_start(mongo: Mongo) -> None:
     ok = Daemon(make_settings(queues={"token-refresh": {"attempts": 5}}), mongo=mongo)
     await ok.start()
     await ok.stop()
+
+
+def test_a_typo_in_a_queue_section_stops_serve_with_exit_2(tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, TEST_ENCRYPTION_KEY
+
+    config = tmp_path / "config.toml"
+    config.write_text('[queues.tokn-refresh]\nattempts = 5\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MWAPJOBS_")}
+    env.update(MONGODB_URI="memory://", ENCRYPTION_KEY=TEST_ENCRYPTION_KEY,
+               MWAPJOBS_HTTP__PORT="0")
+    out = subprocess.run([sys.executable, "-m", "mwapjobs", "serve", "--config", str(config)],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "mwapjobs: config error: queues.tokn-refresh: no such queue")
+    assert "Traceback" not in out.stderr
