@@ -154,6 +154,8 @@ class AlertSettings(_Section):
     health_sweep_missed_intervals: float = Field(2.0, gt=0)
     mongodb_down_for: float = Field(60.0, gt=0)
     email_from: str = "mwapjobs@localhost"
+    smtp_allow_plaintext: bool = False
+    smtp_ca_file: str | None = None
 
 
 def _mwap(name: str) -> AliasChoices:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import mongomock
@@ -20,8 +21,9 @@ from mwapjobs.queues import Job, PermanentError, QueueRegistry
 from mwapjobs.storage.integrations import NOTIFICATIONS, IntegrationStore
 from mwapjobs.storage.mongo import RUNS, Mongo
 from tests.conftest import REAL_MONGODB_URI, make_settings, wait_for
+from tests.support.flaky import FlakyMongo
 from tests.support.receivers import SmtpReceiver, WebhookReceiver, free_port
-from tests.test_daemon import FlakyMongo
+from tests.support.tls import self_signed
 
 
 class RecordingChannel:
@@ -354,11 +356,16 @@ async def test_email_goes_to_every_recipient_over_smtp(mongo: Mongo) -> None:
     assert fired.text in mail.email.get_content()
 
 
-async def test_smtp_login_when_user_and_password_are_set(mongo: Mongo, caplog: Any) -> None:
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+async def test_smtp_logs_in_only_over_tls(mongo: Mongo, caplog: Any, tmp_path: Path,
+                                          tls: str) -> None:
     password = "s3cret-smtp-pass"
-    with SmtpReceiver(auth=("alerts", password)) as smtp:
-        m = manager(mongo, registry("q"), alerts={"check_interval": 3600},
+    cert = self_signed(tmp_path)
+    with SmtpReceiver(auth=("alerts", password), tls=tls, cert=cert) as smtp:
+        m = manager(mongo, registry("q"), alerts={"check_interval": 3600,
+                                                  "smtp_ca_file": str(cert.cert)},
                     settings={"smtp_host": smtp.host, "smtp_port": smtp.port,
+                              "smtp_secure": tls == "implicit",
                               "smtp_user": "alerts", "smtp_pass": password,
                               "alert_email_recipients": "ops@example.org"})
         await m.start()
@@ -369,6 +376,37 @@ async def test_smtp_login_when_user_and_password_are_set(mongo: Mongo, caplog: A
         finally:
             await m.stop()
     assert smtp.logins == [("alerts", True)]
+    assert password not in caplog.text
+
+
+@pytest.mark.parametrize("allow_plaintext", [False, True])
+async def test_no_password_in_clear_when_starttls_is_missing_or_stripped(
+        mongo: Mongo, caplog: Any, allow_plaintext: bool) -> None:
+    """A server (or a man in the middle) that offers no STARTTLS gets no password."""
+    password = "s3cret-smtp-pass"
+    with SmtpReceiver(auth=("alerts", password)) as smtp:
+        m = manager(mongo, registry("q"), alerts={
+                        "check_interval": 3600, "smtp_allow_plaintext": allow_plaintext},
+                    settings={"smtp_host": smtp.host, "smtp_port": smtp.port,
+                              "smtp_user": "alerts", "smtp_pass": password,
+                              "alert_email_recipients": "ops@example.org"})
+        m.dispatcher.retry_base = 0.05
+        await m.start()
+        try:
+            with caplog.at_level(logging.INFO):
+                m.dispatcher.submit(Message("firing", "[mwapjobs] FIRING: test: clear"))
+                if allow_plaintext:  # an explicit choice, for a relay on this machine
+                    await smtp.wait_for_async(1)
+                else:
+                    await wait_for(lambda: any(
+                        "refusing to send the password in clear" in str(r.__dict__.get("error"))
+                        for r in caplog.records), timeout=10, message="the refusal")
+        finally:
+            await m.stop()
+    if allow_plaintext:
+        assert smtp.logins == [("alerts", True)]
+    else:
+        assert smtp.logins == [] and smtp.messages == []
     assert password not in caplog.text
 
 

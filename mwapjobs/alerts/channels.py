@@ -150,10 +150,19 @@ class SmtpConfig:
     sender: str
     recipients: tuple[str, ...]
     timeout: float = 30.0
+    allow_plaintext: bool = False  # log in without TLS (a relay on localhost only)
+    ca_file: str | None = None  # trust these CAs instead of the system's (a private relay)
 
 
 class EmailChannel:
-    """Plain-text email over SMTP with the standard library, in a worker thread."""
+    """Plain-text email over SMTP with the standard library, in a worker thread.
+
+    TLS: `SMTP_SECURE=true` is TLS from the first byte (SMTPS); otherwise STARTTLS
+    whenever the server offers it. With credentials set, TLS is required: a server that
+    offers no STARTTLS (or a man in the middle who strips it) gets no password, and the
+    delivery fails with that reason, unless `alerts.smtp_allow_plaintext` says otherwise.
+    Certificates are verified against the system's trust store.
+    """
 
     name = "email"
 
@@ -178,15 +187,23 @@ class EmailChannel:
         smtp: smtplib.SMTP
         if c.secure:
             smtp = smtplib.SMTP_SSL(c.host, c.port, timeout=c.timeout,
-                                    context=ssl.create_default_context())
+                                    context=ssl.create_default_context(cafile=c.ca_file))
         else:
             smtp = smtplib.SMTP(c.host, c.port, timeout=c.timeout)
         with smtp:
             smtp.ehlo()
+            encrypted = c.secure
             if not c.secure and smtp.has_extn("starttls"):
-                smtp.starttls(context=ssl.create_default_context())
+                smtp.starttls(context=ssl.create_default_context(cafile=c.ca_file))
                 smtp.ehlo()
+                encrypted = True
             if c.user and c.password:
+                if not encrypted and not c.allow_plaintext:
+                    # A man in the middle who strips STARTTLS must not get SMTP_PASS.
+                    raise ChannelError(
+                        "the SMTP server offers no TLS (STARTTLS): refusing to send the "
+                        "password in clear; use SMTP_SECURE=true, a server with STARTTLS, "
+                        "or alerts.smtp_allow_plaintext = true for a local relay")
                 smtp.login(c.user, c.password)
             smtp.send_message(email, from_addr=c.sender, to_addrs=list(c.recipients))
 
@@ -217,6 +234,8 @@ def channels_from_settings(settings: Settings, timeout: float = 30.0) -> list[Ch
             host=settings.smtp_host, port=settings.smtp_port, secure=settings.smtp_secure,
             user=settings.smtp_user or None, password=password or None,
             sender=settings.alerts.email_from, recipients=recipients, timeout=timeout,
+            allow_plaintext=settings.alerts.smtp_allow_plaintext,
+            ca_file=settings.alerts.smtp_ca_file,
         )))
     elif settings.smtp_host or recipients:
         missing = "ALERT_EMAIL_RECIPIENTS" if settings.smtp_host else "SMTP_HOST"

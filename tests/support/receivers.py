@@ -37,6 +37,8 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from tests.support.tls import LocalCert
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -141,9 +143,13 @@ class _Handler:
 
 
 class SmtpReceiver:
-    """aiosmtpd on 127.0.0.1, plain SMTP; optional AUTH (PLAIN/LOGIN) without TLS."""
+    """aiosmtpd on 127.0.0.1: plain SMTP, STARTTLS (`tls="starttls"`) or SMTPS
+    (`tls="implicit"`) with a local certificate; optional AUTH (PLAIN/LOGIN), offered
+    even without TLS, so that a client that logs in over plain text is seen in `logins`
+    (which is what a man in the middle who strips STARTTLS would see)."""
 
-    def __init__(self, auth: tuple[str, str] | None = None) -> None:
+    def __init__(self, auth: tuple[str, str] | None = None, *, tls: str | None = None,
+                 cert: LocalCert | None = None) -> None:
         self.host = "127.0.0.1"
         self.port = free_port()
         self._handler = _Handler()
@@ -151,9 +157,13 @@ class SmtpReceiver:
         self._auth = auth
         kwargs: dict[str, Any] = {}
         if auth is not None:
-            # AUTH offered over plain SMTP (tests only); not required, so a client
-            # that does not log in is seen in `logins` instead of being refused.
             kwargs.update(authenticator=self._authenticate, auth_require_tls=False)
+        if tls == "starttls":
+            assert cert is not None
+            kwargs.update(tls_context=cert.server_context())
+        elif tls == "implicit":
+            assert cert is not None
+            kwargs.update(ssl_context=cert.server_context())
         self._controller = Controller(self._handler, hostname=self.host, port=self.port,
                                       **kwargs)
         self._lock = threading.Lock()
