@@ -32,7 +32,7 @@ from bson import ObjectId
 
 from mwapjobs.auth import Authenticator
 from mwapjobs.daemon import Daemon
-from mwapjobs.jobs import health_check, probes
+from mwapjobs.jobs import health_check, probes, token_refresh
 from mwapjobs.jobs.health_check import (
     QUEUE,
     SPREAD_FRACTION,
@@ -46,6 +46,7 @@ from mwapjobs.jobs.token_refresh import MANUAL_PRIORITY
 from mwapjobs.storage.identity import IdentityStore
 from mwapjobs.storage.integrations import INTEGRATION_STATE, IntegrationStore
 from mwapjobs.storage.mongo import RUNS, Mongo
+from mwapjobs.storage.providers import ProviderHolds
 from tests.conftest import make_settings, wait_for
 from tests.support.jwks import JwksServer
 from tests.support.mwap_data import (
@@ -421,6 +422,38 @@ async def test_a_refresh_that_fails_for_now_is_a_counted_failure(w: World) -> No
     assert health["consecutiveFailures"] == 1
     assert "did not succeed" in health["lastResult"]["message"]
     assert (await w.doc(iid))["status"] == "active"
+
+
+async def test_a_held_provider_never_expires_or_fails_its_tenants(
+        w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(token_refresh, "PROVIDER_HOLD_RECHECK", 3600.0)  # no re-probe here
+    stale, stale_token = await w.integration("google")
+    past, _ = await w.integration("google", expires_in=-60)  # refreshed before any probe
+    w.api.reply(stale_token, Reply.unauthorized())
+    w.oauth.add_client(CID, "rotated-at-the-provider")  # our client secret is now wrong
+    before = {iid: await w.doc(iid) for iid in (stale, past)}
+    started = time.monotonic()
+
+    report = await w.sweep()
+
+    assert time.monotonic() - started < 5  # a postponed refresh is not waited out
+    assert (report.skipped, report.expired, report.failing, report.error) == (2, 0, 0, 0)
+    hold = (await ProviderHolds(w.mongo).state(w.provider["google"].hex) or {}).get("hold")
+    assert hold is not None and hold["error"] == "invalid_client"
+    refused = len([r for r in w.oauth.requests if r.path == "/oauth/token"])
+    assert 1 <= refused <= 2  # those in flight before the hold was known; then none
+    for _ in range(3):  # failure_threshold sweeps: still nothing counted or changed
+        report = await w.sweep()
+        assert (report.skipped, report.failing, report.error) == (2, 0, 0)
+    for iid in (stale, past):
+        assert await w.doc(iid) == before[iid]
+        assert await notifications(w.mongo, iid) == []
+        health = await w.health(iid)
+        assert health["consecutiveFailures"] == 0 and health["setStatus"] is None
+        assert health["lastResult"]["outcome"] == "skipped"
+        assert "provider is on hold" in health["lastResult"]["message"]
+        assert "status unchanged" in health["lastResult"]["message"]
+    assert len([r for r in w.oauth.requests if r.path == "/oauth/token"]) == refused
 
 
 async def test_a_401_without_a_refresh_token_makes_it_expired(w: World) -> None:

@@ -21,7 +21,13 @@ from mwapjobs.crypto import MwapCipher
 from mwapjobs.daemon import Daemon
 from mwapjobs.engine import Engine
 from mwapjobs.jobs.refresh_sync import FULL_EVERY, RefreshSync
-from mwapjobs.jobs.token_refresh import QUEUE, fingerprint, job_id
+from mwapjobs.jobs.token_refresh import (
+    MANUAL_PRIORITY,
+    QUEUE,
+    connection_fingerprint,
+    fingerprint,
+    job_id,
+)
 from mwapjobs.queues import Job, QueueRegistry
 from mwapjobs.storage.integrations import IntegrationStore
 from mwapjobs.storage.mongo import RUNS, Mongo
@@ -35,6 +41,7 @@ from tests.support.mwap_data import (
     insert_integrations,
     integration_doc,
     new_hex_id,
+    notifications,
     pending_refresh_runs,
     test_cipher,
     update_integration,
@@ -140,7 +147,9 @@ async def test_full_pass_schedules_one_job_per_refreshable_integration(h: Harnes
         doc = await get_integration(h.mongo, ObjectId(iid) if iid == legacy else iid)
         assert doc is not None
         expires = as_utc(doc["tokenExpiresAt"])
-        assert run["data"] == {"integrationId": iid, "tenantId": h.tenant_id}
+        assert run["data"] == {"integrationId": iid, "tenantId": h.tenant_id,
+                               "providerId": h.provider_id,
+                               "connection": connection_fingerprint(doc)}
         assert as_utc(run["deadline"]) == expires
         if iid in (soon, gone):
             assert run["state"] == "waiting"
@@ -301,6 +310,110 @@ async def test_dead_refresh_token_is_not_rescheduled_until_the_tenant_reconnects
     assert set(await h.pending()) == {job_id(iid)}
 
 
+# -- what belongs to the engine: discovery never undoes a scheduling decision ------------------
+
+
+async def _set_run(h: Harness, iid: str, fields: dict[str, Any]) -> None:
+    """Change a pending run the way the engine does (a retry, a postponement)."""
+    await h.mongo.call(lambda db: db[RUNS].update_one({"jobId": job_id(iid)}, {"$set": fields}))
+
+
+@pytest.mark.parametrize("case", ["backoff", "retry-after", "postponed"])
+async def test_a_retry_or_postponement_keeps_its_time(h: Harness, case: str) -> None:
+    iid = await h.add(expires_in=30)  # due now
+    await h.sync.sync_once()
+    # The engine put the run back: a backoff, a provider's Retry-After far beyond the
+    # discovery interval, a hold of its provider. Its tokens did not change.
+    later = utcnow() + timedelta(seconds={"backoff": 0.5, "retry-after": 120,
+                                          "postponed": 600}[case])
+    await _set_run(h, iid, {"state": "delayed", "runAt": later, "attemptsMade": 1})
+    await update_integration(h.mongo, iid, {"status": "error"})  # touched, tokens unchanged
+    for full in (False, True, None):
+        report = await h.sync.sync_once(full=full)
+        assert (report.added, report.moved, report.dropped) == (0, 0, 0), full
+    [run] = (await h.pending()).values()
+    assert run["state"] == "delayed" and same_ms(run["runAt"], later)
+
+
+@pytest.mark.parametrize("source", ["api", "health"])
+async def test_a_queued_manual_or_health_refresh_is_not_sent_back(h: Harness,
+                                                                  source: str) -> None:
+    iid = await h.add(expires_in=7200)
+    await h.sync.sync_once()
+    doc = await get_integration(h.mongo, iid)
+    assert doc is not None
+    # What the manual endpoint (data without `connection`) and a health check add.
+    data = ({"integrationId": iid, "tenantId": h.tenant_id} if source == "api"
+            else {"integrationId": iid, "tenantId": h.tenant_id, "providerId": h.provider_id,
+                  "connection": connection_fingerprint(doc)})
+    added = await h.engine.add(QUEUE, data, job_id=job_id(iid), priority=MANUAL_PRIORITY,
+                               replace=True, deadline=as_utc(doc["tokenExpiresAt"]))
+    assert added.state == "waiting"
+    for full in (False, True, False):
+        await update_integration(h.mongo, iid, {"metadata": {"touched": True}})
+        report = await h.sync.sync_once(full=full)
+        assert (report.added, report.moved, report.dropped) == (0, 0, 0), full
+    [run] = (await h.pending()).values()
+    assert (run["state"], run["priority"]) == ("waiting", MANUAL_PRIORITY)
+    assert str(run["_id"]) == added.run_id
+
+    # a reconnect while it waits: now the tokens changed, and the job moves to them
+    new_expiry = utcnow() + timedelta(hours=3)
+    await update_integration(h.mongo, iid, {"refreshToken": h.cipher.encrypt("rt-reconnected"),
+                                            "tokenExpiresAt": new_expiry})
+    assert (await h.sync.sync_once(full=False)).moved == 1
+    [run] = (await h.pending()).values()
+    assert run["state"] == "delayed" and same_ms(run["deadline"], new_expiry)
+    fresh = await get_integration(h.mongo, iid)
+    assert fresh is not None and run["data"]["connection"] == connection_fingerprint(fresh)
+
+
+# -- a dead access token without a refresh token is not left active -------------------------
+
+
+async def test_an_expired_token_without_refresh_token_is_marked_expired(h: Harness) -> None:
+    dead = await h.add(expires_in=-10, refresh_token=None)
+    dead_error = await h.add(expires_in=-10, refresh_token=ABSENT, status="error")
+    dead_empty = await h.add(expires_in=-10, refresh_token="", encrypt=False)
+    alive = await h.add(expires_in=3600, refresh_token=None)           # not expired yet
+    unconnected = await h.add(expires_in=-10, refresh_token=None, access_token=None)
+    revoked = await h.add(expires_in=-10, refresh_token=None, status="revoked")
+    before = {i: await get_integration(h.mongo, i) for i in (alive, unconnected, revoked)}
+
+    report = await h.sync.sync_once()
+
+    assert report.expired == 3
+    for iid in (dead, dead_error, dead_empty):
+        doc = await get_integration(h.mongo, iid)
+        assert doc is not None and doc["status"] == "expired", iid
+        [note] = await notifications(h.mongo, iid)
+        assert note["kind"] == "integration.expired" and "reconnect" in note["reason"]
+    for iid, doc in before.items():
+        assert await get_integration(h.mongo, iid) == doc, iid
+        assert await notifications(h.mongo, iid) == []
+    assert await h.pending() == {}
+    for full in (True, False):  # said once
+        assert (await h.sync.sync_once(full=full)).expired == 0
+    assert len(await notifications(h.mongo)) == 3
+
+
+async def test_a_reconnect_meanwhile_is_not_marked_expired(h: Harness) -> None:
+    iid = await h.add(expires_in=-10, refresh_token=None)
+    real_get = h.store.get
+
+    async def reconnected_first(integration_id: str) -> dict[str, Any] | None:
+        await update_integration(h.mongo, iid, {
+            "refreshToken": h.cipher.encrypt("rt-new"), "accessToken": h.cipher.encrypt("at"),
+            "tokenExpiresAt": utcnow() + timedelta(hours=1)})
+        return await real_get(integration_id)
+
+    h.store.get = reconnected_first  # type: ignore[method-assign]
+    assert (await h.sync.sync_once()).expired == 0
+    doc = await get_integration(h.mongo, iid)
+    assert doc is not None and doc["status"] == "active"
+    assert await notifications(h.mongo, iid) == []
+
+
 # -- cost: a handful of queries per pass, not one per integration ------------------------------
 
 
@@ -321,7 +434,8 @@ async def test_round_trips_per_pass_do_not_grow_with_the_number_of_integrations(
 
     first, trips = await sync_pass(None)
     assert (first.full, first.added) == (True, n)
-    # 3 reads for the pass, plus the write of each new run (one insert each)
+    # 4 reads for the pass (integrations, our notes, pending runs, provider holds),
+    # plus the write of each new run (one insert each)
     assert trips <= 5 + n
 
     for full in (True, False, None):
@@ -392,6 +506,30 @@ async def test_the_daemon_discovers_at_start_and_continuously(mongo: Mongo) -> N
                        message="deleted integration's job gone")
         assert await _pending_run(mongo, first) is not None
         assert daemon.refresher is not None and daemon.refresher.requests == 0
+    finally:
+        await daemon.stop()
+
+
+async def test_the_daemon_expires_dead_tokens_without_health_checks(mongo: Mongo) -> None:
+    cipher = test_cipher()
+    iid = await insert_integration(mongo, cipher, provider=new_hex_id(), tenant_id=new_hex_id(),
+                                   refresh_token=None, expires_in=-5)
+    settings = make_settings(health={"enabled": False},
+                             refresh={"lead": LEAD, "jitter": JITTER, "sync_interval": 0.1})
+    daemon = Daemon(settings, mongo=mongo)
+    await daemon.start()
+    try:
+        await daemon.wait_ready()
+        assert daemon.health_checker is None
+
+        async def expired_and_told() -> bool:  # the status is written, then the notification
+            doc = await get_integration(mongo, iid)
+            return (doc is not None and doc["status"] == "expired"
+                    and bool(await notifications(mongo, iid)))
+
+        await wait_for(expired_and_told, message="the dead integration marked expired")
+        [note] = await notifications(mongo, iid)
+        assert note["kind"] == "integration.expired"
     finally:
         await daemon.stop()
 

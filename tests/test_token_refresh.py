@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -24,18 +25,29 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, quote_plus
 
 import aiohttp
 import pytest
 
+from mwapjobs.alerts import AlertManager
+from mwapjobs.alerts.rules import Rule, provider_on_hold
 from mwapjobs.config import RefreshSettings, Settings
 from mwapjobs.crypto import MwapCipher
 from mwapjobs.daemon import Daemon
-from mwapjobs.jobs.token_refresh import QUEUE, RefreshFailed, TokenRefresher, fingerprint, job_id
-from mwapjobs.queues import Job, TransientError
+from mwapjobs.jobs import token_refresh
+from mwapjobs.jobs.token_refresh import (
+    PROVIDER_HOLD_RECHECK,
+    QUEUE,
+    RefreshFailed,
+    TokenRefresher,
+    fingerprint,
+    job_id,
+)
+from mwapjobs.queues import Job, Postpone, TransientError
 from mwapjobs.storage.integrations import IntegrationStore
-from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.mongo import PROVIDERS, Mongo
+from mwapjobs.storage.providers import ProviderHolds, config_fingerprint
 from tests.conftest import make_settings, wait_for
 from tests.support.mwap_data import (
     ABSENT,
@@ -133,12 +145,14 @@ class World:
                        auth_methods: tuple[str, ...] = ("client_secret_basic",),
                        rotate: bool = False, return_refresh_token: bool = True,
                        expires_in: int | None = 3600, scope: str = "files.read files.write",
+                       answer_format: str = "json", errors_with_200: bool = False,
                        **options: Any) -> SeededProvider:
         """A client at the token endpoint and its `cloudProviders` document."""
         self.oauth.add_client(client_id, secret, auth_methods=auth_methods,
                               rotate_refresh_token=rotate,
                               return_refresh_token=return_refresh_token,
-                              expires_in=expires_in, scope=scope)
+                              expires_in=expires_in, scope=scope,
+                              answer_format=answer_format, errors_with_200=errors_with_200)
         return await insert_provider(self.mongo, self.cipher, token_url=self.oauth.token_url,
                                      client_id=client_id, client_secret=secret, **options)
 
@@ -420,29 +434,24 @@ async def _assert_given_up(world: World, iid: str, before: dict[str, Any], reaso
     assert reason in note["reason"] and note["delivered"] is False
 
 
-@pytest.mark.parametrize("case", ["invalid_grant", "invalid_client", "post_only_client",
-                                  "unauthorized_client", "forbidden_403", "bad_request_400"])
-async def test_permanent_failures_expire_the_integration(world: World, case: str) -> None:
-    provider = await world.provider(
-        auth_methods=("client_secret_post",) if case == "post_only_client" else
-        ("client_secret_basic",))
+@pytest.mark.parametrize("case", ["invalid_grant", "json_200_invalid_grant",
+                                  "github_bad_refresh_token", "form_invalid_grant"])
+async def test_only_a_dead_grant_expires_the_integration(world: World, case: str) -> None:
+    form_client = case in ("github_bad_refresh_token", "form_invalid_grant")
+    provider = await world.provider(answer_format="form" if form_client else "json",
+                                    errors_with_200=form_client)
     iid, rt = await world.integration(provider)
-    expected = case
-    if case == "invalid_grant":
-        world.oauth.revoke(rt)
-    elif case == "invalid_client":
-        world.oauth.add_client(CID, "rotated-secret")  # the provider's secret changed
-    elif case == "post_only_client":  # we send Basic; the client may only use POST
-        expected = "invalid_client"
-    elif case == "unauthorized_client":
-        world.oauth.script(Fault(400, {"error": "unauthorized_client"}))
-    elif case == "forbidden_403":
-        world.oauth.script(Fault(403, "Forbidden"))
-        expected = "HTTP 403"
+    expected = "invalid_grant"
+    if case in ("invalid_grant", "form_invalid_grant"):
+        world.oauth.revoke(rt)  # Authlib's own answer (as a 200 form for the GitHub-like one)
+    elif case == "json_200_invalid_grant":  # a 200 whose body is an OAuth error
+        world.oauth.script(Fault(200, {"error": "invalid_grant",
+                                       "error_description": "Token has been expired or revoked."}))
     else:
-        world.oauth.script(Fault(400, {"error": "invalid_request",
-                                       "error_description": "bad thing"}))
-        expected = "invalid_request: bad thing"
+        world.oauth.script(Fault(200, "error=bad_refresh_token&error_description=The+refresh+"
+                                      "token+passed+is+incorrect+or+expired.",
+                                 {"Content-Type": FORM}))
+        expected = "bad_refresh_token: The refresh token passed is incorrect or expired."
     before = await world.doc(iid)
 
     with pytest.raises(RefreshFailed):
@@ -450,6 +459,181 @@ async def test_permanent_failures_expire_the_integration(world: World, case: str
 
     assert len(token_requests(world.oauth)) == 1
     await _assert_given_up(world, iid, before, expected)
+    assert await hold_of(world, provider) is None
+
+
+async def hold_of(world: World, provider: SeededProvider) -> dict[str, Any] | None:
+    state = await ProviderHolds(world.mongo).state(provider.hex)
+    return state.get("hold") if state else None
+
+
+@pytest.fixture(scope="module")
+def tls_server() -> Iterator[OAuthServer]:
+    with OAuthServer(tls=True) as server:
+        yield server
+
+
+PROVIDER_ERRORS = ["wrong_secret", "post_only_client", "unauthorized_client",
+                   "unsupported_grant_type", "bare_401", "form_200_invalid_client",
+                   "token_url_404", "token_url_405", "forbidden_403", "redirect", "tls",
+                   "not_a_url"]
+
+
+@pytest.mark.parametrize("case", PROVIDER_ERRORS)
+async def test_a_provider_configuration_error_holds_the_provider_not_the_tenant(
+        world: World, tls_server: OAuthServer, case: str) -> None:
+    options: dict[str, Any] = {}
+    if case == "post_only_client":  # we send Basic; the client may only use POST
+        options["auth_methods"] = ("client_secret_post",)
+    if case == "form_200_invalid_client":
+        options |= {"answer_format": "form", "errors_with_200": True}
+    if case == "token_url_404":
+        options["tokenUrl"] = f"{world.oauth.url}/oauth/v2/token"
+    if case == "token_url_405":
+        options["tokenUrl"] = world.oauth.authorize_url  # the authUrl pasted as tokenUrl
+    if case == "tls":
+        options["tokenUrl"] = tls_server.token_url  # a certificate nobody trusts
+    if case == "not_a_url":
+        options["tokenUrl"] = "oauth2.example.com/token"
+    provider = await world.provider(**options)
+    iid, rt = await world.integration(provider)
+    expected = {"wrong_secret": "invalid_client", "post_only_client": "invalid_client",
+                "unauthorized_client": "unauthorized_client",
+                "unsupported_grant_type": "unsupported_grant_type", "bare_401": "HTTP 401",
+                "form_200_invalid_client": "invalid_client", "token_url_404": "HTTP 404",
+                "token_url_405": "HTTP 405", "forbidden_403": "HTTP 403",
+                "redirect": "HTTP 302", "tls": "tls", "not_a_url": "invalid tokenUrl"}[case]
+    if case in ("wrong_secret", "form_200_invalid_client"):
+        world.oauth.add_client(CID, "rotated-secret", **{
+            k: v for k, v in options.items() if k in ("answer_format", "errors_with_200")})
+    elif case in ("unauthorized_client", "unsupported_grant_type"):
+        world.oauth.script(Fault(400, {"error": case}))
+    elif case == "bare_401":
+        world.oauth.script(Fault(401, "Unauthorized"))
+    elif case == "forbidden_403":
+        world.oauth.script(Fault(403, "<html>Forbidden</html>", {"Content-Type": "text/html"}))
+    elif case == "redirect":
+        world.oauth.script(Fault(302, "", {"Location": "https://login.example.com/token"}))
+    before = await world.doc(iid)
+
+    with pytest.raises(Postpone) as raised:
+        await refresh_once(world, iid)
+
+    assert 0 < raised.value.delay <= PROVIDER_HOLD_RECHECK
+    assert await world.doc(iid) == before  # no status change, nothing written
+    assert await notifications(world.mongo, iid) == []
+    assert await integration_state(world.mongo, iid) is None  # the token is not condemned
+    assert world.oauth.is_active(rt)
+    hold = await hold_of(world, provider)
+    assert hold is not None and hold["error"] == expected, hold
+    assert hold["config"] == config_fingerprint(await provider_doc_of(world, provider))
+    assert expected in str(raised.value)
+
+    # the next refresh of that provider waits without asking it
+    sent = len(world.oauth.requests) + len(tls_server.requests)
+    iid2, _ = await world.integration(provider)
+    with pytest.raises(Postpone):
+        await refresh_once(world, iid2)
+    assert len(world.oauth.requests) + len(tls_server.requests) == sent
+
+
+async def provider_doc_of(world: World, provider: SeededProvider) -> dict[str, Any]:
+    doc = await IntegrationStore(world.mongo).provider(provider.hex)
+    assert doc is not None
+    return doc
+
+
+@pytest.mark.parametrize("fault", [
+    Fault(400, {"error": "invalid_request", "error_description": "bad thing"}),
+    Fault(400, {"error": "invalid_scope"}),
+    Fault(400, "Bad Request"),
+    Fault(403, {"error": "access_denied"}),
+    Fault(200, {"error": "temporarily_unavailable"}),
+], ids=["invalid_request", "invalid_scope", "400-no-code", "403-with-code", "200-with-error"])
+async def test_other_refusals_are_retried_and_condemn_nothing(world: World,
+                                                              fault: Fault) -> None:
+    provider = await world.provider()
+    iid, _ = await world.integration(provider)
+    world.oauth.script(fault)
+    before = await world.doc(iid)
+
+    with pytest.raises(TransientError, match="provider refused the refresh"):
+        await refresh_once(world, iid)
+
+    assert await world.doc(iid) == before
+    assert await integration_state(world.mongo, iid) is None
+    assert await notifications(world.mongo, iid) == []
+    assert await hold_of(world, provider) is None
+
+
+async def test_a_form_encoded_answer_is_read_like_json(world: World) -> None:
+    provider = await world.provider(rotate=True, expires_in=120, answer_format="form")
+    iid, rt = await world.integration(provider)
+    t0 = utcnow()
+
+    result = await refresh_once(world, iid)
+
+    t1 = utcnow()
+    [req] = token_requests(world.oauth)
+    assert req.status == 200 and req.response_text is not None
+    assert req.response_text.startswith("access_token=")  # GitHub-style, not JSON
+    answer = dict(parse_qsl(req.response_text))
+    after = await world.doc(iid)
+    assert world.cipher.decrypt(after["accessToken"]) == answer["access_token"]
+    assert world.cipher.decrypt(after["refreshToken"]) == answer["refresh_token"] != rt
+    assert close_to(after["tokenExpiresAt"], t0 + timedelta(seconds=120),
+                    t1 + timedelta(seconds=120))
+    assert after["scopesGranted"] == ["files.read", "files.write"]
+    assert result["rotated"] is True
+
+
+@pytest.mark.parametrize("auth", ["client_secret_basic", "client_secret_post"])
+async def test_error_descriptions_never_carry_what_was_sent(
+        world: World, auth: str, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "s3c/r+e t%&x"  # differs in every encoding
+    provider = await world.provider(
+        secret=secret, auth_methods=(auth,),
+        metadata={"providerType": "test", "tokenEndpointAuthMethod": auth})
+    iid, rt = await world.integration(provider)
+    world.oauth.echo_credentials = True  # error_description = everything we sent
+    world.oauth.revoke(rt)
+
+    with pytest.raises(RefreshFailed) as refused:
+        await refresh_once(world, iid)
+
+    answer = token_requests(world.oauth)[-1].response_json
+    assert rt in answer["error_description"]  # the server did echo them
+    basic = base64.b64encode(f"{quote(CID, safe='')}:{quote(secret, safe='')}".encode()).decode()
+    leaks = {rt, secret, CID, quote(secret, safe=""), quote_plus(secret), basic}
+    if auth == "client_secret_basic":
+        assert basic in answer["error_description"]
+    state = await integration_state(world.mongo, iid)
+    [note] = await notifications(world.mongo, iid)
+    stored = [str(refused.value), state["refreshFailure"]["reason"] if state else "",
+              note["reason"], caplog.text]
+    assert "invalid_grant" in str(refused.value) and "[redacted]" in str(refused.value)
+
+    # the same request refused for the client: the hold's reason is scrubbed too
+    world.oauth.add_client(CID, "another-secret", auth_methods=(auth,))
+    iid2, _ = await world.integration(provider, refresh_token=world.oauth.issue_refresh_token(CID))
+    with pytest.raises(Postpone) as held:
+        await refresh_once(world, iid2)
+    hold = await hold_of(world, provider)
+    assert hold is not None and hold["error"] == "invalid_client"
+    stored += [str(held.value), hold["reason"]]
+    for text in stored:
+        for value in leaks:
+            assert value not in text, (value, text)
+
+
+async def test_an_error_description_is_cut_to_300_characters(world: World) -> None:
+    provider = await world.provider()
+    iid, _ = await world.integration(provider)
+    world.oauth.script(Fault(400, {"error": "invalid_grant", "error_description": "x" * 5000}))
+    with pytest.raises(RefreshFailed) as raised:
+        await refresh_once(world, iid)
+    assert "x" * 299 in str(raised.value) and "x" * 301 not in str(raised.value)
+    assert len(str(raised.value)) < 400
 
 
 @pytest.mark.parametrize(("fault", "retry_after"), [
@@ -655,6 +839,29 @@ async def test_a_follow_up_run_still_honours_retry_after(world: World) -> None:
     assert (await world.doc(iid))["status"] == "expired"
 
 
+@pytest.mark.parametrize(("fault", "wait"), [
+    (Fault(429, {"error": "slow_down"}, {"Retry-After": "2"}), 2.0),
+    (Fault(503, "down"), 1.5),
+], ids=["retry-after", "backoff"])
+async def test_discovery_does_not_cut_a_retry_short(world: World, fault: Fault,
+                                                    wait: float) -> None:
+    provider = await world.provider()
+    iid, _ = await world.integration(provider)  # due now
+    world.oauth.script(fault)
+    # discovery passes every 50 ms (full ones every 10) while the retry waits
+    settings = daemon_settings(sync_interval=0.05,
+                               queue={"backoff": {"delay": 1.5, "jitter": 0}})
+    async with running(world.mongo, settings) as daemon:
+        run = await finished_run(world.mongo, iid)
+        assert daemon.refresh_sync is not None
+        passes = daemon.refresh_sync._passes
+    first, second = token_requests(world.oauth)
+    assert second.monotonic - first.monotonic >= wait, (
+        f"asked again after {second.monotonic - first.monotonic:.2f}s, not {wait}s")
+    assert passes > 10  # discovery did run (full passes too) while the retry waited
+    assert run["state"] == "completed" and run["attemptsMade"] == 2
+
+
 async def test_transient_failures_keep_being_retried_until_the_token_expires(
         world: World) -> None:
     provider = await world.provider()
@@ -810,3 +1017,111 @@ async def test_a_burst_for_one_provider_respects_its_concurrency_and_rate(
                       if r.basic_auth and r.basic_auth[0] == "other-provider"]
     assert max(other_arrivals) - started < 2.0
     assert max(arrivals) - started >= (burst - 1) / rate - 0.05
+
+
+# -- a provider's own configuration error: the provider waits, not its tenants ---------------
+
+
+async def postponed(mongo: Mongo, iid: str) -> bool:
+    runs = await pending_refresh_runs(mongo, iid)
+    return len(runs) == 1 and runs[0]["state"] == "delayed" and any(
+        a.get("outcome") == "postponed" for a in runs[0]["attempts"])
+
+
+async def hold_alert(world: World, daemon: Daemon) -> list[str]:
+    manager = AlertManager(daemon.settings, world.mongo, daemon.registry, channels=[],
+                           rules=[Rule("provider_on_hold", provider_on_hold)])
+    return [m.text for m in await manager.evaluate()]
+
+
+async def test_a_wrong_client_secret_holds_the_provider_until_it_is_fixed(
+        world: World, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # No re-probe within the test: only the fix of the provider's document resumes it.
+    monkeypatch.setattr(token_refresh, "PROVIDER_HOLD_RECHECK", 3600.0)
+    provider = await world.provider(rotate=True, name="Acme Drive")
+    ids = [(await world.integration(provider, expires_in=30 + i))[0] for i in range(3)]
+    other = await world.provider("other-client")  # another provider is not held
+    other_id, _ = await world.integration(other)
+    world.oauth.add_client(CID, "rotated-at-the-provider", rotate_refresh_token=True)
+    before = {iid: await world.doc(iid) for iid in ids}
+    settings = daemon_settings(sync_interval=0.1, provider_concurrency=1)
+    with caplog.at_level(logging.INFO):
+        async with running(world.mongo, settings) as daemon:
+            for iid in ids:
+                await wait_for(lambda iid=iid: postponed(world.mongo, iid),
+                               message="refresh postponed")
+            assert (await finished_run(world.mongo, other_id))["state"] == "completed"
+            # not one tenant is touched, told or failed
+            for iid in ids:
+                assert await world.doc(iid) == before[iid]
+                assert await notifications(world.mongo, iid) == []
+                [run] = await pending_refresh_runs(world.mongo, iid)
+                assert run["attemptsMade"] == 0 and run.get("error") is None
+            assert await refresh_runs(world.mongo, None, ("failed",)) == []
+            refused = [r for r in token_requests(world.oauth) if r.status == 401]
+            assert len(refused) == 1  # the rest saw the hold before their turn came
+            errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert [r.getMessage() for r in errors] == [
+                "provider put on hold: its token endpoint refuses our configuration of it; "
+                "no tenant's status changes and its refreshes wait until the provider is fixed"]
+            assert errors[0].__dict__["providerId"] == provider.hex
+            assert errors[0].__dict__["error"] == "invalid_client"
+
+            [alert] = await hold_alert(world, daemon)
+            assert alert.startswith(f"[mwapjobs] FIRING: provider_on_hold (provider Acme Drive "
+                                    f"({provider.hex})): invalid_client: ")
+            earliest = min(as_utc(before[i]["tokenExpiresAt"]) for i in ids)
+            assert "3 access tokens of this provider expire while it stays on hold, the " \
+                   f"earliest at {earliest.isoformat(timespec='seconds')}" in alert
+            assert "HTTP 401" in alert
+
+            # the operator puts the new secret into cloudProviders: everything resumes
+            await world.mongo.call(lambda db: db[PROVIDERS].update_one(
+                {"_id": provider.id},
+                {"$set": {"clientSecret": world.cipher.encrypt("rotated-at-the-provider"),
+                          "updatedAt": utcnow()}}))
+            for iid in ids:
+                run = await finished_run(world.mongo, iid)
+                assert run["state"] == "completed", run
+            assert await hold_alert(world, daemon) == []
+    for iid in ids:
+        after = await world.doc(iid)
+        assert after["status"] == "active"
+        assert as_utc(after["tokenExpiresAt"]) > as_utc(before[iid]["tokenExpiresAt"])
+    state = await ProviderHolds(world.mongo).state(provider.hex)
+    assert state is not None and "hold" not in state
+    assert state["lastHold"]["liftedBecause"] == "the provider's configuration changed"
+
+
+async def test_a_held_provider_is_probed_again_by_one_refresh_and_resumes(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(token_refresh, "PROVIDER_HOLD_RECHECK", 0.4)
+    provider = await world.provider()
+    ids = [(await world.integration(provider))[0] for _ in range(4)]
+    world.oauth.add_client(CID, "disabled-for-now")  # the provider side is broken
+    holds = ProviderHolds(world.mongo)
+    async with running(world.mongo, daemon_settings()):
+
+        async def probed_twice() -> bool:
+            state = await holds.state(provider.hex)
+            return bool(state and (state.get("hold") or {}).get("probes", 0) >= 2)
+
+        await wait_for(probed_twice, message="two re-probes")
+        state = await holds.state(provider.hex)
+        assert state is not None
+        probes = state["hold"]["probes"]
+        requests = len(token_requests(world.oauth))
+        # the first wave (at most provider_concurrency before the hold is known), then
+        # one request per re-probe, claimed by one run
+        assert requests <= 4 + probes + 1, (requests, probes)
+        for iid in ids:
+            assert (await world.doc(iid))["status"] == "active"
+        # fixed at the provider, not in our data: the next re-probe finds out
+        world.oauth.add_client(CID, SECRET)
+        for iid in ids:
+            assert (await finished_run(world.mongo, iid))["state"] == "completed"
+    state = await holds.state(provider.hex)
+    assert state is not None and "hold" not in state
+    assert state["lastHold"]["liftedBecause"] == "a refresh got through"
+    assert await notifications(world.mongo) == []

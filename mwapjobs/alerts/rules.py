@@ -18,6 +18,9 @@ rule only observes. Thresholds come from `[alerts]` in the configuration:
 |                       | × the health cron's interval (only with health checks enabled)    |
 | `mongodb_down`        | MongoDB has been unreachable for more than `mongodb_down_for` s;  |
 |                       | needs no database, so it works during the outage it reports       |
+| `provider_on_hold`    | a provider's token endpoint refuses our configuration of it (wrong |
+|                       | client secret, token URL, TLS): its refreshes wait; one alert per  |
+|                       | provider, naming the error and the tokens that expire meanwhile    |
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from ..config import Settings
 from ..scheduler import make_trigger
 from ..storage.alerts import AlertStore
+from ..storage.providers import ProviderHolds
 
 REFRESH_QUEUE = "token-refresh"
 HEALTH_QUEUE = "health-check"
@@ -172,6 +176,46 @@ async def mongodb_down(ctx: RuleContext) -> list[Condition]:
     return [Condition("mongodb_down", f"MongoDB unreachable for {duration(down_for)}{error}")]
 
 
+async def provider_on_hold(ctx: RuleContext) -> list[Condition]:
+    """Providers on hold (storage/providers.py): what the token endpoint said, since when,
+    and how many access tokens of the provider expire while nothing refreshes them."""
+    if REFRESH_QUEUE not in ctx.queues:
+        return []
+    # AlertStore has no public Mongo handle yet; the hold state is its own store's.
+    holds = ProviderHolds(ctx.store._mongo)
+    out = []
+    for doc in await holds.all():
+        hold = doc.get("hold") or {}
+        provider_id = str(doc["_id"])
+        since = hold.get("since")
+        since = _utc(since) if isinstance(since, datetime) else ctx.now
+        risk = await holds.tokens_at_risk(provider_id, since, ctx.now)
+        name = doc.get("name")
+        subject = f"provider {name} ({provider_id})" if name else f"provider {provider_id}"
+        parts = [f"{hold.get('error')}: {hold.get('reason')}",
+                 f"on hold since {since.isoformat(timespec='seconds')} "
+                 f"({duration((ctx.now - since).total_seconds())}); no tenant's status "
+                 "changes, its token refreshes wait"]
+        if risk.expiring and risk.earliest is not None:
+            parts.append(f"{risk.expiring} access token{'s' if risk.expiring != 1 else ''} "
+                         "of this provider expire while it stays on hold, the earliest at "
+                         f"{risk.earliest.isoformat(timespec='seconds')} (in "
+                         f"{duration((risk.earliest - ctx.now).total_seconds())})")
+        if risk.expired:
+            parts.append(f"{risk.expired} expired already during the hold")
+        next_probe = hold.get("nextProbeAt")
+        probe = (f", or at the next re-probe ({_utc(next_probe).isoformat(timespec='seconds')})"
+                 if isinstance(next_probe, datetime) else "")
+        parts.append("fix the provider in cloudProviders: refreshes resume as soon as its "
+                     f"document changes{probe}")
+        out.append(Condition("provider_on_hold", "; ".join(parts), subject))
+    return out
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def default_rules() -> list[Rule]:
     return [
         Rule("mongodb_down", mongodb_down, needs_db=False),
@@ -179,6 +223,7 @@ def default_rules() -> list[Rule]:
         Rule("refresh_failures", refresh_failures),
         Rule("backlog", backlog),
         Rule("health_sweep_missed", health_sweep_missed),
+        Rule("provider_on_hold", provider_on_hold),
     ]
 
 

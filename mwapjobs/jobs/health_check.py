@@ -33,7 +33,10 @@ What a result does (see README, "Integration health"):
 - 401, or an access token past `tokenExpiresAt` → a high-priority run of the
   `token-refresh` queue, then a second probe with the new token. A permanent
   refusal of the refresh makes the integration `expired` (the refresher does it
-  and notifies); no refresh token at all makes it `expired` here;
+  and notifies); no refresh token at all makes it `expired` here. When the
+  provider is on hold (its own configuration is broken, see
+  storage/providers.py), or the refresh is postponed because it just went on
+  hold, the result is `skipped`: no status change and no counted failure;
 - an explicit revocation code from the provider → `revoked` (never undone);
 - 403 → `expired`, unless it is a rate or quota limit (then as 5xx);
 - 5xx, 429, 3xx, other 4xx, a wrong body, timeouts, network errors → a failure:
@@ -73,6 +76,7 @@ from .probes import ProbeResult, ProbeSpec
 from .token_refresh import MANUAL_PRIORITY, fingerprint
 from .token_refresh import QUEUE as REFRESH_QUEUE
 from .token_refresh import job_id as refresh_job_id
+from .token_refresh import run_data as refresh_run_data
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,7 @@ QUEUE = "health-check"
 SWEEP_JOB_ID = "sweep"
 SPREAD_FRACTION = 0.8
 TOKEN_MAX_AGE = 60.0  # seconds a token read at the start of a sweep is used without re-reading
+POSTPONE_POLL = 1.0  # seconds between looks at a refresh run that may have been postponed
 # Results are written in batches, every FLUSH_DELAY s or FLUSH_MAX results, whichever
 # comes first, while the probes go on. Each batch is cut into range updates of results
 # dense in id order (RUN_GAP), at most MAX_RUN each.
@@ -501,6 +506,10 @@ class HealthChecker:
         if sweep.interrupted:  # no new refresh while the daemon stops
             sweep.report.skipped += 1
             return
+        hold = await self.store.holds.get(item.provider_key)
+        if hold is not None:  # the provider's own configuration is broken: not the tenant's
+            await self._conclude(sweep, item, doc, "skipped", _held(why, hold, code, latency))
+            return
         run = await self._run_refresh(doc)
         fresh = await self.store.get(item.id)
         if fresh is None or fresh.get("status") == "revoked" or not fresh.get("accessToken"):
@@ -515,6 +524,11 @@ class HealthChecker:
                 result = ProbeResult("failure", f"{result.message}, even just after a token "
                                      "refresh", result.http_status, result.latency_ms)
             await self._conclude(sweep, item, fresh, _finding(result), result, refreshed=True)
+            return
+        if _postponed(run):  # its provider was put on hold by this very refresh
+            hold = await self.store.holds.get(item.provider_key, fresh=True) or {
+                "error": str((run.get("attempts") or [{}])[-1].get("reason"))[:100]}
+            await self._conclude(sweep, item, fresh, "skipped", _held(why, hold, code, latency))
             return
         error = run.get("error") or {}
         if (run.get("state") == "failed" and error.get("permanent")) or (
@@ -537,11 +551,29 @@ class HealthChecker:
         deadline = as_utc(expires) if isinstance(expires, datetime) else None
         integration_id = str(doc["_id"])
         added = await self.engine.add(
-            REFRESH_QUEUE, {"integrationId": integration_id, "tenantId": doc.get("tenantId")},
+            REFRESH_QUEUE, refresh_run_data(doc),
             job_id=refresh_job_id(integration_id), priority=MANUAL_PRIORITY, replace=True,
             deadline=deadline if deadline and deadline > self.clock() else None,
         )
-        return await self.operations.wait_finished(added.run_id, self.refresh.wait_timeout)
+        return await self._wait_refresh(added.run_id, self.refresh.wait_timeout)
+
+    async def _wait_refresh(self, run_id: str, timeout: float) -> dict[str, Any]:
+        """The run once it finished, or once its handler postponed it (its provider went
+        on hold: the engine sends no event for that), or as it is after `timeout` s."""
+        waiter = asyncio.ensure_future(self.operations.wait_finished(run_id, timeout))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=POSTPONE_POLL)
+                if done:
+                    return waiter.result()
+                view = await self.operations.get_run(run_id)
+                if _postponed(view):
+                    return view
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
 
     async def _conclude(self, sweep: _Sweep, item: _Item, doc: dict[str, Any],
                         finding: Finding, result: ProbeResult, *,
@@ -633,6 +665,22 @@ def _camel(name: str) -> str:
 
 def _finding(result: ProbeResult) -> Finding:
     return _FINDINGS[result.verdict]
+
+
+def _postponed(run: dict[str, Any]) -> bool:
+    """A refresh run put back by its handler (its provider is on hold), not finished."""
+    attempts = run.get("attempts") or []
+    return (run.get("state") in ("delayed", "waiting") and bool(attempts)
+            and attempts[-1].get("outcome") == "postponed")
+
+
+def _held(why: str, hold: dict[str, Any], code: int | None,
+          latency: float | None) -> ProbeResult:
+    """A stale token whose refresh waits for its provider's hold: skipped, never a status
+    change nor a counted failure (the tenant can do nothing about it)."""
+    return ProbeResult("skipped", f"{why[:120]}; the provider is on hold ({hold.get('error')}): "
+                                  "the token refresh waits until it is fixed, status unchanged",
+                       code, latency)
 
 
 class _Writer:

@@ -7,8 +7,22 @@ loop reconciles our `token-refresh` runs with the data every
   `mwapjobs_updatedAt` index), and the pending refresh runs of just those;
 - every `FULL_EVERY` passes (and at start) a full pass reads every
   integration once, which also catches deletions.
-Either way it is a handful of queries however many integrations there are;
-a job is added, moved or dropped only where something changed.
+Either way it is a handful of queries however many integrations there are.
+
+What discovery decides, and nothing more:
+- it *adds* the job of an integration that has none;
+- it *drops* the job of a deleted, revoked or disconnected integration (and of
+  one whose refresh token was refused for good);
+- it *moves* a pending job only when the integration's tokens changed since the
+  job was scheduled (a reconnect; `data.connection`, see
+  `token_refresh.connection_fingerprint`). Everything else about a pending run
+  (a retry's backoff, a provider's Retry-After, a manual or health-triggered
+  run at high priority, a postponement while its provider is on hold) belongs
+  to the engine and is left alone;
+- it marks `expired` an integration whose access token expired with no refresh
+  token to renew it (so the tenant can reconnect), with a notification;
+- it lifts the hold of a provider whose document changed since it was held
+  (the operator fixed it), and promotes that provider's postponed runs.
 """
 
 from __future__ import annotations
@@ -24,11 +38,21 @@ from typing import Any
 from ..config import RefreshSettings
 from ..engine import Engine, as_utc
 from ..storage.integrations import IntegrationStore
-from .token_refresh import QUEUE, fingerprint, job_id
+from ..storage.providers import config_fingerprint
+from .token_refresh import (
+    QUEUE,
+    connection_fingerprint,
+    fingerprint,
+    job_id,
+    resume_postponed,
+    run_data,
+)
 
 log = logging.getLogger(__name__)
 
 FULL_EVERY = 10
+DEAD_TOKEN_REASON = ("the access token expired and there is no refresh token to renew it: "
+                     "the tenant must reconnect")
 
 
 @dataclass
@@ -38,6 +62,8 @@ class SyncReport:
     added: int = 0
     moved: int = 0
     dropped: int = 0
+    expired: int = 0  # access token expired without a refresh token: marked expired
+    lifted: int = 0  # provider holds ended because the provider's document changed
 
 
 class RefreshSync:
@@ -50,12 +76,13 @@ class RefreshSync:
         self.last_sync: datetime | None = None
         self._watermark: datetime | None = None
         self._passes = 0
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def run_forever(self) -> None:
         while True:
             try:
                 report = await self.sync_once()
-                if report.added or report.moved or report.dropped:
+                if report.added or report.moved or report.dropped or report.expired:
                     log.info("refresh schedule updated", extra=vars(report))
             except Exception as exc:
                 log.warning("refresh discovery failed; retrying next interval",
@@ -71,7 +98,7 @@ class RefreshSync:
         integration_id = str(doc["_id"])
         if dead_tokens.get(integration_id) == fingerprint(doc["refreshToken"]):
             return None  # refused for good; waits for the tenant to reconnect
-        # A stable spread per integration, so repeated passes do not move the run.
+        # A stable spread per integration, so repeated passes compute the same time.
         digest = hashlib.sha256(integration_id.encode()).digest()
         spread = int.from_bytes(digest[:4], "big") / 0xFFFFFFFF * self.settings.jitter
         return as_utc(doc["tokenExpiresAt"]) - timedelta(seconds=self.settings.lead + spread)
@@ -82,8 +109,9 @@ class RefreshSync:
         docs = await self.store.changed_since(None if full else self._watermark)
         dead_tokens = await self.store.states_with_refresh_failure()
         job_ids = None if full else [job_id(str(d["_id"])) for d in docs]
-        pending = await self.engine.runs.pending_by_job(QUEUE, job_ids)
+        pending = await self.store.pending_refresh_runs(QUEUE, job_ids)
         report = SyncReport(full=full, seen=len(docs))
+        await self._lift_changed_providers(report)
         now = self.clock()
         for doc in docs:
             jid = job_id(str(doc["_id"]))
@@ -92,14 +120,15 @@ class RefreshSync:
             if due is None:
                 if have is not None and await self.engine.cancel(QUEUE, jid):
                     report.dropped += 1
+                if _dead_without_refresh_token(doc, now) and await self._expire(doc, now):
+                    report.expired += 1
                 continue
             if have is not None and (have["state"] == "active"
-                                     or _same_time(as_utc(have["runAt"]), due, now)):
-                continue
+                                     or not _tokens_changed(have, doc)):
+                continue  # scheduled for these tokens: the engine's run, as it is
             await self.engine.add(
-                QUEUE, {"integrationId": str(doc["_id"]), "tenantId": doc.get("tenantId")},
-                job_id=jid, run_at=max(due, now), deadline=as_utc(doc["tokenExpiresAt"]),
-                replace=True,
+                QUEUE, run_data(doc), job_id=jid, run_at=max(due, now),
+                deadline=as_utc(doc["tokenExpiresAt"]), replace=True,
             )
             if have is None:
                 report.added += 1
@@ -117,7 +146,67 @@ class RefreshSync:
         self.last_sync = started
         return report
 
+    async def _expire(self, doc: dict[str, Any], now: datetime) -> bool:
+        """Mark an integration whose access token expired with no refresh token `expired`
+        (an `active` one would stop the backend's reconnect), with the backend's
+        conditional filter, and record a notification. Re-reads it: the status write
+        repeats the tokens, which discovery does not read."""
+        current = await self.store.get(str(doc["_id"]))
+        if current is None or not current.get("accessToken") \
+                or not _dead_without_refresh_token(current, now):
+            return False
+        if not await self.store.set_status(current, "expired", now,
+                                           only_from=("active", "error")):
+            return False
+        await self.store.notify("integration.expired", current, DEAD_TOKEN_REASON, now)
+        log.warning("access token expired with no refresh token; integration marked expired",
+                    extra={"integrationId": str(current["_id"]),
+                           "tenantId": current.get("tenantId"),
+                           "providerId": current.get("providerId")})
+        return True
 
-def _same_time(have: datetime, want: datetime, now: datetime) -> bool:
-    """Already scheduled as wanted: the same time, or both already due."""
-    return abs((have - want).total_seconds()) < 0.001 or (have <= now and want <= now)
+    async def _lift_changed_providers(self, report: SyncReport) -> None:
+        """A held provider whose document changed (or went away) since it was held: lift
+        the hold and promote its postponed runs. One query when nothing is held."""
+        holds = self.store.holds
+        for doc in await holds.all():
+            provider_id = str(doc["_id"])
+            hold = doc.get("hold") or {}
+            provider = await self.store.provider(provider_id)
+            if provider is not None and config_fingerprint(provider) == hold.get("config"):
+                continue
+            because = ("the provider's configuration changed" if provider is not None
+                       else "the provider no longer exists")
+            lifted = await holds.lift(provider_id, hold.get("config"), self.clock(), because)
+            if lifted is None:
+                continue
+            report.lifted += 1
+            log.info("provider hold lifted; its postponed refreshes resume",
+                     extra={"providerId": provider_id, "provider": doc.get("name"),
+                            "because": because, "heldSince": lifted.get("since"),
+                            "error": lifted.get("error")})
+            task = asyncio.ensure_future(resume_postponed(self.engine, holds, provider_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+
+def _tokens_changed(run: dict[str, Any], doc: dict[str, Any]) -> bool:
+    """Were the integration's tokens changed since this pending run was scheduled?
+
+    A run written by discovery (or a health check) carries `data.connection`. One
+    without it (added by hand, or by an older version) is judged by its deadline,
+    which was the token's expiry when it was added; a run with neither is left alone."""
+    connection = (run.get("data") or {}).get("connection")
+    if isinstance(connection, str):
+        return connection != connection_fingerprint(doc)
+    deadline = run.get("deadline")
+    if not isinstance(deadline, datetime):
+        return False
+    return abs(as_utc(deadline) - as_utc(doc["tokenExpiresAt"])) >= timedelta(milliseconds=1)
+
+
+def _dead_without_refresh_token(doc: dict[str, Any], now: datetime) -> bool:
+    """Still `active` (or `error`), no refresh token, and the access token has expired."""
+    expires = doc.get("tokenExpiresAt")
+    return (doc.get("status", "active") in ("active", "error") and not doc.get("refreshToken")
+            and isinstance(expires, datetime) and as_utc(expires) <= now)

@@ -33,7 +33,9 @@ API
 ---
 ``OAuthServer()``, ``start()``/``stop()`` (or ``with``), ``url``, ``token_url``,
 ``add_client(...)``, ``issue_refresh_token(...)``, ``revoke(...)``,
-``is_active(...)``, ``script(*faults)``, ``requests``, ``reset()``.
+``is_active(...)``, ``script(*faults)``, ``requests``, ``reset()``,
+``echo_credentials``, ``authorize_url``. ``OAuthServer(tls=True)`` serves HTTPS
+with a fresh self-signed certificate that no client trusts (a TLS failure).
 ``Fault`` and ``Hang`` are the scriptable faults; ``RecordedRequest`` is what
 ``requests`` holds.
 
@@ -55,6 +57,25 @@ Per-client behaviour (``add_client``):
   Authlib answers with 400 ``invalid_client``.
 * ``expires_in=None``: the response has no ``expires_in`` (0 too).
 * ``scope``: default scope of seeded refresh tokens; returned as ``scope``.
+* ``answer_format="form"`` (GitHub-like): every answer of the token endpoint for
+  this client, tokens and errors alike, is ``application/x-www-form-urlencoded``
+  (``access_token=...&expires_in=3600&...``) instead of JSON, whatever the
+  client's ``Accept``.
+* ``errors_with_200=True`` (GitHub-like): an OAuth error is answered with HTTP
+  200 and the error in the body (``error=bad_refresh_token&...``).
+
+The client of a request is the one Authlib authenticated, else the one named
+by the request (Basic user id or ``client_id`` field), so these options also
+shape the ``invalid_client`` answer to a wrong secret.
+
+``echo_credentials = True`` makes every error answer echo what the request
+carried in its ``error_description``: the refresh token, the client id and
+secret (as sent and percent-decoded) and the raw ``Authorization`` header, the
+way careless providers do; ``reset()`` turns it off.
+
+``authorize_url`` is a GET-only page (the authorization endpoint): a POST there
+gets Flask's 405, as with a provider whose ``tokenUrl`` holds its ``authUrl``.
+Any other path gets 404.
 
 Errors: an unknown, revoked, rotated-away or other-client refresh token gives
 400 ``{"error": "invalid_grant"}``; a body that is not form-urlencoded (e.g.
@@ -107,12 +128,14 @@ import base64
 import binascii
 import json
 import secrets
+import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+from urllib.parse import unquote, urlencode
 
 from authlib.common.security import generate_token
 from authlib.integrations.flask_oauth2 import AuthorizationServer
@@ -127,6 +150,7 @@ __all__ = ["Fault", "Hang", "OAuthServer", "RecordedRequest"]
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 TOKEN_PATH = "/oauth/token"
+AUTHORIZE_PATH = "/oauth/authorize"
 
 
 @dataclass(frozen=True)
@@ -208,6 +232,8 @@ class _Client(ClientMixin):
     return_refresh_token: bool
     expires_in: int | None
     scope: str
+    answer_format: str = "json"
+    errors_with_200: bool = False
 
     def get_client_id(self) -> str:
         return self.client_id
@@ -311,7 +337,10 @@ class _QuietHandler(WSGIRequestHandler):
 class OAuthServer:
     """Authlib token endpoint with refresh-token grant, faults and request log."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: bool = False) -> None:
+        self.tls = tls
+        #: error answers echo the request's credentials in error_description
+        self.echo_credentials = False
         self._lock = threading.RLock()
         self._clients: dict[str, _Client] = {}
         self._tokens: dict[str, _Token] = {}
@@ -330,7 +359,8 @@ class OAuthServer:
             return
         self._wake = threading.Event()
         server = make_server("127.0.0.1", 0, self._app, threaded=True,
-                             request_handler=_QuietHandler)
+                             request_handler=_QuietHandler,
+                             ssl_context=_self_signed_context() if self.tls else None)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -359,11 +389,16 @@ class OAuthServer:
     def url(self) -> str:
         if self._server is None:
             raise RuntimeError("OAuthServer is not started")
-        return f"http://127.0.0.1:{self._server.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self._server.port}"
 
     @property
     def token_url(self) -> str:
         return f"{self.url}{TOKEN_PATH}"
+
+    @property
+    def authorize_url(self) -> str:
+        return f"{self.url}{AUTHORIZE_PATH}"
 
     def reset(self) -> None:
         """Forget clients, tokens, scripted faults and recorded requests.
@@ -377,14 +412,18 @@ class OAuthServer:
             self._tokens.clear()
             self._script.clear()
             self.requests = []
+            self.echo_credentials = False
 
     # -- configuration -----------------------------------------------------
 
     def add_client(self, client_id: str, client_secret: str, *,
                    auth_methods: Iterable[str] = ("client_secret_basic",),
                    rotate_refresh_token: bool = False, return_refresh_token: bool = True,
-                   expires_in: int | None = 3600, scope: str = "files.read") -> None:
+                   expires_in: int | None = 3600, scope: str = "files.read",
+                   answer_format: str = "json", errors_with_200: bool = False) -> None:
         """Register (or replace) a confidential client."""
+        if answer_format not in ("json", "form"):
+            raise ValueError("answer_format must be 'json' or 'form'")
         methods = tuple(auth_methods)
         unknown = set(methods) - set(AUTH_METHODS)
         if unknown or not methods:
@@ -394,7 +433,7 @@ class OAuthServer:
         with self._lock:
             self._clients[client_id] = _Client(
                 client_id, client_secret, methods, rotate_refresh_token,
-                return_refresh_token, expires_in, scope)
+                return_refresh_token, expires_in, scope, answer_format, errors_with_200)
 
     def issue_refresh_token(self, client_id: str, refresh_token: str | None = None,
                             scope: str | None = None) -> str:
@@ -475,9 +514,54 @@ class OAuthServer:
                 return item.to_response()
             with self._lock:  # refreshes are atomic: one winner per rotated token
                 response: Response = authz.create_token_response()
-                return response
+            return self._shape(response, rec)
+
+        @app.route(AUTHORIZE_PATH, methods=["GET"])
+        def authorize() -> Response:
+            return Response("<html><body>Sign in</body></html>", content_type="text/html")
 
         return app
+
+    def _shape(self, response: Response, rec: RecordedRequest) -> Response:
+        """Authlib's JSON answer as this client's options (and `echo_credentials`) want it."""
+        try:
+            body = json.loads(response.get_data(as_text=True))
+        except ValueError:
+            return response
+        if not isinstance(body, dict):
+            return response
+        client = self._request_client(rec)
+        status = response.status_code
+        if "error" in body and self.echo_credentials:
+            body["error_description"] = (
+                f"{body.get('error_description') or body['error']}; we received "
+                f"refresh_token={rec.form.get('refresh_token')!s} "
+                f"client_id={self._sent_client_id(rec)} "
+                f"client_secret={self._sent_secret(rec)} "
+                f"(decoded {unquote(self._sent_secret(rec))}) "
+                f"Authorization: {request.headers.get('Authorization', '')}")
+        if "error" in body and client is not None and client.errors_with_200:
+            status = 200
+        if client is not None and client.answer_format == "form":
+            shaped = Response(urlencode({k: v for k, v in body.items() if v is not None}),
+                              status=status, content_type="application/x-www-form-urlencoded")
+        else:
+            shaped = Response(json.dumps(body), status=status, content_type="application/json")
+        for name, value in response.headers.items():
+            if name.lower() not in ("content-type", "content-length"):
+                shaped.headers[name] = value
+        return shaped
+
+    def _sent_client_id(self, rec: RecordedRequest) -> str:
+        return rec.basic_auth[0] if rec.basic_auth else rec.form.get("client_id", "")
+
+    def _sent_secret(self, rec: RecordedRequest) -> str:
+        return rec.basic_auth[1] if rec.basic_auth else rec.form.get("client_secret", "")
+
+    def _request_client(self, rec: RecordedRequest) -> _Client | None:
+        name = rec.client_id or unquote(self._sent_client_id(rec))
+        with self._lock:
+            return self._clients.get(name)
 
     def _query_client(self, client_id: str) -> _Client | None:
         return self._clients.get(client_id)
@@ -486,6 +570,40 @@ class OAuthServer:
         value = token.get("refresh_token")
         if value and value not in self._tokens:
             self._tokens[value] = _Token(value, req.client.client_id, token.get("scope", ""))
+
+
+def _self_signed_context() -> ssl.SSLContext:
+    """A server TLS context with a new self-signed certificate for 127.0.0.1."""
+    import datetime as dt
+    import ipaddress
+    import tempfile
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as tmp:
+        cert_path, key_path = f"{tmp}/cert.pem", f"{tmp}/key.pem"
+        with open(cert_path, "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+        with open(key_path, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        context.load_cert_chain(cert_path, key_path)
+    return context
 
 
 def _basic_credentials(header: str | None) -> tuple[str, str] | None:
