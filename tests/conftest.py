@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import pytest
 
 from mwapjobs.config import Settings
 from mwapjobs.storage.mongo import Mongo
+from tests.support.wire_server import SecantusServer, secantusd_path
 
 REAL_MONGODB_URI = os.environ.get("MWAPJOBS_TEST_MONGODB_URI")
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +82,26 @@ async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: flo
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def secantus_server(tmp_path: Path) -> Iterator[Callable[..., SecantusServer]]:
+    """A factory of private MongoDB-wire servers (secantusd-py) that a test may freeze,
+    kill and restart: `start(*extra_args)`, e.g. `start("--enable-test-commands")` for
+    failpoints. Every server it started is stopped afterwards. Skips the test when there
+    is no secantusd-py (MWAPJOBS_TEST_SECANTUSD, or .venv-secantus from .ci/setup)."""
+    executable = secantusd_path()
+    if executable is None or not executable.exists():
+        pytest.skip("needs its own MongoDB-wire server: set MWAPJOBS_TEST_SECANTUSD to a "
+                    "secantusd-py, or run .ci/setup to make .venv-secantus")
+    started: list[SecantusServer] = []
+
+    def start(*extra_args: str) -> SecantusServer:
+        server = SecantusServer(executable, tmp_path / f"secantus-{len(started)}",
+                                extra_args=extra_args)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

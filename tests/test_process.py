@@ -2,106 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
-import queue
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support.processes import DaemonProcess
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class DaemonProcess:
-    """`python -m mwapjobs ...` with its JSON log lines collected as they arrive."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        base = {k: v for k, v in os.environ.items()
-                if not k.startswith("MWAPJOBS_") and k not in {"MONGODB_URI", "NOTIFY_SOCKET"}}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mwapjobs", *args],
-            env={**base, "MWAPJOBS_HTTP__PORT": str(self.port), "MWAPJOBS_LOG_LEVEL": "debug",
-                 "ENCRYPTION_KEY": "0123456789abcdef0123456789abcdef",
-                 **(env or {})},
-            cwd=ROOT / "tests", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        self.lines: list[dict[str, Any]] = []
-        self.raw: list[str] = []
-        self._new: queue.SimpleQueue[None] = queue.SimpleQueue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.raw.append(line)
-            self.lines.append(json.loads(line))  # every line must be one JSON object
-            self._new.put(None)
-
-    def wait_line(
-        self, match: Callable[[dict[str, Any]], bool], timeout: float = 20
-    ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for entry in list(self.lines):
-                if match(entry):
-                    return entry
-            if self.proc.poll() is not None and not self._drain():
-                break
-            self._drain(timeout=0.05)
-        raise AssertionError(f"no matching log line; got: {self.raw[-15:]}")
-
-    def _drain(self, timeout: float = 0.0) -> bool:
-        try:
-            self._new.get(timeout=timeout) if timeout else self._new.get_nowait()
-            return True
-        except queue.Empty:
-            return False
-
-    def get(self, path: str) -> tuple[int, dict[str, Any]]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def wait_http(self, path: str, status: int, timeout: float = 20) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"process exited: {self.raw[-10:]}"
-            try:
-                code, body = self.get(path)
-                if code == status:
-                    return body
-                last = (code, body)
-            except OSError as exc:
-                last = exc
-            time.sleep(0.05)
-        raise AssertionError(f"{path} never returned {status}; last: {last}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture
@@ -191,7 +102,8 @@ def test_logs_are_json_lines_without_secrets(processes: list[DaemonProcess]) -> 
     p.wait_line(lambda e: e["message"] == "engine start failed; retrying")
     p.proc.send_signal(signal.SIGTERM)
     p.proc.wait(15)
-    output = "".join(p.raw)
+    output = p.output()
+    assert not p.bad_lines
     assert "pa55word-xyz" not in output
     assert key not in output
     assert all(isinstance(e, dict) and {"timestamp", "level", "message"} <= e.keys()
