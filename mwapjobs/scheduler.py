@@ -146,10 +146,9 @@ class _ClockThread(BackgroundScheduler):  # type: ignore[misc]
                 except JobLookupError:
                     pass  # another instance removed or replaced it meanwhile
             next_run = store.get_next_run_time()
-        wait = None if next_run is None else max(0.0, (next_run - now).total_seconds())
-        if retry:
-            wait = RETRY_SECONDS if wait is None else min(wait, RETRY_SECONDS)
-        return wait
+        if retry:  # the fire that failed is still due: try again after a pause, not at once
+            return RETRY_SECONDS
+        return None if next_run is None else max(0.0, (next_run - now).total_seconds())
 
     def stop(self, timeout: float) -> bool:
         """Stop the thread, then close the store (never the other way round: the thread

@@ -75,7 +75,7 @@ def _page(summary: str, *, form: bool = False, params: list[dict[str, Any]] | No
             "type": "object", "properties": {"token": {"type": "string"}}}}}}
         op["responses"].update({s: {"description": "The login page with a message",
                                     "content": {"text/html": {"schema": {"type": "string"}}}}
-                                for s in ("400", "401", "403")})
+                                for s in ("400", "401", "403", "429")})
     return op
 
 
@@ -196,7 +196,7 @@ def document() -> dict[str, Any]:
             "Refresh one integration's token now (high priority); ?wait=true waits",
             params=[tenant, integration,
                     {"name": "wait", "in": "query", "schema": {"type": "boolean"}}],
-            ok_status="202", errors=("404", "409", "503"))},
+            ok_status="202", errors=("404", "409", "429", "503"))},
     }
     return {
         "openapi": "3.0.3",

@@ -35,6 +35,8 @@ from motor.motor_asyncio import AsyncIOMotorClient
 from pymongo.errors import ConnectionFailure
 from pymongo.uri_parser import parse_uri
 
+from .embedded import index_collection
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -51,6 +53,20 @@ INTEGRATIONS = "cloudProviderIntegrations"
 PROVIDERS = "cloudProviders"
 TENANTS = "tenants"
 SUPERADMINS = "superadmins"
+
+
+# What the embedded store indexes (see embedded.py): the lookups the engine, discovery
+# and the API make often, by equality on these fields, or by a date range in a group.
+EMBEDDED_INDEXES: dict[str, tuple[list[tuple[str, ...]], list[tuple[tuple[str, ...], str]]]] = {
+    RUNS: ([("key",), ("slot",), ("claimToken",), ("writeToken",), ("jobId",)],
+           [(("queue", "state"), "runAt"), (("state",), "runAt"),
+            (("queue", "state"), "finishedAt"), (("state",), "leaseUntil")]),
+    INTEGRATIONS: ([], [((), "updatedAt")]),
+    PROVIDERS: ([], []),
+    TENANTS: ([("ownerId",)], []),
+    SUPERADMINS: ([("userId",)], []),
+    QUEUES: ([], []),
+}
 
 
 class StoreUnavailable(Exception):
@@ -190,6 +206,8 @@ class Mongo:
         """Wrap an existing client: a `mongomock.MongoClient` (embedded, shared with
         APScheduler), or a real pymongo client plus its motor twin."""
         if isinstance(sync_client, mongomock.MongoClient):
+            for name, (specs, ordered) in EMBEDDED_INDEXES.items():
+                index_collection(sync_client[db_name][name], specs, ordered)
             shared: Any = AsyncMongoMockClient(mock_mongo_client=sync_client, tz_aware=True)
             return cls(shared, db_name, lambda: sync_client, embedded=True)
         if async_client is None:

@@ -1,0 +1,371 @@
+"""The embedded store (`MONGODB_URI=memory://`): mongomock, with the lookups a real
+server answers from an index answered from one here too.
+
+mongomock scans every document for every query (`Collection._iter_documents`), and
+its unique-index checks do too, so a queue of N runs costs O(N) per query and O(N^2)
+per burst. `index_collection` attaches to a collection's data a set of hash indexes
+(`_id` is free: the data is a dict keyed by it); a query whose filter pins an indexed
+field (equality or `$in`, also in every branch of an `$or`) then only looks at the
+documents with those values. The filter is still applied to each of them, so the
+answer is exactly mongomock's (and in the same order): the index only picks the
+candidates, which makes it safe even where it is imprecise. An index may also keep
+its documents ordered by one more field (a date: `runAt`, `finishedAt`), so that a
+range on it (`runAt <= now`) reads only the documents in range. `count_documents` of a
+filter that is nothing but an indexed equality is answered from the index's size.
+
+The indexes stay current through the few places where mongomock changes data: its
+store's `__setitem__` (inserts, rollbacks) and `__delitem__` (deletes), and the two
+methods that update a stored document in place. These are patched once, at class
+level, and do nothing more for collections without indexes. mongomock is pinned
+below 5 (`pyproject.toml`); tests/test_embedded.py checks the answers against plain
+mongomock.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+import mongomock.collection
+import mongomock.store
+from mongomock.filtering import filter_applies
+from sortedcontainers import SortedList
+
+_ATTR = "_mwapjobs_index"
+_MAX_COMBINATIONS = 64  # values of an `$in` (times another's) worth a lookup
+
+
+class _Unhashable(Exception):
+    pass
+
+
+def _key(value: Any) -> Any:
+    """A value as an index key; arrays and documents are not indexed (see `_wild`)."""
+    if isinstance(value, list | dict):
+        raise _Unhashable
+    try:
+        hash(value)
+    except TypeError:
+        raise _Unhashable from None
+    return value
+
+
+def _field(doc: dict[str, Any], name: str) -> Any:
+    value: Any = doc
+    for part in name.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+class HashIndexes:
+    """Hash indexes over some fields (or field tuples) of one collection's documents,
+    and, per index in `ordered`, the same groups ordered by a date field."""
+
+    def __init__(self, specs: Sequence[tuple[str, ...]],
+                 ordered: Sequence[tuple[tuple[str, ...], str]] = ()) -> None:
+        self.specs = sorted({*specs, *(spec for spec, _ in ordered)}, key=len, reverse=True)
+        self._entries: dict[tuple[str, ...], dict[Any, set[Any]]] = {
+            s: {} for s in self.specs}
+        self.ordered = list(ordered)
+        self._sorted: dict[tuple[tuple[str, ...], str], dict[Any, SortedList[Any]]] = {
+            o: {} for o in self.ordered}
+        self._keys: dict[Any, dict[tuple[str, ...], Any]] = {}  # _id -> its key per spec
+        self._dates: dict[Any, dict[tuple[tuple[str, ...], str], Any]] = {}
+        self._wild: set[Any] = set()  # documents with an array or document in a field
+        self._order: dict[Any, int] = {}  # _id -> insertion rank, for mongomock's order
+        self._next = itertools.count()
+
+    # -- upkeep --------------------------------------------------------------
+
+    def put(self, doc: dict[str, Any]) -> None:
+        _id = doc.get("_id")
+        self.drop(_id, keep_order=True)
+        self._order.setdefault(_id, next(self._next))
+        keys: dict[tuple[str, ...], Any] = {}
+        try:
+            for spec in self.specs:
+                keys[spec] = tuple(_key(_field(doc, f)) for f in spec)
+        except _Unhashable:
+            self._wild.add(_id)
+            return
+        for spec, key in keys.items():
+            self._entries[spec].setdefault(key, set()).add(_id)
+        self._keys[_id] = keys
+        rank = self._order[_id]
+        dates: dict[tuple[tuple[str, ...], str], Any] = {}
+        for spec, field in self.ordered:
+            when = _field(doc, field)
+            if isinstance(when, datetime) and when.tzinfo is not None:
+                entry = (when, rank, _id)
+                self._sorted[(spec, field)].setdefault(keys[spec], SortedList()).add(entry)
+                dates[(spec, field)] = entry
+        self._dates[_id] = dates
+
+    def drop(self, _id: Any, *, keep_order: bool = False) -> None:
+        self._wild.discard(_id)
+        keys = self._keys.pop(_id, {})
+        for (spec, field), entry in self._dates.pop(_id, {}).items():
+            group = self._sorted[(spec, field)].get(keys.get(spec))
+            if group is not None:
+                group.discard(entry)
+        for spec, key in keys.items():
+            ids = self._entries[spec].get(key)
+            if ids is not None:
+                ids.discard(_id)
+                if not ids:
+                    del self._entries[spec][key]
+        if not keep_order:
+            self._order.pop(_id, None)
+
+    def clear(self) -> None:
+        for entries in self._entries.values():
+            entries.clear()
+        for groups in self._sorted.values():
+            groups.clear()
+        self._dates.clear()
+        self._keys.clear()
+        self._wild.clear()
+        self._order.clear()
+
+    # -- lookups ---------------------------------------------------------------
+
+    def candidates(self, query: Any) -> set[Any] | None:
+        """A superset of the `_id`s of the documents `query` can match, or None if no
+        index narrows it down."""
+        if not isinstance(query, dict):
+            return None
+        ids = _values(query.get("_id")) if "_id" in query else None
+        if ids is not None:
+            return set(ids)
+        for spec, field in self.ordered:  # a range on an ordered field: only the range
+            found = self._range(spec, field, query)
+            if found is not None:
+                return found | self._wild
+        for spec in self.specs:
+            found = self._lookup(spec, query)
+            if found is not None:
+                return found | self._wild
+        branches = query.get("$or")
+        if isinstance(branches, list) and branches:
+            rest = {k: v for k, v in query.items() if k != "$or"}
+            union: set[Any] = set()
+            for branch in branches:
+                found = self.candidates({**rest, **branch}) if isinstance(branch, dict) \
+                    else None
+                if found is None:
+                    return None
+                union |= found
+            return union
+        clauses = query.get("$and")
+        if isinstance(clauses, list):
+            for clause in clauses:
+                found = self.candidates(clause)
+                if found is not None:
+                    return found
+        return None
+
+    def _lookup(self, spec: tuple[str, ...], query: dict[str, Any]) -> set[Any] | None:
+        combos = _combos(spec, query)
+        if combos is None:
+            return None
+        entries = self._entries[spec]
+        found: set[Any] = set()
+        for combo in combos:
+            found |= entries.get(combo, set())
+        return found
+
+    def _range(self, spec: tuple[str, ...], field: str,
+               query: dict[str, Any]) -> set[Any] | None:
+        bounds = _date_bounds(query.get(field))
+        if bounds is None:
+            return None
+        combos = _combos(spec, query)
+        if combos is None:
+            return None
+        low, high = bounds
+        found: set[Any] = set()
+        groups = self._sorted[(spec, field)]
+        for combo in combos:
+            group = groups.get(combo)
+            if group:
+                start = 0 if low is None else group.bisect_left((low,))
+                stop = len(group) if high is None else group.bisect_right((high, _TOP))
+                found.update(entry[2] for entry in group.islice(start, stop))
+        return found
+
+    def exact_count(self, query: Any) -> int | None:
+        """The number of matches of a query that is exactly an indexed equality."""
+        if not isinstance(query, dict) or self._wild:
+            return None
+        for spec in self.specs:
+            if set(query) == set(spec) and all(
+                    not isinstance(query[f], dict | list) for f in spec):
+                try:
+                    key = tuple(_key(query[f]) for f in spec)
+                except _Unhashable:
+                    return None
+                return len(self._entries[spec].get(key, ()))
+        return None
+
+    def in_order(self, ids: Iterable[Any]) -> list[Any]:
+        order = self._order
+        return sorted((i for i in ids if i in order), key=order.__getitem__)
+
+
+_TOP = float("inf")  # sorts after every insertion rank at the same date
+_applies: Callable[[Any, Any], bool] = filter_applies
+
+
+def _combos(spec: tuple[str, ...], query: dict[str, Any]) -> list[tuple[Any, ...]] | None:
+    """The index keys a query pins for `spec` (every field equal to one value or one of
+    an `$in`), or None if it does not pin them all, or pins too many."""
+    per_field: list[list[Any]] = []
+    for name in spec:
+        values = _values(query[name]) if name in query else None
+        if values is None:
+            return None
+        per_field.append(values)
+    combos = list(itertools.islice(itertools.product(*per_field), _MAX_COMBINATIONS + 1))
+    return None if len(combos) > _MAX_COMBINATIONS else combos
+
+
+def _date_bounds(condition: Any) -> tuple[datetime | None, datetime | None] | None:
+    """(low, high) of a condition made only of date comparisons (inclusive bounds, a
+    superset for strict ones), or None."""
+    if isinstance(condition, datetime):
+        return (condition, condition) if condition.tzinfo else None
+    if not isinstance(condition, dict) or not condition:
+        return None
+    low = high = None
+    for op, value in condition.items():
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            return None
+        if op in ("$gt", "$gte"):
+            low = value if low is None else max(low, value)
+        elif op in ("$lt", "$lte"):
+            high = value if high is None else min(high, value)
+        else:
+            return None
+    return low, high
+
+
+def _values(condition: Any) -> list[Any] | None:
+    """The values an equality or `$in` condition allows, or None for anything else."""
+    try:
+        if isinstance(condition, dict):
+            if set(condition) == {"$eq"}:
+                return [_key(condition["$eq"])]
+            if set(condition) == {"$in"} and isinstance(condition["$in"], list):
+                return [_key(v) for v in condition["$in"]]
+            return None
+        return [_key(condition)]
+    except _Unhashable:
+        return None
+
+
+# -- hooks into mongomock ---------------------------------------------------------------
+
+
+def _indexes(store: Any) -> HashIndexes | None:
+    indexes: HashIndexes | None = getattr(store, _ATTR, None)
+    return indexes
+
+
+_Collection: Any = mongomock.collection.Collection
+_Store: Any = mongomock.store.CollectionStore
+_original_iter = _Collection._iter_documents
+_original_count = _Collection.count_documents
+_original_update_doc = _Collection._apply_update_document
+_original_update_pipeline = _Collection._apply_update_pipeline
+_original_setitem = _Store.__setitem__
+_original_delitem = _Store.__delitem__
+_original_drop = _Store.drop
+
+
+def _iter_documents(self: Any, filter: Any) -> Iterator[dict[str, Any]]:
+    indexes = _indexes(self._store)
+    ids = indexes.candidates(filter) if indexes is not None else None
+    if indexes is None or ids is None:
+        yield from _original_iter(self, filter)
+        return
+    if not ids:
+        _applies(filter, {})  # still refuse a malformed filter, as mongomock does
+    documents = self._store._documents
+    for _id in indexes.in_order(ids):
+        document = documents.get(_id)
+        if document is not None and _applies(filter, document):
+            yield document
+
+
+def _count_documents(self: Any, filter: Any, **kwargs: Any) -> int:
+    indexes = _indexes(self._store)
+    if indexes is not None and not kwargs:
+        count = indexes.exact_count(filter)
+        if count is not None:
+            return count
+    result: int = _original_count(self, filter, **kwargs)
+    return result
+
+
+def _apply_update_document(self: Any, existing: dict[str, Any], *args: Any) -> None:
+    _original_update_doc(self, existing, *args)
+    indexes = _indexes(self._store)
+    if indexes is not None and "_id" in existing and existing["_id"] in self._store._documents:
+        indexes.put(existing)
+
+
+def _apply_update_pipeline(self: Any, existing: dict[str, Any], *args: Any) -> None:
+    _original_update_pipeline(self, existing, *args)
+    indexes = _indexes(self._store)
+    if indexes is not None and existing.get("_id") in self._store._documents:
+        indexes.put(existing)
+
+
+def _setitem(self: Any, key: Any, value: Any) -> None:
+    _original_setitem(self, key, value)
+    indexes = _indexes(self)
+    if indexes is not None:
+        indexes.put(value)
+
+
+def _delitem(self: Any, key: Any) -> None:
+    _original_delitem(self, key)
+    indexes = _indexes(self)
+    if indexes is not None:
+        indexes.drop(key)
+
+
+def _drop(self: Any) -> None:
+    _original_drop(self)
+    indexes = _indexes(self)
+    if indexes is not None:
+        indexes.clear()
+
+
+# Installed when this module is imported (before any collection is made), so that
+# whatever wraps mongomock afterwards (a test's instrumentation) wraps these.
+_Collection._iter_documents = _iter_documents
+_Collection.count_documents = _count_documents
+_Collection._apply_update_document = _apply_update_document
+_Collection._apply_update_pipeline = _apply_update_pipeline
+_Store.__setitem__ = _setitem
+_Store.__delitem__ = _delitem
+_Store.drop = _drop
+
+
+def index_collection(collection: Any, specs: Sequence[tuple[str, ...]] = (),
+                     ordered: Sequence[tuple[tuple[str, ...], str]] = ()) -> None:
+    """Give a mongomock collection hash indexes on `specs` (tuples of field names),
+    and on `ordered` ((fields, date field) pairs) the same ordered by the date; `_id`
+    lookups are fast with no spec at all. Documents it holds already are indexed now."""
+    store = collection._store
+    if _indexes(store) is not None:
+        return
+    indexes = HashIndexes(specs, ordered)
+    for document in list(store._documents.values()):
+        indexes.put(document)
+    setattr(store, _ATTR, indexes)
