@@ -123,6 +123,7 @@ class RefreshSettings(_Section):
     provider_rate: float = Field(10.0, gt=0)
     wait_timeout: float = Field(30.0, gt=0)
     manual_cooldown: float = Field(60.0, ge=0)
+    provider_hold_recheck: float = Field(600.0, gt=0)
 
 
 class HealthSettings(_Section):

@@ -334,6 +334,17 @@ class Engine:
             self.wake(queue)
         return Added(str(run["_id"]), run["state"], created)
 
+    async def promote_matching(self, queue: str, data: dict[str, Any], *,
+                               postponed_only: bool = False) -> int:
+        """Run now the delayed runs of `queue` whose data has these values (for example
+        the refreshes of a provider whose hold just ended); returns how many."""
+        self.registry.get(queue)
+        promoted = await self.runs.promote_matching(queue, data, self.clock(),
+                                                    postponed_only=postponed_only)
+        if promoted:
+            self.wake(queue)
+        return promoted
+
     async def cancel(self, queue: str, job_id: str) -> bool:
         """Drop the not-yet-started run of `job_id`; a running one finishes normally."""
         return await self.runs.delete_not_started(dedupe_key(queue, job_id)) is not None

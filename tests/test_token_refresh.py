@@ -35,9 +35,7 @@ from mwapjobs.alerts.rules import Rule, provider_on_hold
 from mwapjobs.config import RefreshSettings, Settings
 from mwapjobs.crypto import MwapCipher
 from mwapjobs.daemon import Daemon
-from mwapjobs.jobs import token_refresh
 from mwapjobs.jobs.token_refresh import (
-    PROVIDER_HOLD_RECHECK,
     QUEUE,
     RefreshFailed,
     TokenRefresher,
@@ -519,7 +517,7 @@ async def test_a_provider_configuration_error_holds_the_provider_not_the_tenant(
     with pytest.raises(Postpone) as raised:
         await refresh_once(world, iid)
 
-    assert 0 < raised.value.delay <= PROVIDER_HOLD_RECHECK
+    assert 0 < raised.value.delay <= RefreshSettings().provider_hold_recheck
     assert await world.doc(iid) == before  # no status change, nothing written
     assert await notifications(world.mongo, iid) == []
     assert await integration_state(world.mongo, iid) is None  # the token is not condemned
@@ -1038,14 +1036,14 @@ async def test_a_wrong_client_secret_holds_the_provider_until_it_is_fixed(
         world: World, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     # No re-probe within the test: only the fix of the provider's document resumes it.
-    monkeypatch.setattr(token_refresh, "PROVIDER_HOLD_RECHECK", 3600.0)
     provider = await world.provider(rotate=True, name="Acme Drive")
     ids = [(await world.integration(provider, expires_in=30 + i))[0] for i in range(3)]
     other = await world.provider("other-client")  # another provider is not held
     other_id, _ = await world.integration(other)
     world.oauth.add_client(CID, "rotated-at-the-provider", rotate_refresh_token=True)
     before = {iid: await world.doc(iid) for iid in ids}
-    settings = daemon_settings(sync_interval=0.1, provider_concurrency=1)
+    settings = daemon_settings(sync_interval=0.1, provider_concurrency=1,
+                               provider_hold_recheck=3600.0)
     with caplog.at_level(logging.INFO):
         async with running(world.mongo, settings) as daemon:
             for iid in ids:
@@ -1096,12 +1094,11 @@ async def test_a_wrong_client_secret_holds_the_provider_until_it_is_fixed(
 
 async def test_a_held_provider_is_probed_again_by_one_refresh_and_resumes(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(token_refresh, "PROVIDER_HOLD_RECHECK", 0.4)
     provider = await world.provider()
     ids = [(await world.integration(provider))[0] for _ in range(4)]
     world.oauth.add_client(CID, "disabled-for-now")  # the provider side is broken
     holds = ProviderHolds(world.mongo)
-    async with running(world.mongo, daemon_settings()):
+    async with running(world.mongo, daemon_settings(provider_hold_recheck=0.4)):
 
         async def probed_twice() -> bool:
             state = await holds.state(provider.hex)

@@ -182,7 +182,7 @@ async def provider_on_hold(ctx: RuleContext) -> list[Condition]:
     if REFRESH_QUEUE not in ctx.queues:
         return []
     # AlertStore has no public Mongo handle yet; the hold state is its own store's.
-    holds = ProviderHolds(ctx.store._mongo)
+    holds = ProviderHolds(ctx.store.mongo)
     out = []
     for doc in await holds.all():
         hold = doc.get("hold") or {}

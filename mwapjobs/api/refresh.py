@@ -12,7 +12,7 @@ from datetime import datetime
 from aiohttp import web
 
 from ..engine import as_utc
-from ..jobs.token_refresh import MANUAL_PRIORITY, QUEUE, job_id
+from ..jobs.token_refresh import MANUAL_PRIORITY, QUEUE, job_id, run_data
 from ..logs import audit
 from .envelope import ApiError, error, ok
 from .keys import DAEMON
@@ -58,7 +58,7 @@ async def refresh_integration(request: web.Request) -> web.Response:
     expires = integration.get("tokenExpiresAt")
     deadline = as_utc(expires) if isinstance(expires, datetime) else None
     added = await daemon.engine.add(
-        QUEUE, {"integrationId": str(integration["_id"]), "tenantId": tenant_id},
+        QUEUE, run_data(integration),
         job_id=job_id(str(integration["_id"])), priority=MANUAL_PRIORITY, replace=True,
         deadline=deadline if deadline and deadline > daemon.clock() else None,
     )

@@ -109,7 +109,7 @@ class RefreshSync:
         docs = await self.store.changed_since(None if full else self._watermark)
         dead_tokens = await self.store.states_with_refresh_failure()
         job_ids = None if full else [job_id(str(d["_id"])) for d in docs]
-        pending = await self.store.pending_refresh_runs(QUEUE, job_ids)
+        pending = await self.engine.runs.pending_by_job(QUEUE, job_ids)
         report = SyncReport(full=full, seen=len(docs))
         await self._lift_changed_providers(report)
         now = self.clock()
@@ -185,7 +185,7 @@ class RefreshSync:
                      extra={"providerId": provider_id, "provider": doc.get("name"),
                             "because": because, "heldSince": lifted.get("since"),
                             "error": lifted.get("error")})
-            task = asyncio.ensure_future(resume_postponed(self.engine, holds, provider_id))
+            task = asyncio.ensure_future(resume_postponed(self.engine, provider_id))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 

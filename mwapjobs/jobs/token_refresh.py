@@ -24,7 +24,7 @@ Outcomes, by who can fix them:
   (storage/providers.py) and its refreshes are postponed (`Postpone`), not
   failed; no integration changes. The hold ends when the provider's document
   changes, or when a re-probe (one refresh let through every
-  `PROVIDER_HOLD_RECHECK` s) succeeds; the postponed runs are then promoted;
+  `refresh.provider_hold_recheck` s) succeeds; the postponed runs are then promoted;
 - anything else (network, timeout, 5xx, 429, another 4xx or OAuth error): retried
   with backoff, never past the token's expiry (the run's deadline); when the token
   expires before another attempt can run, the integration is marked `expired`.
@@ -56,7 +56,6 @@ from ..config import RefreshSettings
 from ..crypto import DecryptionError, MwapCipher
 from ..engine import Engine, as_utc
 from ..logs import secrets
-from ..operations import ConflictError, NotFoundError, Operations
 from ..queues import Job, PermanentError, Postpone, QueueRegistry, TransientError
 from ..ratelimit import KeyedLimiter
 from ..storage.integrations import IntegrationStore
@@ -67,9 +66,6 @@ log = logging.getLogger(__name__)
 QUEUE = "token-refresh"
 MANUAL_PRIORITY = 100
 DEFAULT_EXPIRES_IN = 3600
-# How often (s) a held provider is tested again with one refresh. Until config.py has
-# `refresh.provider_hold_recheck`, this constant is the setting.
-PROVIDER_HOLD_RECHECK = 600.0
 DESCRIPTION_LIMIT = 300  # characters of a provider's error_description that we keep
 REDACTED = "[redacted]"
 # The tenant's grant is dead: reconnecting is the fix (GitHub says bad_refresh_token).
@@ -149,14 +145,6 @@ class TokenRefresher:
     def attach(self, engine: Engine) -> None:
         self.engine = engine
 
-    @property
-    def hold_recheck(self) -> float:
-        """Seconds between re-probes of a held provider (`refresh.provider_hold_recheck`
-        once config.py has it, else PROVIDER_HOLD_RECHECK)."""
-        value = getattr(self.settings, "provider_hold_recheck", None)
-        return float(value) if isinstance(value, int | float) and value > 0 else \
-            PROVIDER_HOLD_RECHECK
-
     async def __call__(self, job: Job) -> dict[str, Any]:
         integration_id = str(job.data["integrationId"])
         integration = await self.store.get(integration_id)
@@ -219,7 +207,7 @@ class TokenRefresher:
             await self._lift(provider, hold.get("config"),
                              "the provider's configuration changed")
             return False
-        recheck = self.hold_recheck
+        recheck = self.settings.provider_hold_recheck
         if await self.holds.claim_probe(provider_id, config, now, recheck):
             log.info("provider on hold: letting one refresh through to test it again",
                      extra={"providerId": provider_id, "provider": provider.get("name"),
@@ -235,7 +223,7 @@ class TokenRefresher:
                     probing: bool) -> Postpone:
         """The token endpoint refused our configuration: hold the provider (one error
         line when the hold starts) and postpone this run; no integration changes."""
-        recheck = self.hold_recheck
+        recheck = self.settings.provider_hold_recheck
         started = await self.holds.hold(provider, problem, self.clock(), recheck)
         context = {"providerId": str(provider["_id"]), "provider": provider.get("name"),
                    "error": problem.error, "reason": problem.reason,
@@ -264,7 +252,7 @@ class TokenRefresher:
                         "because": because, "heldSince": hold.get("since"),
                         "error": hold.get("error"), "probes": hold.get("probes")})
         if self.engine is not None:
-            self._spawn(resume_postponed(self.engine, self.holds, provider_id))
+            self._spawn(resume_postponed(self.engine, provider_id))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -434,23 +422,12 @@ class TokenRefresher:
                         extra={"integrationId": str(integration["_id"])})
 
 
-async def resume_postponed(engine: Engine, holds: ProviderHolds, provider_id: str) -> int:
+async def resume_postponed(engine: Engine, provider_id: str) -> int:
     """A provider's hold ended: its postponed refresh runs become waiting now, instead
     of waiting out their postponement. Returns how many were promoted."""
     try:
-        run_ids = await holds.postponed_runs(QUEUE, provider_id)
-        operations = Operations(engine)
-        slots = asyncio.Semaphore(10)
-
-        async def promote(run_id: Any) -> bool:
-            async with slots:
-                try:
-                    await operations.promote(str(run_id))
-                except (ConflictError, NotFoundError):
-                    return False  # it started, moved or finished meanwhile
-                return True
-
-        promoted = sum(await asyncio.gather(*(promote(r) for r in run_ids)))
+        promoted = await engine.promote_matching(QUEUE, {"providerId": provider_id},
+                                                 postponed_only=True)
     except Exception as exc:  # they still wake by themselves, at most a re-probe later
         log.warning("could not promote the postponed refreshes of a provider",
                     extra={"providerId": provider_id,

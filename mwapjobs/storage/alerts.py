@@ -30,6 +30,11 @@ class AlertStore:
     def __init__(self, mongo: Mongo) -> None:
         self._mongo = mongo
 
+    @property
+    def mongo(self) -> Mongo:
+        """The database, for rules whose state another store owns (provider holds)."""
+        return self._mongo
+
     async def ensure_indexes(self) -> None:
         await self._mongo.call(
             lambda db: db[NOTIFICATIONS].create_index(

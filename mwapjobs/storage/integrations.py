@@ -19,7 +19,7 @@ from bson.errors import InvalidId
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import BulkWriteError
 
-from .mongo import INTEGRATIONS, PROVIDERS, RUNS, Mongo
+from .mongo import INTEGRATIONS, PROVIDERS, Mongo
 from .providers import ProviderHolds
 
 INTEGRATION_STATE = "mwapjobs_integrations"
@@ -90,19 +90,6 @@ class IntegrationStore:
             lambda db: db[INTEGRATIONS].find(query, SYNC_FIELDS).to_list(None)
         )
         return docs
-
-    async def pending_refresh_runs(self, queue: str, job_ids: list[str] | None = None
-                                   ) -> dict[str, dict[str, Any]]:
-        """jobId → {state, runAt, deadline, data.connection} of the queue's pending runs
-        (all, or those of `job_ids`): what discovery compares with the integrations. The
-        engine's `pending_by_job` does not return the run's data."""
-        query: dict[str, Any] = {"queue": queue, "state": {"$in": ["delayed", "waiting",
-                                                                   "active"]}}
-        if job_ids is not None:
-            query["jobId"] = {"$in": job_ids}
-        fields = {"jobId": 1, "state": 1, "runAt": 1, "deadline": 1, "data.connection": 1}
-        docs = await self._mongo.call(lambda db: db[RUNS].find(query, fields).to_list(None))
-        return {d["jobId"]: d for d in docs if d.get("jobId") is not None}
 
     async def save_tokens(self, current: dict[str, Any], fields: dict[str, Any]) -> bool:
         """Write refreshed tokens unless the backend changed the tokens meanwhile.

@@ -40,7 +40,7 @@ from typing import Any
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from .mongo import INTEGRATIONS, RUNS, Mongo
+from .mongo import INTEGRATIONS, Mongo
 
 PROVIDER_STATE = "mwapjobs_providers"
 CACHE_SECONDS = 1.0  # how long a read hold (or its absence) is reused by this process
@@ -152,17 +152,6 @@ class ProviderHolds:
         earliest = first.get("tokenExpiresAt") if first else None
         return TokensAtRisk(int(expiring), _utc(earliest) if isinstance(earliest, datetime)
                             else None, int(expired))
-
-    async def postponed_runs(self, queue: str, provider_id: str) -> list[Any]:
-        """Ids of the delayed runs of `queue` for this provider that were postponed
-        (their data carries `providerId`; the engine records a "postponed" attempt)."""
-        docs = await self._mongo.call(
-            lambda db: db[RUNS]
-            .find({"queue": queue, "state": "delayed", "data.providerId": provider_id,
-                   "attempts.outcome": "postponed"}, {"_id": 1})
-            .to_list(None)
-        )
-        return [d["_id"] for d in docs]
 
     # -- writes -----------------------------------------------------------------------------
 

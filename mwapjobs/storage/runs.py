@@ -160,6 +160,18 @@ class RunStore:
         )
         return int(result.modified_count)
 
+    async def promote_matching(self, queue: str, data: dict[str, Any], now: datetime, *,
+                               postponed_only: bool = False) -> int:
+        """Make the delayed runs of `queue` whose data has these values waiting now (one
+        query); with `postponed_only`, only those that were put back by `Postpone`."""
+        query: dict[str, Any] = {"queue": queue, "state": "delayed",
+                                 **{f"data.{k}": v for k, v in data.items()}}
+        if postponed_only:
+            query["attempts.outcome"] = "postponed"
+        result = await self._mongo.call(
+            lambda db: db[RUNS].update_many(query, {"$set": {"state": "waiting", "runAt": now}}))
+        return int(result.modified_count)
+
     async def due_after(self, cursor: tuple[datetime, Any],
                         limit: int) -> list[tuple[datetime, Any, str]]:
         """(runAt, _id, queue) of up to `limit` delayed runs after `cursor` = (runAt, _id)
@@ -458,14 +470,15 @@ class RunStore:
 
     async def pending_by_job(self, queue: str,
                              job_ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
-        """jobId → {state, runAt, priority, data} of a queue's pending runs (all, or those
-        of `job_ids`)."""
+        """jobId → {state, runAt, priority, deadline, data} of a queue's pending runs (all,
+        or those of `job_ids`)."""
         query: dict[str, Any] = {"queue": queue, "state": {"$in": list(PENDING)}}
         if job_ids is not None:
             query["jobId"] = {"$in": job_ids}
         docs = await self._mongo.call(
             lambda db: db[RUNS].find(query, {"jobId": 1, "state": 1, "runAt": 1,
-                                             "priority": 1, "data": 1}).to_list(None)
+                                             "priority": 1, "deadline": 1, "data": 1})
+            .to_list(None)
         )
         return {d["jobId"]: d for d in docs if d.get("jobId") is not None}
 
