@@ -47,7 +47,7 @@ def make_mongo() -> tuple[Mongo, Callable[[], None]]:
 async def mongo() -> AsyncIterator[Mongo]:
     m, drop = make_mongo()
     yield m
-    m.close()
+    await m.aclose()
     drop()
 
 
