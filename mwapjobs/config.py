@@ -112,6 +112,13 @@ class MetricsSettings(_Section):
     hosts: list[str] = Field(default_factory=list)
 
 
+class OutboundSettings(_Section):
+    """Where provider URLs from the database may point (see outbound.py)."""
+
+    allow_loopback: bool = False
+    hosts: dict[str, list[str]] = Field(default_factory=dict)
+
+
 class RefreshSettings(_Section):
     enabled: bool = True
     lead: float = Field(300.0, ge=0)
@@ -199,6 +206,7 @@ class Settings(BaseSettings):
     queues: dict[str, QueueSettings] = Field(default_factory=dict)
     admin: AdminSettings = AdminSettings()
     metrics: MetricsSettings = MetricsSettings()
+    outbound: OutboundSettings = OutboundSettings()
     refresh: RefreshSettings = RefreshSettings()
     health: HealthSettings = HealthSettings()
     alerts: AlertSettings = AlertSettings()

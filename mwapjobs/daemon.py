@@ -44,6 +44,7 @@ from .logs import secrets, stop_logging
 from .loopmon import LoopLagMonitor
 from .metrics import DaemonMetrics
 from .operations import Operations
+from .outbound import UrlPolicy
 from .queues import QueueRegistry
 from .storage.identity import IdentityStore
 from .storage.integrations import IntegrationStore
@@ -82,6 +83,8 @@ class Daemon:
         self.integrations = IntegrationStore(self.mongo)
         key = settings.encryption_key.get_secret_value() if settings.encryption_key else ""
         self.cipher = MwapCipher(key) if key else None
+        self.policy = UrlPolicy(settings.outbound.hosts,
+                                allow_loopback=settings.outbound.allow_loopback)
         self.http: aiohttp.ClientSession | None = None
         self.refresher: TokenRefresher | None = None
         self.refresh_sync: RefreshSync | None = None
@@ -154,7 +157,8 @@ class Daemon:
         """Register the job types that work on MWAP's data (needs the HTTP client)."""
         if self.settings.refresh.enabled and self.cipher is not None:
             self.refresher = TokenRefresher(self.integrations, self.cipher, http,
-                                            self.settings.refresh, self.clock)
+                                            self.settings.refresh, self.clock,
+                                            policy=self.policy)
             self.refresher.register(self.registry)
             follow_up_failures(self.engine, self.refresher)
             self.refresh_sync = RefreshSync(self.engine, self.integrations,
@@ -164,7 +168,8 @@ class Daemon:
                 self.integrations, self.cipher, http, self.settings.health, self.clock,
                 engine=self.engine, operations=self.operations,
                 refresh=self.settings.refresh if self.refresher is not None else None,
-                user_agent=self.settings.refresh.user_agent)
+                user_agent=self.settings.refresh.user_agent,
+                policy=self.policy)
             self.health_checker.register(self.registry)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:

@@ -60,6 +60,8 @@ def make_settings(**overrides: Any) -> Settings:
         "engine": {"lease_seconds": 3, "sweep_interval": 0.5, "retention_interval": 3600},
         "mongodb": {"ping_interval": 0.5, "server_selection_timeout": 1},
         "shutdown_timeout": 5,
+        # Provider simulators and token servers listen on 127.0.0.1 over plain http.
+        "outbound": {"allow_loopback": True},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

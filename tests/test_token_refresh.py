@@ -42,6 +42,7 @@ from mwapjobs.jobs.token_refresh import (
     fingerprint,
     job_id,
 )
+from mwapjobs.outbound import UrlPolicy
 from mwapjobs.queues import Job, Postpone, TransientError
 from mwapjobs.storage.integrations import IntegrationStore
 from mwapjobs.storage.mongo import PROVIDERS, Mongo
@@ -69,6 +70,8 @@ CID, SECRET = "mwap-client", "s3cret-value"
 UA = "MWAP-OAuth-Client/1.0"
 FORM = "application/x-www-form-urlencoded"
 MS = timedelta(milliseconds=1)  # BSON dates keep milliseconds
+
+LOCAL = UrlPolicy(allow_loopback=True)  # the token server listens on 127.0.0.1
 
 
 # -- the token endpoint, with a meter of requests in flight -------------------------------
@@ -193,7 +196,7 @@ async def refresh_once(world: World, iid: str, **settings: Any) -> Any:
     """Run the refresh handler once, as the engine would, and return its result."""
     async with aiohttp.ClientSession() as http:
         refresher = TokenRefresher(IntegrationStore(world.mongo), world.cipher, http,
-                                   RefreshSettings(**settings), utcnow)
+                                   RefreshSettings(**settings), utcnow, policy=LOCAL)
         return await refresher(job_for(iid))
 
 
@@ -383,7 +386,7 @@ async def test_a_token_that_does_not_decrypt_is_not_sent_and_expires_nothing(
     wrong_key = MwapCipher("not-the-backend-encryption-key!!")
     async with aiohttp.ClientSession() as http:
         refresher = TokenRefresher(IntegrationStore(world.mongo), wrong_key, http,
-                                   RefreshSettings(), utcnow)
+                                   RefreshSettings(), utcnow, policy=LOCAL)
         with contextlib.suppress(Exception):
             await refresher(job_for(iid))
     assert [r.form.get("refresh_token") for r in token_requests(world.oauth)
@@ -500,7 +503,7 @@ async def test_a_provider_configuration_error_holds_the_provider_not_the_tenant(
                 "unsupported_grant_type": "unsupported_grant_type", "bare_401": "HTTP 401",
                 "form_200_invalid_client": "invalid_client", "token_url_404": "HTTP 404",
                 "token_url_405": "HTTP 405", "forbidden_403": "HTTP 403",
-                "redirect": "HTTP 302", "tls": "tls", "not_a_url": "invalid tokenUrl"}[case]
+                "redirect": "HTTP 302", "tls": "tls", "not_a_url": "tokenUrl refused"}[case]
     if case in ("wrong_secret", "form_200_invalid_client"):
         world.oauth.add_client(CID, "rotated-secret", **{
             k: v for k, v in options.items() if k in ("answer_format", "errors_with_200")})

@@ -32,6 +32,8 @@ from datetime import UTC, datetime, timedelta
 from ..config import Settings
 from ..scheduler import make_trigger
 from ..storage.alerts import AlertStore
+from ..storage.jobstore import QUARANTINE
+from ..storage.mongo import SCHEDULER_JOBS
 from ..storage.providers import ProviderHolds
 
 REFRESH_QUEUE = "token-refresh"
@@ -212,6 +214,39 @@ async def provider_on_hold(ctx: RuleContext) -> list[Condition]:
     return out
 
 
+async def provider_url_changed(ctx: RuleContext) -> list[Condition]:
+    """A provider's tokenUrl, healthCheckUrl or apiBaseUrl points somewhere new (seen by
+    discovery): its secrets now go there. True for one cool-down after the change, so it
+    is announced once."""
+    since = ctx.now - timedelta(seconds=ctx.settings.alerts.cooldown)
+    out = []
+    for doc in await ProviderHolds(ctx.store.mongo).url_changes(since):
+        name = doc.get("name")
+        provider_id = str(doc["_id"])
+        subject = f"provider {name} ({provider_id})" if name else f"provider {provider_id}"
+        moves = "; ".join(f"{c.get('field')} now {c.get('to') or '(none)'} "
+                          f"(was {c.get('from') or '(none)'})"
+                          for c in doc.get("urlChanges") or [])
+        out.append(Condition("provider_url_changed",
+                             f"{moves}: if nobody here changed it, the provider's secrets "
+                             "may be going to someone else", subject))
+    return out
+
+
+async def scheduler_documents_rejected(ctx: RuleContext) -> list[Condition]:
+    """Documents in the scheduler's collection that mwapjobs did not sign were moved to
+    the quarantine (storage/jobstore.py): someone wrote to the job store."""
+    count, newest = await ctx.store.quarantined()
+    if not count:
+        return []
+    when = newest.isoformat(timespec="seconds") if newest else "unknown"
+    return [Condition(
+        "scheduler_documents_rejected",
+        f"{count} document{'s' if count != 1 else ''} in {SCHEDULER_JOBS} were not signed "
+        f"by mwapjobs and were never read (the latest at {when}); they are in "
+        f"{QUARANTINE}: find out who wrote them, then delete them")]
+
+
 def _utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
@@ -224,6 +259,8 @@ def default_rules() -> list[Rule]:
         Rule("backlog", backlog),
         Rule("health_sweep_missed", health_sweep_missed),
         Rule("provider_on_hold", provider_on_hold),
+        Rule("provider_url_changed", provider_url_changed),
+        Rule("scheduler_documents_rejected", scheduler_documents_rejected),
     ]
 
 

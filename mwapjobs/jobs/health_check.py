@@ -67,6 +67,7 @@ from ..config import HealthSettings, RefreshSettings
 from ..crypto import MwapCipher
 from ..engine import Engine, as_utc
 from ..operations import Operations
+from ..outbound import UrlPolicy
 from ..queues import Job, QueueRegistry
 from ..ratelimit import KeyedLimiter
 from ..scheduler import make_trigger
@@ -204,8 +205,12 @@ class HealthChecker:
         operations: Operations,
         refresh: RefreshSettings | None,
         user_agent: str = "MWAP-OAuth-Client/1.0",
+        policy: UrlPolicy | None = None,
     ) -> None:
-        """`refresh` is None when token refresh is off here: a 401 then counts as a failure."""
+        """`refresh` is None when token refresh is off here: a 401 then counts as a failure.
+        `policy` decides where access tokens may be sent (default: https to the known
+        hosts of each provider kind)."""
+        self.policy = policy or UrlPolicy()
         self.store = store
         self.cipher = cipher
         self.http = http
@@ -420,6 +425,12 @@ class HealthChecker:
             await self._conclude(sweep, item, doc, "skipped", ProbeResult(
                 "skipped", f"no probe URL for provider {item.provider_key} (set its "
                            "metadata.apiBaseUrl or metadata.healthCheckUrl)"))
+            return
+        refusal = self.policy.refusal(spec.url, spec.kind)
+        if refusal is not None:  # the access token is never sent there
+            await self._conclude(sweep, item, doc, "skipped", ProbeResult(
+                "skipped", f"the probe URL of provider {item.provider_key} is refused by "
+                           f"the outbound policy: {refusal}"))
             return
         if self._past_expiry(doc) and loop.time() - item.read_at > 1.0:
             doc = await self._reread(item)  # the refresher may have been quicker

@@ -172,6 +172,8 @@ async def probe(http: aiohttp.ClientSession, spec: ProbeSpec, access_token: str,
                            latency_ms=_ms(started))
     latency = _ms(started)
     verdict, message = classify(spec, status, resp_headers, bytes(body), frozenset(revoked))
+    if len(access_token) >= 6:  # a provider (or proxy) that echoes the token keeps it
+        message = message.replace(access_token, "[redacted]")
     return ProbeResult(verdict, message, status, latency)
 
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..config import RefreshSettings
 from ..engine import Engine, as_utc
@@ -112,6 +113,8 @@ class RefreshSync:
         pending = await self.engine.runs.pending_by_job(QUEUE, job_ids)
         report = SyncReport(full=full, seen=len(docs))
         await self._lift_changed_providers(report)
+        if full:
+            await self._watch_provider_urls()
         now = self.clock()
         for doc in docs:
             jid = job_id(str(doc["_id"]))
@@ -165,6 +168,28 @@ class RefreshSync:
                            "providerId": current.get("providerId")})
         return True
 
+    async def _watch_provider_urls(self) -> None:
+        """Log (and, through the `provider_url_changed` alert, tell operators) when a
+        provider's token or API URL points somewhere new: whoever can change those
+        receives its secrets. Two queries per full pass, a write only on a change."""
+        holds = self.store.holds
+        known = await holds.known_urls()
+        now = self.clock()
+        for provider_id, provider in (await self.store.providers_by_id()).items():
+            urls = outbound_urls(provider)
+            before = known.get(provider_id)
+            if before == urls:
+                continue
+            changes = [] if before is None else [
+                {"field": field, "from": before.get(field, ""), "to": urls.get(field, "")}
+                for field in sorted(set(before) | set(urls))
+                if before.get(field) != urls.get(field)]
+            for change in changes:
+                log.warning("provider URL changed: credentials now go to the new address",
+                            extra={"providerId": provider_id, "provider": provider.get("name"),
+                                   **change})
+            await holds.record_urls(provider, urls, changes, now)
+
     async def _lift_changed_providers(self, report: SyncReport) -> None:
         """A held provider whose document changed (or went away) since it was held: lift
         the hold and promote its postponed runs. One query when nothing is held."""
@@ -210,3 +235,19 @@ def _dead_without_refresh_token(doc: dict[str, Any], now: datetime) -> bool:
     expires = doc.get("tokenExpiresAt")
     return (doc.get("status", "active") in ("active", "error") and not doc.get("refreshToken")
             and isinstance(expires, datetime) and as_utc(expires) <= now)
+
+
+def outbound_urls(provider: dict[str, Any]) -> dict[str, str]:
+    """The URLs a provider's credentials are sent to, as scheme://host/path (a query
+    could hold a key, and is not kept)."""
+    raw = provider.get("metadata")
+    metadata: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    found = {"tokenUrl": provider.get("tokenUrl"),
+             "metadata.healthCheckUrl": metadata.get("healthCheckUrl"),
+             "metadata.apiBaseUrl": metadata.get("apiBaseUrl")}
+    out = {}
+    for field, url in found.items():
+        if isinstance(url, str) and url:
+            parts = urlsplit(url)
+            out[field] = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"[:300]
+    return out

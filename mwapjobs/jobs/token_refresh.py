@@ -56,10 +56,12 @@ from ..config import RefreshSettings
 from ..crypto import DecryptionError, MwapCipher
 from ..engine import Engine, as_utc
 from ..logs import secrets
+from ..outbound import UrlPolicy
 from ..queues import Job, PermanentError, Postpone, QueueRegistry, TransientError
 from ..ratelimit import KeyedLimiter
 from ..storage.integrations import IntegrationStore
 from ..storage.providers import Problem, ProviderHolds, config_fingerprint
+from .probes import provider_kind
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +128,12 @@ class TokenRefresher:
         http: aiohttp.ClientSession,
         settings: RefreshSettings,
         clock: Callable[[], datetime],
+        policy: UrlPolicy | None = None,
     ) -> None:
+        """`policy` decides where the client secret and refresh tokens may be sent
+        (default: https to the known hosts of each provider kind)."""
         self.store = store
+        self.policy = policy or UrlPolicy()
         self.holds: ProviderHolds = store.holds
         self.cipher = cipher
         self.http = http
@@ -279,6 +285,11 @@ class TokenRefresher:
             sent += [f"{user}:{password}", basic]
         method = str(provider.get("tokenMethod") or "POST").upper()
         url = str(provider.get("tokenUrl") or "")
+        refusal = self.policy.refusal(url, provider_kind(provider))
+        if refusal is not None:  # nothing is sent: the URL is the provider's problem
+            raise ProviderProblem(Problem(
+                "tokenUrl refused", f"tokenUrl {scrub(url, sent)[:200]!r} is refused by "
+                                    f"the outbound policy: {refusal}"))
         timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout)
         # The caller holds the provider's limiter slot.
         self.requests += 1

@@ -126,6 +126,33 @@ class ProviderHolds:
         )
         return docs
 
+    async def url_changes(self, since: datetime) -> list[dict[str, Any]]:
+        """Providers whose outbound URLs changed at or after `since`:
+        `{_id, name, urlsChangedAt, urlChanges: [{field, from, to}]}`."""
+        docs: list[dict[str, Any]] = await self._mongo.call(
+            lambda db: db[PROVIDER_STATE]
+            .find({"urlsChangedAt": {"$gte": since}},
+                  {"name": 1, "urlsChangedAt": 1, "urlChanges": 1})
+            .to_list(None)
+        )
+        return docs
+
+    async def known_urls(self) -> dict[str, dict[str, str]]:
+        """provider id → the outbound URLs (scheme, host and path) seen last time."""
+        docs = await self._mongo.call(
+            lambda db: db[PROVIDER_STATE].find({"urls": {"$exists": True}}, {"urls": 1})
+            .to_list(None))
+        return {str(d["_id"]): d["urls"] for d in docs if isinstance(d.get("urls"), dict)}
+
+    async def record_urls(self, provider: dict[str, Any], urls: dict[str, str],
+                          changes: list[dict[str, str]], now: datetime) -> None:
+        """Remember a provider's outbound URLs; with `changes`, when and how they moved."""
+        fields: dict[str, Any] = {"urls": urls, "name": provider.get("name")}
+        if changes:
+            fields |= {"urlsChangedAt": now, "urlChanges": changes}
+        await self._mongo.call(lambda db: db[PROVIDER_STATE].update_one(
+            {"_id": str(provider["_id"])}, {"$set": fields}, upsert=True))
+
     async def state(self, provider_id: str) -> dict[str, Any] | None:
         doc: dict[str, Any] | None = await self._mongo.call(
             lambda db: db[PROVIDER_STATE].find_one({"_id": provider_id})
