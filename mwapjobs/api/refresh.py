@@ -8,6 +8,7 @@ The response describes the run; it never contains a token.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from aiohttp import web
 
@@ -68,9 +69,30 @@ async def refresh_integration(request: web.Request) -> web.Response:
         return ok({"runId": added.run_id, "state": added.state}, status=202)
     run = await daemon.operations.wait_finished(added.run_id,
                                                 daemon.settings.refresh.wait_timeout)
+    failure = run["error"]
+    if failure and not caller.superadmin:
+        failure = tenant_error(failure)  # a tenant owner: what happened, not the internals
     outcome = {"runId": run["runId"], "state": run["state"], "result": run["result"],
-               "error": run["error"], "attempts": run["attemptsMade"]}
+               "error": failure, "attempts": run["attemptsMade"]}
     return ok(outcome, status=200 if run["state"] in ("completed", "failed") else 202)
+
+
+# What a tenant owner is told about a refresh that did not succeed, by the error's type:
+# a code and a sentence. Admins (and superadmins) get the scrubbed error itself.
+_TENANT_MESSAGES = {
+    "RefreshFailed": ("refresh/grant-refused", "The provider no longer accepts this "
+                      "connection's authorization: reconnect the integration."),
+    "TransientError": ("refresh/provider-unavailable", "The provider could not refresh the "
+                       "token just now; it is retried automatically."),
+    "TimeoutError": ("refresh/provider-unavailable", "The provider did not answer in time; "
+                     "the refresh is retried automatically."),
+}
+
+
+def tenant_error(error: dict[str, Any]) -> dict[str, Any]:
+    code, message = _TENANT_MESSAGES.get(str(error.get("type")), (
+        "refresh/failed", "The token could not be refreshed; the operators have the details."))
+    return {"code": code, "message": message, "permanent": bool(error.get("permanent"))}
 
 
 def add_routes(app: web.Application) -> None:
