@@ -401,6 +401,11 @@ async def test_no_password_in_clear_when_starttls_is_missing_or_stripped(
                     await wait_for(lambda: any(
                         "refusing to send the password in clear" in str(r.__dict__.get("error"))
                         for r in caplog.records), timeout=10, message="the refusal")
+                    # ...and the other channels (here: the log) are told so at once.
+                    fired = [msg for msg in await m.evaluate()
+                             if msg.text.startswith("[mwapjobs] FIRING: alert_channel_failing "
+                                                    "(channel email)")]
+                    assert fired and "in clear" in fired[0].text
         finally:
             await m.stop()
     if allow_plaintext:

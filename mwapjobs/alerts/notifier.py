@@ -80,6 +80,8 @@ class Dispatcher:
         self._hurry: asyncio.Event | None = None
         self._idle = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # channel -> (monotonic time its deliveries started failing, the last error)
+        self.failing: dict[str, tuple[float, str]] = {}
 
     def start(self) -> None:
         self._hurry = asyncio.Event()
@@ -145,12 +147,15 @@ class Dispatcher:
                 item.attempts += 1
                 delay = min(self.retry_base * 2 ** (item.attempts - 1), self.retry_max)
                 error = _describe(exc, self.timeout)
+                since = self.failing.get(channel.name, (time.monotonic(), ""))[0]
+                self.failing[channel.name] = (since, error)
                 log.error("alert delivery failed; will retry",
                           extra={"channel": channel.name, "error": error,
                                  "attempts": item.attempts, "retryIn": delay,
                                  "text": item.message.text})
                 await self._backoff(delay)
                 continue
+            self.failing.pop(channel.name, None)
             if queue and queue[0] is item:
                 queue.popleft()
             if not self.pending():
@@ -292,6 +297,7 @@ class AlertManager:
             is_paused=self._is_paused, now=self.clock(), monotonic=self.monotonic(),
             mongo_down_since=down_since, mongo_error=self._mongo_error(),
             started_at=self.started_at, health_interval=self._safe_health_interval(),
+            channel_failures=dict(self.dispatcher.failing),
         )
         # While MongoDB is known to be down, rules that need it keep their state.
         runnable = [r for r in self.rules if not (r.needs_db and down_since is not None)]

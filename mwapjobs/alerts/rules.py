@@ -26,7 +26,7 @@ rule only observes. Thresholds come from `[alerts]` in the configuration:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from ..config import Settings
@@ -70,6 +70,8 @@ class RuleContext:
     mongo_error: str | None
     started_at: datetime
     health_interval: float | None
+    # channel -> (monotonic time its deliveries started failing, the last error)
+    channel_failures: dict[str, tuple[float, str]] = field(default_factory=dict)
 
 
 Check = Callable[[RuleContext], Awaitable[list[Condition]]]
@@ -178,6 +180,22 @@ async def mongodb_down(ctx: RuleContext) -> list[Condition]:
     return [Condition("mongodb_down", f"MongoDB unreachable for {duration(down_for)}{error}")]
 
 
+CHANNEL_FAILING_FOR = 60.0  # seconds of failed deliveries before the other channels hear
+
+
+async def alert_channel_failing(ctx: RuleContext) -> list[Condition]:
+    """An alert channel keeps failing (a dead webhook, an SMTP server that offers no
+    TLS to send the password over): the other channels say so."""
+    out = []
+    for name, (since, error) in sorted(ctx.channel_failures.items()):
+        failing_for = ctx.monotonic - since
+        if failing_for >= CHANNEL_FAILING_FOR or "in clear" in error:
+            out.append(Condition("alert_channel_failing",
+                                 f"deliveries have failed for {duration(failing_for)}: "
+                                 f"{error}", f"channel {name}"))
+    return out
+
+
 async def provider_on_hold(ctx: RuleContext) -> list[Condition]:
     """Providers on hold (storage/providers.py): what the token endpoint said, since when,
     and how many access tokens of the provider expire while nothing refreshes them."""
@@ -258,6 +276,7 @@ def default_rules() -> list[Rule]:
         Rule("refresh_failures", refresh_failures),
         Rule("backlog", backlog),
         Rule("health_sweep_missed", health_sweep_missed),
+        Rule("alert_channel_failing", alert_channel_failing, needs_db=False),
         Rule("provider_on_hold", provider_on_hold),
         Rule("provider_url_changed", provider_url_changed),
         Rule("scheduler_documents_rejected", scheduler_documents_rejected),
