@@ -56,11 +56,12 @@ from .queues import (
 from .redaction import redact
 from .scheduler import Repeat, Scheduler
 from .storage.mongo import Mongo
-from .storage.runs import Outcome, RunStore, State, dedupe_key
+from .storage.runs import FINISHED, PENDING, Outcome, RunStore, State, dedupe_key
 from .supervisor import FailureLog, Supervisor
 from .triggers import make_trigger
 
 log = logging.getLogger(__name__)
+COUNT_FLUSH_SECONDS = 1.0  # how often the finished counters in MongoDB catch up
 
 EventName = Literal["completed", "failed", "retrying", "postponed", "stalled"]
 Listener = Callable[[EventName, dict[str, Any]], Awaitable[None] | None]
@@ -144,6 +145,8 @@ class Engine:
         self._idle = asyncio.Event()  # no handler runs
         self._idle.set()
         self._listeners: list[Listener] = []
+        # Finished runs counted here since the last flush into the queues' counters.
+        self._count_deltas: Counter[tuple[str, State]] = Counter()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -161,6 +164,8 @@ class Engine:
         owners.LIVE.add(self.owner)
         try:
             await self.runs.ensure_indexes()
+            for queue in self.registry:
+                await self.runs.init_counts(queue.name)
             await self.scheduler.start()
             await self.sweep()
             self._isolating = await self.runs.has_isolated(self.registry.names())
@@ -185,6 +190,7 @@ class Engine:
         self._tasks.every("sweeper", self.settings.sweep_interval, self.sweep,
                           max_backoff=max(30.0, self.settings.sweep_interval))
         self._tasks.every("retention", self.settings.retention_interval, self.apply_retention)
+        self._tasks.every("counters", COUNT_FLUSH_SECONDS, self._flush_counts)
         log.info("engine started", extra={"owner": self.owner, "queues": self.registry.names()})
         if self._ephemeral_key and not self.mongo.embedded:
             log.warning("repeat triggers are signed with a key of this process only: set "
@@ -227,6 +233,8 @@ class Engine:
                             "their lease expires", extra={"count": len(unfinished),
                                                           "error": str(exc)[:300]})
         await self._tasks.stop()
+        with contextlib.suppress(Exception):  # lost if MongoDB is away: a few counts
+            await self._flush_counts()
         self._finish_stop()
 
     async def kill(self) -> None:
@@ -542,6 +550,8 @@ class Engine:
                 continue
             if item.due is not None:
                 self._timer.note(item.due, item.queue)
+            if item.outcome.finishing:
+                self.count_finished(item.queue, item.outcome.fields["state"], 1)
             logged = {**payload, "data": redact(payload["data"])}
             if item.event == "completed":
                 log.debug("run completed", extra={"runId": payload["runId"],
@@ -626,6 +636,8 @@ class Engine:
                                            finished=verdict.state == "failed"):
                 continue
             isolate |= verdict.isolate
+            if verdict.state == "failed":
+                self.count_finished(run["queue"], "failed", 1)
             log.warning("stalled run recovered", extra={
                 "runId": str(run["_id"]), "queue": run["queue"], "movedTo": verdict.state,
                 "deadOwner": run.get("leaseOwner"), "crashes": verdict.crashes,
@@ -673,12 +685,59 @@ class Engine:
                 ("failed", queue.options.keep_failed),
             )
             for state, keep in rules:
+                gone = 0
                 if keep.age is not None:
-                    deleted += await self.runs.delete_finished_before(
+                    gone += await self.runs.delete_finished_before(
                         queue.name, state, now - timedelta(seconds=keep.age))
                 if keep.count is not None:
-                    deleted += await self.runs.delete_beyond(queue.name, state, keep.count)
+                    gone += await self.runs.delete_beyond(queue.name, state, keep.count)
+                self.count_finished(queue.name, state, -gone)
+                deleted += gone
         return deleted
+
+    # -- counts ------------------------------------------------------------------------
+
+    def count_finished(self, queue: str, state: str, n: int) -> None:
+        """Runs of `queue` entered (n > 0) or left (n < 0) finished state `state`; the
+        counters in MongoDB follow within COUNT_FLUSH_SECONDS."""
+        if n and state in FINISHED:
+            self._count_deltas[(queue, state)] += n
+
+    async def _flush_counts(self) -> None:
+        deltas, self._count_deltas = self._count_deltas, Counter()
+        try:
+            await self.runs.bump(dict(deltas))
+        except BaseException:
+            self._count_deltas.update(deltas)  # kept for the next flush
+            raise
+
+    async def counts(self, queue: str) -> dict[State, int]:
+        """Runs of `queue` by state. Pending states are counted (their number is the
+        work at hand, not history); finished ones come from the counters, so this costs
+        the same with a thousand finished runs or a million."""
+        pending = await asyncio.gather(*(self.runs.count(queue, s) for s in PENDING))
+        finished = (await self.runs.finished_counts()).get(queue, {})
+        out: dict[State, int] = dict(zip(PENDING, pending, strict=True))
+        for state in FINISHED:
+            out[state] = max(0, finished.get(state, 0)
+                             + self._count_deltas.get((queue, state), 0))
+        return out
+
+    async def all_counts(self) -> dict[str, dict[State, int]]:
+        """`counts` of every queue, with one read of the counters."""
+        names = self.registry.names()
+        pending = await asyncio.gather(*(self.runs.count(q, s) for q in names
+                                         for s in PENDING))
+        finished = await self.runs.finished_counts()
+        out: dict[str, dict[State, int]] = {}
+        for i, queue in enumerate(names):
+            counts: dict[State, int] = dict(zip(
+                PENDING, pending[i * len(PENDING):(i + 1) * len(PENDING)], strict=True))
+            for state in FINISHED:
+                counts[state] = max(0, finished.get(queue, {}).get(state, 0)
+                                    + self._count_deltas.get((queue, state), 0))
+            out[queue] = counts
+        return out
 
     # -- pause / resume (used by operations) ----------------------------------------
 

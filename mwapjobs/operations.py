@@ -77,14 +77,8 @@ class Operations:
 
     async def stats(self) -> dict[str, dict[str, Any]]:
         """Counts by state for every queue, each an indexed count."""
-        names = self.engine.registry.names()
-        counts = await asyncio.gather(
-            *(self.runs.count(q, s) for q in names for s in STATES)
-        )
         result: dict[str, dict[str, Any]] = {}
-        for i, name in enumerate(names):
-            by_state = dict(zip(STATES, counts[i * len(STATES) : (i + 1) * len(STATES)],
-                                strict=True))
+        for name, by_state in (await self.engine.all_counts()).items():
             paused = self.engine.is_paused(name)
             result[name] = {
                 "waiting": 0 if paused else by_state["waiting"],
@@ -106,10 +100,13 @@ class Operations:
             raise ValueError(f"page must be >= 1 and pageSize between 1 and {MAX_PAGE_SIZE}")
         docs, total = await asyncio.gather(
             self.runs.page(queue, state, (page - 1) * page_size, page_size),
-            self.runs.count(queue, state),
+            self._count(queue, state),
         )
         return {"items": [run_view(d) for d in docs], "page": page, "pageSize": page_size,
                 "total": total}
+
+    async def _count(self, queue: str, state: State) -> int:
+        return (await self.engine.counts(queue))[state]
 
     async def _get(self, run_id: str) -> dict[str, Any]:
         oid = parse_run_id(run_id)
@@ -128,6 +125,7 @@ class Operations:
             raise ConflictError(f"only failed runs can be retried (this one is {doc['state']})")
         updated = await self._requeue(doc, ("failed",), {"attemptsMade": 0, "error": None,
                                                          "finishedAt": None, "stalledCount": 0})
+        self.engine.count_finished(doc["queue"], "failed", -1)
         return run_view(updated)
 
     async def promote(self, run_id: str) -> dict[str, Any]:
@@ -159,6 +157,7 @@ class Operations:
         deleted = await self.runs.delete(doc["_id"], removable)
         if deleted is None:
             raise ConflictError("active runs cannot be removed; wait for them to finish")
+        self.engine.count_finished(deleted["queue"], deleted["state"], -1)
         return run_view(deleted)
 
     async def clean(self, queue: str, state: State, older_than: float) -> int:
@@ -169,7 +168,9 @@ class Operations:
         if older_than < 0:
             raise ValueError("olderThan must be >= 0 seconds")
         before = self.engine.clock() - timedelta(seconds=older_than)
-        return await self.runs.delete_finished_before(queue, state, before)
+        deleted = await self.runs.delete_finished_before(queue, state, before)
+        self.engine.count_finished(queue, state, -deleted)
+        return deleted
 
     async def pause(self, queue: str) -> None:
         await self.engine.set_paused(self._queue(queue), True)

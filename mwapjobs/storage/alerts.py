@@ -1,7 +1,7 @@
 """Queries for alerting: cheap, indexed reads of run history, and notification delivery.
 
 Rule checks read `mwapjobs_runs` through the indexes the engine creates
-(`mwapjobs_history` = queue, state, finishedAt; `mwapjobs_claim` = queue,
+(`mwapjobs_history_order` = queue, state, finishedAt, _id; `mwapjobs_claim` = queue,
 state, priority, runAt), so each check costs a few index look-ups whatever
 the history size.
 

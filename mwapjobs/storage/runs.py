@@ -90,6 +90,14 @@ def _update_many(query: dict[str, Any], update: Any) -> Callable[[Any], Awaitabl
     return lambda db: db[RUNS].update_many(query, update)
 
 
+def _drop_index(name: str) -> Callable[[Any], Awaitable[Any]]:
+    return lambda db: db[RUNS].drop_index(name)
+
+
+def _increment(queue: str, inc: dict[str, int]) -> Callable[[Any], Awaitable[Any]]:
+    return lambda db: db[QUEUES].update_one({"_id": queue}, {"$inc": inc}, upsert=True)
+
+
 def _due_query(now: datetime) -> dict[str, Any]:
     """Runs that may start now: waiting, or delayed and due."""
     return {"$or": [{"state": "waiting"}, {"state": "delayed", "runAt": {"$lte": now}}]}
@@ -113,9 +121,10 @@ class RunStore:
             ([("state", ASCENDING), ("runAt", ASCENDING), ("_id", ASCENDING)],
              {"name": "mwapjobs_due_order"}),
             ([("state", ASCENDING), ("leaseUntil", ASCENDING)], {"name": "mwapjobs_lease"}),
-            (
-                [("queue", ASCENDING), ("state", ASCENDING), ("finishedAt", DESCENDING)],
-                {"name": "mwapjobs_history"},
+            (  # history newest first; with _id, so retention's order is the index's
+                [("queue", ASCENDING), ("state", ASCENDING), ("finishedAt", DESCENDING),
+                 ("_id", DESCENDING)],
+                {"name": "mwapjobs_history_order"},
             ),
             ([("key", ASCENDING)], {"name": "mwapjobs_dedupe", "unique": True, "sparse": True}),
             # One run per repeat occurrence, however often its fire is retried.
@@ -123,8 +132,9 @@ class RunStore:
         ]
         for keys, options in specs:
             await self._mongo.call(_create_index(RUNS, keys, options))
-        with contextlib.suppress(OperationFailure):  # replaced by mwapjobs_due_order
-            await self._mongo.call(lambda db: db[RUNS].drop_index("mwapjobs_due"))
+        for replaced in ("mwapjobs_due", "mwapjobs_history"):  # by the *_order ones
+            with contextlib.suppress(OperationFailure):
+                await self._mongo.call(_drop_index(replaced))
 
     # -- adding ------------------------------------------------------------
 
@@ -448,24 +458,33 @@ class RunStore:
         )
         return int(result.deleted_count)
 
-    async def delete_beyond(self, queue: str, state: State, keep: int,
-                            batch: int = 10_000) -> int:
-        """Keep the newest `keep` finished runs of a queue and state; delete up to
-        `batch` of the rest (the next pass takes more). Two round trips."""
-        older: list[dict[str, Any]] = await self._mongo.call(
+    async def delete_beyond(self, queue: str, state: State, keep: int) -> int:
+        """Keep the newest `keep` finished runs of a queue and state, delete the rest.
+
+        Two round trips whatever the history: find the newest run beyond `keep` (the
+        history index, in its own order), then delete it and everything older in one
+        range delete on the same index."""
+        boundary: list[dict[str, Any]] = await self._mongo.call(
             lambda db: db[RUNS]
-            .find({"queue": queue, "state": state}, {"_id": 1})
+            .find({"queue": queue, "state": state}, {"_id": 1, "finishedAt": 1})
             .sort([("finishedAt", DESCENDING), ("_id", DESCENDING)])
             .skip(keep)
-            .limit(batch)
-            .to_list(batch)
+            .limit(1)
+            .to_list(1)
         )
-        if not older:
+        if not boundary:
             return 0
-        ids = [doc["_id"] for doc in older]
-        result = await self._mongo.call(
-            lambda db: db[RUNS].delete_many({"_id": {"$in": ids}, "state": state})
-        )
+        newest_gone = boundary[0]
+        when = newest_gone.get("finishedAt")
+        older: dict[str, Any] = {"queue": queue, "state": state}
+        if isinstance(when, datetime):
+            older["$or"] = [{"finishedAt": {"$lt": when}},
+                            {"finishedAt": when, "_id": {"$lte": newest_gone["_id"]}},
+                            {"finishedAt": None}]
+        else:  # a run without finishedAt sorts last: only such runs can be older
+            older["finishedAt"] = None
+            older["_id"] = {"$lte": newest_gone["_id"]}
+        result = await self._mongo.call(lambda db: db[RUNS].delete_many(older))
         return int(result.deleted_count)
 
     async def pending_by_job(self, queue: str,
@@ -500,6 +519,40 @@ class RunStore:
                 return_document=ReturnDocument.AFTER,
             )
         )
+
+    # -- finished counts ---------------------------------------------------------
+
+    async def finished_counts(self) -> dict[str, dict[str, int]]:
+        """queue → {completed, failed}: counters kept with each transition (`bump`), so a
+        count costs the same with a thousand finished runs or a million. One query."""
+        docs = await self._mongo.call(
+            lambda db: db[QUEUES].find({"counts": {"$exists": True}}, {"counts": 1})
+            .to_list(None))
+        return {str(d["_id"]): {s: int((d.get("counts") or {}).get(s) or 0) for s in FINISHED}
+                for d in docs}
+
+    async def bump(self, deltas: dict[tuple[str, State], int]) -> None:
+        """Add to the finished counters: one update per queue."""
+        by_queue: dict[str, dict[str, int]] = {}
+        for (queue, state), n in deltas.items():
+            if n:
+                by_queue.setdefault(queue, {})[f"counts.{state}"] = n
+        for queue, inc in by_queue.items():
+            await self._mongo.call(_increment(queue, inc))
+
+    async def init_counts(self, queue: str) -> bool:
+        """Count a queue's finished runs once, if it has no counters yet (the first start
+        of this version); the count reads the history index. True if it counted."""
+        doc = await self._mongo.call(lambda db: db[QUEUES].find_one(
+            {"_id": queue, "counts": {"$exists": True}}, {"_id": 1}))
+        if doc is not None:
+            return False
+        counts = {state: await self.count(queue, state) for state in FINISHED}
+        with contextlib.suppress(DuplicateKeyError):  # another instance counted first
+            await self._mongo.call(lambda db: db[QUEUES].update_one(
+                {"_id": queue, "counts": {"$exists": False}}, {"$set": {"counts": counts}},
+                upsert=True))
+        return True
 
     # -- queue state -----------------------------------------------------------
 
