@@ -130,7 +130,8 @@ class RefreshSync:
                                      or not _tokens_changed(have, doc)):
                 continue  # scheduled for these tokens: the engine's run, as it is
             await self.engine.add(
-                QUEUE, run_data(doc), job_id=jid, run_at=max(due, now),
+                QUEUE, run_data(doc, refused_before=str(doc["_id"]) in dead_tokens),
+                job_id=jid, run_at=max(due, now),
                 deadline=as_utc(doc["tokenExpiresAt"]), replace=True,
             )
             if have is None:
@@ -197,7 +198,7 @@ class RefreshSync:
         for doc in await holds.all():
             provider_id = str(doc["_id"])
             hold = doc.get("hold") or {}
-            provider = await self.store.provider(provider_id)
+            provider = await self.store.provider(provider_id, fresh=True)
             if provider is not None and config_fingerprint(provider) == hold.get("config"):
                 continue
             because = ("the provider's configuration changed" if provider is not None

@@ -98,12 +98,17 @@ def connection_fingerprint(doc: dict[str, Any]) -> str:
     return hashlib.sha256(f"{doc.get('refreshToken') or ''}|{stamp}".encode()).hexdigest()[:32]
 
 
-def run_data(doc: dict[str, Any]) -> dict[str, Any]:
+def run_data(doc: dict[str, Any], *, refused_before: bool = False) -> dict[str, Any]:
     """The data of an integration's refresh run: who it is for, and which tokens it was
-    scheduled for (`connection`, compared by discovery to see a reconnect)."""
-    return {"integrationId": str(doc["_id"]), "tenantId": doc.get("tenantId"),
+    scheduled for (`connection`, compared by discovery to see a reconnect).
+    `refusedBefore`: our notes hold a refusal of an earlier token, to clear once this
+    one works (so a refresh of an integration with none costs no write for it)."""
+    data = {"integrationId": str(doc["_id"]), "tenantId": doc.get("tenantId"),
             "providerId": None if doc.get("providerId") is None else str(doc["providerId"]),
             "connection": connection_fingerprint(doc)}
+    if refused_before:
+        data["refusedBefore"] = True
+    return data
 
 
 class RefreshFailed(PermanentError):
@@ -181,7 +186,8 @@ class TokenRefresher:
         if refused is not None:
             await self._give_up(integration, str(refused))
             raise refused
-        return await self._save(integration, refresh_token, tokens)
+        return await self._save(integration, refresh_token, tokens,
+                                refused_before=bool(job.data.get("refusedBefore")))
 
     def _stored_token(self, stored: str) -> str:
         """The plaintext of a stored token. Plain text (written by the backend's PATCH) is
@@ -363,7 +369,7 @@ class TokenRefresher:
         return payload
 
     async def _save(self, integration: dict[str, Any], refresh_token: str,
-                    tokens: dict[str, Any]) -> dict[str, Any]:
+                    tokens: dict[str, Any], *, refused_before: bool = False) -> dict[str, Any]:
         now = self.clock()
         try:
             expires_in = int(tokens.get("expires_in") or DEFAULT_EXPIRES_IN)
@@ -390,7 +396,8 @@ class TokenRefresher:
             log.warning("integration changed while refreshing; keeping the newer tokens",
                         extra={"integrationId": str(integration["_id"])})
             return {"skipped": "the integration changed during the refresh; newer tokens kept"}
-        await self.store.clear_refresh_failure(str(integration["_id"]))
+        if refused_before:  # the tenant reconnected: the old refusal is history
+            await self.store.clear_refresh_failure(str(integration["_id"]))
         return {"expiresAt": fields["tokenExpiresAt"].isoformat(),
                 "rotated": new_refresh is not None and new_refresh != refresh_token}
 

@@ -11,6 +11,7 @@ the backend's documents.
 from __future__ import annotations
 
 import contextlib
+import time
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +24,9 @@ from .mongo import INTEGRATIONS, PROVIDERS, Mongo
 from .providers import ProviderHolds
 
 INTEGRATION_STATE = "mwapjobs_integrations"
+# Seconds a provider document is reused by the refresher: an operator's change to one
+# (a rotated secret, a new URL) is seen within this long, or at once by discovery.
+PROVIDER_CACHE_SECONDS = 30.0
 NOTIFICATIONS = "mwapjobs_notifications"
 
 # What discovery needs from an integration; never the access token.
@@ -44,11 +48,14 @@ def id_variants(integration_id: str) -> list[Any]:
 
 
 class IntegrationStore:
-    def __init__(self, mongo: Mongo) -> None:
+    def __init__(self, mongo: Mongo, *, provider_cache_seconds: float = PROVIDER_CACHE_SECONDS
+                 ) -> None:
         self._mongo = mongo
         # Provider holds (storage/providers.py), shared by the refresher, discovery and
         # the health checks of this process, so they share its short read cache.
         self.holds = ProviderHolds(mongo)
+        self._provider_cache_seconds = provider_cache_seconds
+        self._providers: dict[str, tuple[float, dict[str, Any] | None]] = {}
 
     async def ensure_indexes(self) -> None:
         """Our own indexes on the backend's collection (it has none), named as ours."""
@@ -131,7 +138,13 @@ class IntegrationStore:
 
     # -- providers -----------------------------------------------------------
 
-    async def provider(self, provider_id: str) -> dict[str, Any] | None:
+    async def provider(self, provider_id: str, *, fresh: bool = False) -> dict[str, Any] | None:
+        """A provider document, read at most every PROVIDER_CACHE_SECONDS (a refresh per
+        tenant would otherwise re-read the same few documents); `fresh` reads it now."""
+        now = time.monotonic()
+        cached = self._providers.get(provider_id)
+        if not fresh and cached is not None and now - cached[0] < self._provider_cache_seconds:
+            return cached[1]
         try:
             oid = ObjectId(provider_id)
         except (InvalidId, TypeError):
@@ -139,9 +152,19 @@ class IntegrationStore:
         doc: dict[str, Any] | None = await self._mongo.call(
             lambda db: db[PROVIDERS].find_one({"_id": oid})
         )
+        if len(self._providers) > 10_000:
+            self._providers.clear()
+        self._providers[provider_id] = (now, doc)
         return doc
 
     # -- our own state per integration ------------------------------------------
+
+    async def clear_refresh_failure(self, integration_id: str) -> None:
+        await self._mongo.call(
+            lambda db: db[INTEGRATION_STATE].update_one(
+                {"_id": integration_id}, {"$unset": {"refreshFailure": ""}}
+            )
+        )
 
     async def state(self, integration_id: str) -> dict[str, Any] | None:
         doc: dict[str, Any] | None = await self._mongo.call(
@@ -168,13 +191,6 @@ class IntegrationStore:
                 {"$set": {"refreshFailure": {"token": token_fingerprint, "reason": reason,
                                              "at": now}}},
                 upsert=True,
-            )
-        )
-
-    async def clear_refresh_failure(self, integration_id: str) -> None:
-        await self._mongo.call(
-            lambda db: db[INTEGRATION_STATE].update_one(
-                {"_id": integration_id}, {"$unset": {"refreshFailure": ""}}
             )
         )
 
