@@ -120,8 +120,9 @@ class CrashDb:
         return self.db[EFFECTS].count_documents({})
 
     def active_of(self, pid: int) -> set[str]:
-        """Run ids still active under a lease of the process `pid` (host:pid:token)."""
-        owner = re.compile(rf"^.*:{pid}:[0-9a-f]+$")
+        """Run ids still active under a lease of the process `pid` (its owner name is
+        `host:pid:...`, the pid a field of its own)."""
+        owner = re.compile(rf"(^|:){pid}(:|$)")  # host:pid:... (the format may grow)
         return {str(r["_id"]) for r in self.db[RUNS].find({"state": "active",
                                                             "leaseOwner": owner})}
 
@@ -596,7 +597,7 @@ def test_database_outage_keeps_the_daemon_healthy_and_loses_nothing(
     after = db.active()
     wait_ready(p, 60)
     t_ready = time.time()
-    sleep_until(t_ready + 20)  # the probes go on: the clock must keep time afterwards
+    sleep_until(t_ready + 15)  # the probes go on: the clock must keep time afterwards
     for thread in (*probes, lag):
         thread.stop()
 
@@ -615,7 +616,7 @@ def test_database_outage_keeps_the_daemon_healthy_and_loses_nothing(
              and t_out <= epoch(e["timestamp"]) <= t_back]
     per_second = len(noisy) / (t_back - t_out)
     busiest = max(Counter(int(epoch(e["timestamp"])) for e in noisy).values(), default=0)
-    lags = [value for at, value in lag.samples if t_out - 5 <= at <= t_ready + 20]
+    lags = [value for at, value in lag.samples if t_out - 5 <= at <= t_ready + 15]
     worst_lag = max(lags, default=None)
     allowed = Counter(before | after)
     result = tally(db, {j["n"] for j in jobs}, allowed)
@@ -626,7 +627,7 @@ def test_database_outage_keeps_the_daemon_healthy_and_loses_nothing(
     catch_up = [t for t in beat_fires if t_out < t <= catch_up_by]
     tick_fires = sorted([epoch(r["createdAt"]) for r in db.repeat_runs("tick")]
                         + skip_times(p, "tick"))
-    tick_late = late_slots(tick_fires, tick_origin, TICK_EVERY, t_ready + 3, t_ready + 18, 2.0)
+    tick_late = late_slots(tick_fires, tick_origin, TICK_EVERY, t_ready + 3, t_ready + 14, 2.0)
     report(
         f"outage ({outage}, {t_back - t_out:.1f}s): /healthz {len(healthz)} probes, max "
         f"{max((t for _, t, _ in healthz), default=0) * 1000:.0f} ms, {len(slow_healthz)} "
@@ -671,62 +672,69 @@ def test_brief_database_errors_lose_no_repeat_fire_no_outcome_and_keep_the_clock
 ) -> None:
     """Network errors for two seconds at a time: the server closes the daemon's connection
     whenever it sends certain commands (a `failCommand` failpoint for its appName). First
-    `insert` around a repeat's slot (the fire cannot write its run, while APScheduler's
-    own queries work); then `update` and `delete` around the next but one slot, while
-    jobs finish and delayed runs fall due (outcomes, claims, trigger updates and removals
-    fail). The jobs' own effects are `findAndModify` upserts, untouched by either."""
+    `insert`, around the slot of a repeat every 20 s (the fire cannot write its run, while
+    APScheduler's own queries work); ten seconds later `update` and `delete`, while jobs
+    finish, delayed runs fall due and a repeat every 2 s moves its trigger (outcomes,
+    claims, trigger updates and removals fail). The jobs' own effects are `findAndModify`
+    upserts, untouched by either. The slow repeat's slot must still get its run before
+    its next slot (a retried fire may come late, not never), the fast one must keep
+    firing on time afterwards, and no outcome may be lost."""
     server = secantus_server("--enable-test-commands")
     db = CrashDb(f"mongodb://127.0.0.1:{server.port}")
     rng = random.Random(41)
-    every = 5.0
+    slow, fast = 20.0, 2.0
     jobs: list[dict[str, Any]] = []
     for n in range(120):
         job: dict[str, Any] = {"n": n, "jobId": f"job-{n}",
                                "seconds": round(rng.uniform(0.3, 1.5), 2)}
         if n >= 40:
-            job["delay"] = round(rng.uniform(3, 30), 1)
+            job["delay"] = round(rng.uniform(3, 35), 1)
         jobs.append(job)
-    env = effect_env(db, seed=jobs, repeats=[{"jobId": "beat", "every": every}], concurrency=10,
-                     **FAST_RECOVERY)
+    repeats = [{"jobId": "beat", "every": slow}, {"jobId": "tick", "every": fast}]
+    env = effect_env(db, seed=jobs, repeats=repeats, concurrency=10, **FAST_RECOVERY)
     p = start(processes, env)
     wait_ready(p)
     wait_seeded(p)
-    origin = until(lambda: db.next_run_time("beat"), 10, "the beat's trigger")
-    first = origin + math.ceil((time.time() + 2 - origin) / every) * every
-    phases = [(first, ["insert"]), (first + 2 * every, ["update", "delete"])]
-    for slot, commands in phases:
-        sleep_until(slot - 0.5)
+    beat_at = until(lambda: db.next_run_time("beat"), 10, "the beat's trigger")
+    tick_origin = until(lambda: db.next_run_time("tick"), 10, "the tick's trigger")
+    assert beat_at > time.time() + 1, "the daemon took too long to start for this test's plan"
+    phases = [(beat_at, ["insert"]), (beat_at + 10, ["update", "delete"])]
+    for at, commands in phases:
+        sleep_until(at - 0.5)
         server.fail_commands(commands)
-        sleep_until(slot + 1.5)
+        sleep_until(at + 1.5)
         server.heal()
         assert p.proc.poll() is None, f"the daemon exited: {p.err[-10:]}"
-    last = phases[-1][0]
-    sleep_until(last + 14)
+    errors_end = phases[-1][0] + 1.5
+    sleep_until(errors_end + 17)
     until(lambda: p.proc.poll() is not None or all_done(db, len(jobs)), 120,
           lambda: f"all runs to finish; now {dict(db.states())}; {seed_lines(p)}",
           interval=0.25)
     assert p.proc.poll() is None, f"the daemon exited: {p.err[-10:]}"
 
-    runs = db.repeat_runs("beat")
-    fires = sorted([epoch(r["createdAt"]) for r in runs] + skip_times(p, "beat"))
-    fired = {slot: [round(f - slot, 2) for f in fires if slot - 0.1 <= f < slot + every - 0.5]
-             for slot, _ in phases}
-    late = late_slots(fires, origin, every, last + every, last + 14, 2.0)
+    beat_fires = sorted([epoch(r["createdAt"]) for r in db.repeat_runs("beat")]
+                        + skip_times(p, "beat"))
+    beat_fired = [round(f - beat_at, 2) for f in beat_fires
+                  if beat_at - 0.1 <= f < beat_at + slow - 0.5]
+    tick_fires = sorted([epoch(r["createdAt"]) for r in db.repeat_runs("tick")]
+                        + skip_times(p, "tick"))
+    # The clock may pause after an error before it tries again; from 6 s on it must keep time.
+    late = late_slots(tick_fires, tick_origin, fast, errors_end + 6, errors_end + 16, 1.5)
     stalled = [str(r["_id"]) for r in db.job_runs() if r.get("stalledCount")]
     result = tally(db, {j["n"] for j in jobs})
     problems = log_problems(p)
-    report(f"database errors: fires of the failing slots (s after the slot) "
-           f"{[fired[slot] for slot, _ in phases]}, {len(late)} late slots afterwards; "
+    report(f"database errors: the slow repeat's slot (inserts failing) fired at "
+           f"{beat_fired} s after it; the fast one: {len(late)} late slots after the errors; "
            f"{result.runs} runs {dict(result.states)}, {len(stalled)} recovered as stalled, "
            f"{result.duplicates} duplicate effects, {len(result.missing)} missing; "
            f"log problems {problems[:5]}")
-    for slot, commands in phases:
-        assert fired[slot], (
-            f"the repeat's fire at a moment of failing {commands} was lost: no run for that "
-            f"slot before the next one (log problems: {problems[:5]})")
+    assert beat_fired, (
+        f"the repeat's fire at a moment of failing inserts was lost: no run for that slot "
+        f"before the next one, {slow:g}s later (log problems: {problems[:5]})")
     assert not late, (
         f"the clock stopped after failing updates/deletes: slots without a fire "
-        f"(s after the errors): {[round(s - last, 1) for s in late]}; log problems: {problems}")
+        f"(s after the errors): {[round(s - errors_end, 1) for s in late]}; log problems: "
+        f"{problems}")
     assert not stalled, (
         f"outcomes lost: {len(stalled)} runs were recovered as stalled although their process "
         f"never died")
@@ -748,7 +756,7 @@ def test_missed_repeats_coalesce_into_one_run_at_restart(
     latency = started - spawned
     wait_ready(p)
     p.wait_line(lambda e: e.get("message") == "effect repeats set", 30)
-    until(lambda: len(shared_db.repeat_runs("tick")) >= 2, 30, "two tick runs")
+    until(lambda: shared_db.repeat_runs("tick"), 30, "a tick run")
     code, _ = sigterm(p, 60)
     assert code == 0
     t_stop = time.time()
@@ -848,7 +856,7 @@ def test_two_instances_on_one_database_fire_each_slot_once_and_survive_a_kill(
     wait_seeded(a)
     wait_seeded(b)
     together = time.time()
-    while time.time() < together + 25:
+    while time.time() < together + 18:
         assert a.proc.poll() is None and b.proc.poll() is None, (a.err[-5:], b.err[-5:])
         time.sleep(0.2)
     a_problems = log_problems(a)
