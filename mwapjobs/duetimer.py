@@ -2,8 +2,8 @@
 
 Delayed runs have no trigger of their own. The engine keeps the due times it
 knows in memory, sorted, and one asyncio timer armed at the earliest; when it
-fires, the queues whose runs are due are woken and their workers claim them (a
-claim takes due delayed runs directly). Adding a delayed run is therefore one
+fires, the queues whose runs are due are woken, told how many fell due, and their
+workers claim them (a claim takes due delayed runs directly). Adding a delayed run is therefore one
 insert and, at most, moving that one timer: no trigger, no thread, no query.
 
 What it knows comes from two places: the runs this process adds or reschedules
@@ -41,7 +41,7 @@ RETRY_SECONDS = 5.0
 
 
 class DueTimer:
-    def __init__(self, wake: Callable[[set[str]], None], load: Load,
+    def __init__(self, wake: Callable[[dict[str, int]], None], load: Load,
                  now: Callable[[], datetime], *, cap: int = 200_000, page: int = 1000) -> None:
         self._wake = wake
         self._load = load
@@ -110,9 +110,10 @@ class DueTimer:
         self._handle = None
         self._armed_at = math.inf
         now = self._now().timestamp()
-        queues: set[str] = set()
+        queues: dict[str, int] = {}  # queue -> how many of its runs fell due
         while self._due and self._due[0][0] <= now:
-            queues.add(self._due.pop(0)[1])
+            queue = self._due.pop(0)[1]
+            queues[queue] = queues.get(queue, 0) + 1
         if queues:
             self._wake(queues)
         if now >= self._cursor_ts:

@@ -140,6 +140,9 @@ class Engine:
         self._active_by_queue: dict[str, int] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._claiming: dict[str, asyncio.Lock] = {}
+        self._due_hint: dict[str, int] = {}  # queue -> runs the due timer saw fall due
+        self._woken: set[str] = set()  # queues woken for another reason than the timer
+        self._starved: set[str] = set()  # queues that may have more runs than slots
         self._isolating = False  # a run that must run alone is being started or runs
         self._isolation = asyncio.Event()  # such runs may be waiting
         self._idle = asyncio.Event()  # no handler runs
@@ -386,11 +389,16 @@ class Engine:
         """Tell a queue's worker (or all) that there may be work."""
         for name, event in self._wake.items():
             if queue is None or name == queue:
+                self._woken.add(name)
                 event.set()
 
-    def _wake_due(self, queues: set[str]) -> None:
-        for queue in queues:
-            self.wake(queue)
+    def _wake_due(self, queues: dict[str, int]) -> None:
+        """The due timer: these many runs of each queue fell due."""
+        for name, count in queues.items():
+            event = self._wake.get(name)
+            if event is not None:
+                self._due_hint[name] = self._due_hint.get(name, 0) + count
+                event.set()
 
     async def _on_repeat(self, queue: str, job_id: str, data: dict[str, Any],
                          fire_time: datetime) -> None:
@@ -420,9 +428,16 @@ class Engine:
             wake.clear()  # before looking: a wake() from now on is seen by the next wait
             free = queue.options.concurrency - self._active_by_queue[queue.name]
             if free <= 0 or queue.name in self._paused or self._isolating:
+                self._starved.add(queue.name)  # a slot freed (or a resume) wakes us
                 await self._wait(wake)
                 continue
-            wanted = min(free, self.settings.claim_batch)
+            # Woken by the due timer for one run and nothing else: claim just that one,
+            # in one round trip. Otherwise a batch, and if it came back full there may be
+            # more, so a slot freed later wakes us (`_starved`).
+            hint = self._due_hint.pop(queue.name, 0)
+            hinted = hint == 1 and queue.name not in self._woken
+            self._woken.discard(queue.name)
+            wanted = 1 if hinted else min(free, self.settings.claim_batch)
             async with self._claiming[queue.name]:
                 if queue.name in self._paused or self._isolating or not self._accepting:
                     continue
@@ -436,8 +451,11 @@ class Engine:
                 failures.succeeded()
                 for run in claimed:
                     self._start_run(queue, run)
-            if len(claimed) < wanted:
-                await self._wait(wake)
+            if not hinted and len(claimed) == wanted:
+                self._starved.add(queue.name)
+                continue
+            self._starved.discard(queue.name)
+            await self._wait(wake)
 
     async def _wait(self, event: asyncio.Event) -> None:
         with contextlib.suppress(TimeoutError):
@@ -458,7 +476,8 @@ class Engine:
             self._active_by_queue[queue.name] -= 1
             if not self._handlers:
                 self._idle.set()
-            self.wake(queue.name)
+            if queue.name in self._starved:  # runs may wait for this slot
+                self.wake(queue.name)
 
         task.add_done_callback(done)
         return task

@@ -38,7 +38,7 @@ def soon(seconds: float) -> datetime:
 
 
 async def test_noted_runs_wake_their_queues_in_order() -> None:
-    woken: list[tuple[float, set[str]]] = []
+    woken: list[tuple[float, dict[str, int]]] = []
     store = Store()
     timer = DueTimer(lambda qs: woken.append((asyncio.get_running_loop().time(), qs)),
                      store.load, utcnow)
@@ -51,7 +51,7 @@ async def test_noted_runs_wake_their_queues_in_order() -> None:
     await wait_for(lambda: len(woken) == 2, timeout=3, message="two wake-ups")
     timer.stop()
     (t1, first), (t2, second) = woken
-    assert first == {"a", "c"} and second == {"b"}
+    assert first == {"a": 1, "c": 1} and second == {"b": 1}
     assert 0.08 <= t1 - t0 < 0.25 and 0.28 <= t2 - t0 < 0.5
     assert store.reads == 1  # noting costs no query
 
@@ -87,7 +87,7 @@ async def test_memory_is_bounded_and_dropped_runs_are_read_back() -> None:
 async def test_a_burst_due_at_one_instant_needs_no_more_reads_than_pages() -> None:
     instant = soon(0.2)
     store = Store([(instant, "q")] * 50)
-    woken: list[set[str]] = []
+    woken: list[dict[str, int]] = []
     timer = DueTimer(woken.append, store.load, utcnow, page=20)
     timer.start()
     await wait_for(lambda: bool(woken), timeout=3, message="the wake-up")

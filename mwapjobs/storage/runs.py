@@ -204,11 +204,21 @@ class RunStore:
         """Take up to `limit` runs that may start now, highest priority then oldest first;
         runs to be run alone (`isolate`) are left to `claim_isolated`.
 
-        Two round trips per batch: read the candidates, then flip those still
-        claimable to active under a batch token. A third reads back by token
-        only if someone else took some of them in between.
+        One round trip for a single run. Two per batch: read the candidates, then flip
+        those still claimable to active under a batch token; a third reads back by
+        token only if someone else took some of them in between.
         """
         query = {"queue": queue, "isolate": {"$ne": True}, **_due_query(now)}
+        claimed = {"state": "active", "leaseOwner": owner,
+                   "leaseUntil": now + timedelta(seconds=lease), "startedAt": now,
+                   "claimToken": uuid.uuid4().hex}
+        if limit == 1:  # one run: one round trip
+            one: dict[str, Any] | None = await self._mongo.call(
+                lambda db: db[RUNS].find_one_and_update(
+                    query, {"$set": claimed, "$inc": {"attemptsMade": 1}},
+                    sort=[("priority", DESCENDING), ("runAt", ASCENDING)],
+                    return_document=ReturnDocument.AFTER))
+            return [] if one is None else [one]
         candidates: list[dict[str, Any]] = await self._mongo.call(
             lambda db: db[RUNS]
             .find(query)
@@ -218,10 +228,7 @@ class RunStore:
         )
         if not candidates:
             return []
-        token = uuid.uuid4().hex
-        claimed = {"state": "active", "leaseOwner": owner,
-                   "leaseUntil": now + timedelta(seconds=lease), "startedAt": now,
-                   "claimToken": token}
+        token = claimed["claimToken"]
         ids = [c["_id"] for c in candidates]
         result = await self._mongo.call(
             lambda db: db[RUNS].update_many(
