@@ -846,8 +846,9 @@ def test_two_instances_on_one_database_fire_each_slot_once_and_survive_a_kill(
 ) -> None:
     rng = random.Random(31)
     repeats = [{"jobId": "beat", "every": BEAT}]
-    seed_a = _two_instance_seed(0, 100, 25, rng)
-    seed_b = _two_instance_seed(100, 100, 25, rng)
+    # Delays up to 35 s: work is still running on both when A is killed.
+    seed_a = _two_instance_seed(0, 100, 35, rng)
+    seed_b = _two_instance_seed(100, 100, 35, rng)
     a = start(processes, effect_env(shared_db, seed=seed_a, repeats=repeats, **FAST_RECOVERY))
     wait_ready(a)
     a.wait_line(lambda e: e.get("message") == "effect repeats set", 30)
