@@ -69,8 +69,8 @@ sys.path.insert(0, str(ROOT))
 from mwapjobs.config import Settings  # noqa: E402
 from mwapjobs.crypto import MwapCipher  # noqa: E402
 from mwapjobs.daemon import Daemon  # noqa: E402
-from mwapjobs.storage.integrations import INTEGRATION_STATE  # noqa: E402
-from mwapjobs.storage.mongo import INTEGRATIONS, PROVIDERS, Mongo  # noqa: E402
+from mwapjobs.storage.mongo import Mongo  # noqa: E402
+from mwapjobs.storage.names import INTEGRATION_STATE, INTEGRATIONS, PROVIDERS  # noqa: E402
 
 KEY = "bench-encryption-key-0123456789ab"
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"

@@ -771,6 +771,7 @@ class Engine:
         if paused and lock is not None:
             async with lock:
                 pass
+            await asyncio.sleep(0)  # the runs claimed just before take their first step now
         if not paused:
             self.wake(queue)
 

@@ -42,7 +42,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_PAUSED, STATE_STOPPED
 
 from .storage.jobstore import JobStore
-from .storage.mongo import SCHEDULER_JOBS, Mongo
+from .storage.mongo import Mongo
+from .storage.names import SCHEDULER_JOBS
 from .triggers import make_trigger
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,9 @@ from mwapjobs.alerts.channels import LogChannel, parse_recipients
 from mwapjobs.alerts.rules import HEALTH_QUEUE, REFRESH_QUEUE, cron_interval, duration
 from mwapjobs.daemon import Daemon
 from mwapjobs.queues import Job, PermanentError, QueueRegistry
-from mwapjobs.storage.integrations import NOTIFICATIONS, IntegrationStore
-from mwapjobs.storage.mongo import RUNS, Mongo
+from mwapjobs.storage.integrations import IntegrationStore
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import NOTIFICATIONS, RUNS
 from tests.conftest import REAL_MONGODB_URI, make_settings, wait_for
 from tests.support.flaky import FlakyMongo
 from tests.support.receivers import SmtpReceiver, WebhookReceiver, free_port

@@ -26,7 +26,8 @@ from mwapjobs.config import EngineSettings
 from mwapjobs.engine import Engine, as_utc
 from mwapjobs.queues import Job, QueueRegistry
 from mwapjobs.storage.jobstore import JobStore
-from mwapjobs.storage.mongo import RUNS, Mongo
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import RUNS
 from tests.conftest import TEST_SIGNING_KEY, wait_for
 from tests.support.flaky import flaky
 

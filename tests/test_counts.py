@@ -15,7 +15,8 @@ from mwapjobs.config import EngineSettings
 from mwapjobs.engine import Engine, utcnow
 from mwapjobs.operations import Operations
 from mwapjobs.queues import Job, PermanentError, QueueRegistry, Retention
-from mwapjobs.storage.mongo import RUNS, Mongo
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import RUNS
 from mwapjobs.storage.runs import STATES
 from tests.conftest import TEST_SIGNING_KEY, wait_for
 

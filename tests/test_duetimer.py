@@ -13,7 +13,8 @@ from mwapjobs.config import EngineSettings
 from mwapjobs.duetimer import DueTimer
 from mwapjobs.engine import Engine, utcnow
 from mwapjobs.queues import Job, QueueRegistry
-from mwapjobs.storage.mongo import SCHEDULER_JOBS, Mongo
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import SCHEDULER_JOBS
 from tests.conftest import wait_for
 
 

@@ -30,7 +30,8 @@ from mwapjobs.queues import (
     TransientError,
     UnknownQueueError,
 )
-from mwapjobs.storage.mongo import RUNS, SCHEDULER_JOBS, Mongo
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import RUNS, SCHEDULER_JOBS
 from tests.conftest import TEST_SIGNING_KEY, wait_for
 
 Handler = Callable[[Job], Awaitable[Any]]

@@ -45,8 +45,9 @@ from mwapjobs.jobs.health_check import (
 from mwapjobs.jobs.probes import ProbeSpec, classify, probe, probe_spec, provider_kind
 from mwapjobs.jobs.token_refresh import MANUAL_PRIORITY
 from mwapjobs.storage.identity import IdentityStore
-from mwapjobs.storage.integrations import INTEGRATION_STATE, IntegrationStore
-from mwapjobs.storage.mongo import RUNS, Mongo
+from mwapjobs.storage.integrations import IntegrationStore
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import INTEGRATION_STATE, RUNS
 from mwapjobs.storage.providers import ProviderHolds
 from tests.conftest import make_settings, wait_for
 from tests.support.jwks import JwksServer

@@ -16,7 +16,8 @@ from mwapjobs.daemon import Daemon
 from mwapjobs.engine import Engine, utcnow
 from mwapjobs.jobs import demo
 from mwapjobs.queues import InvalidJobData, Job, QueueRegistry
-from mwapjobs.storage.mongo import RUNS, Mongo
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import RUNS
 from tests.conftest import make_settings, wait_for
 
 TOKEN = "mwj_job-data-token"

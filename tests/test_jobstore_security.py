@@ -19,8 +19,8 @@ from mwapjobs.config import EngineSettings
 from mwapjobs.engine import Engine
 from mwapjobs.operations import Operations
 from mwapjobs.queues import Job, QueueRegistry
-from mwapjobs.storage.jobstore import QUARANTINE
-from mwapjobs.storage.mongo import SCHEDULER_JOBS, Mongo
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import SCHEDULER_JOBS, SCHEDULER_QUARANTINE
 from tests.conftest import TEST_SIGNING_KEY, wait_for
 
 
@@ -79,13 +79,13 @@ async def test_a_planted_pickle_never_runs(engine: Engine, mongo: Mongo, tmp_pat
     await engine.repeat("q", every=0.2, job_id="tick")  # a real one keeps working
 
     async def quarantined() -> bool:
-        return await mongo.call(lambda db: db[QUARANTINE].count_documents({})) == 1
+        return await mongo.call(lambda db: db[SCHEDULER_QUARANTINE].count_documents({})) == 1
 
     await wait_for(quarantined, timeout=10, message="the planted document quarantined")
     listed = await Operations(engine).repeats()  # what the dashboard polls
     assert [r["jobId"] for r in listed] == ["tick"]
     assert not marker.exists()
-    [moved] = await mongo.call(lambda db: db[QUARANTINE].find({}).to_list(None))
+    [moved] = await mongo.call(lambda db: db[SCHEDULER_QUARANTINE].find({}).to_list(None))
     assert moved["jobId"] == job_id and moved["reason"]
     assert await mongo.call(lambda db: db[SCHEDULER_JOBS].find_one({"_id": job_id})) is None
     assert any("scheduler document rejected" in r.getMessage() for r in caplog.records)
@@ -114,6 +114,6 @@ async def test_signed_triggers_survive_a_restart(mongo: Mongo) -> None:
     try:
         [after] = await Operations(second).repeats()
         assert after["nextRunAt"] == before["nextRunAt"]  # read back, not rebuilt
-        assert await mongo.call(lambda db: db[QUARANTINE].count_documents({})) == 0
+        assert await mongo.call(lambda db: db[SCHEDULER_QUARANTINE].count_documents({})) == 0
     finally:
         await second.stop(1)

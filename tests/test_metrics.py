@@ -25,7 +25,8 @@ from mwapjobs.daemon import Daemon
 from mwapjobs.jobs.token_refresh import QUEUE as REFRESH_QUEUE
 from mwapjobs.metrics import failure_kind, refresh_outcome
 from mwapjobs.queues import Job, PermanentError
-from mwapjobs.storage.mongo import INTEGRATIONS, Mongo
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import INTEGRATIONS
 from tests.conftest import make_mongo, make_settings, wait_for
 
 ADMIN_TOKEN = "metrics-test-admin-token"

@@ -15,7 +15,8 @@ from mwapjobs.engine import Engine
 from mwapjobs.operations import REDACTED, ConflictError, NotFoundError, Operations
 from mwapjobs.queues import Job, PermanentError, QueueRegistry
 from mwapjobs.redaction import is_secret_key, redact
-from mwapjobs.storage.mongo import RUNS, Mongo
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import RUNS
 from tests.conftest import wait_for
 
 

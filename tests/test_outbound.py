@@ -18,7 +18,8 @@ from mwapjobs.jobs.token_refresh import QUEUE, TokenRefresher, job_id
 from mwapjobs.outbound import UrlPolicy
 from mwapjobs.queues import Job, Postpone
 from mwapjobs.storage.integrations import IntegrationStore
-from mwapjobs.storage.mongo import PROVIDERS, Mongo
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import PROVIDERS
 from tests.conftest import make_settings, wait_for
 from tests.support.mwap_data import (
     insert_integration,

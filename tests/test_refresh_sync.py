@@ -30,7 +30,8 @@ from mwapjobs.jobs.token_refresh import (
 )
 from mwapjobs.queues import Job, QueueRegistry
 from mwapjobs.storage.integrations import IntegrationStore
-from mwapjobs.storage.mongo import RUNS, Mongo
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import RUNS
 from tests.conftest import TEST_ENCRYPTION_KEY, make_settings, wait_for
 from tests.support.mwap_data import (
     ABSENT,

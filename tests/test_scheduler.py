@@ -17,7 +17,8 @@ from mwapjobs.operations import Operations
 from mwapjobs.queues import Job, QueueRegistry, UnknownQueueError
 from mwapjobs.scheduler import REPEAT_PREFIX
 from mwapjobs.storage.jobstore import JobStore
-from mwapjobs.storage.mongo import RUNS, SCHEDULER_JOBS, Mongo
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import RUNS, SCHEDULER_JOBS
 from mwapjobs.triggers import make_trigger
 from tests.conftest import TEST_SIGNING_KEY, wait_for
 

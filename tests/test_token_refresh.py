@@ -45,7 +45,8 @@ from mwapjobs.jobs.token_refresh import (
 from mwapjobs.outbound import UrlPolicy
 from mwapjobs.queues import Job, Postpone, TransientError
 from mwapjobs.storage.integrations import IntegrationStore
-from mwapjobs.storage.mongo import PROVIDERS, Mongo
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import PROVIDERS
 from mwapjobs.storage.providers import ProviderHolds, config_fingerprint
 from tests.conftest import make_settings, wait_for
 from tests.support.mwap_data import (

@@ -32,8 +32,7 @@ from datetime import UTC, datetime, timedelta
 from ..config import Settings
 from ..scheduler import make_trigger
 from ..storage.alerts import AlertStore
-from ..storage.jobstore import QUARANTINE
-from ..storage.mongo import SCHEDULER_JOBS
+from ..storage.names import SCHEDULER_JOBS, SCHEDULER_QUARANTINE
 from ..storage.providers import ProviderHolds
 
 REFRESH_QUEUE = "token-refresh"
@@ -262,7 +261,7 @@ async def scheduler_documents_rejected(ctx: RuleContext) -> list[Condition]:
         "scheduler_documents_rejected",
         f"{count} document{'s' if count != 1 else ''} in {SCHEDULER_JOBS} were not signed "
         f"by mwapjobs and were never read (the latest at {when}); they are in "
-        f"{QUARANTINE}: find out who wrote them, then delete them")]
+        f"{SCHEDULER_QUARANTINE}: find out who wrote them, then delete them")]
 
 
 def _utc(value: datetime) -> datetime:

@@ -22,9 +22,8 @@ from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 
-from .integrations import NOTIFICATIONS
-from .jobstore import QUARANTINE
-from .mongo import RUNS, Mongo
+from .mongo import Mongo
+from .names import NOTIFICATIONS, RUNS, SCHEDULER_QUARANTINE
 
 
 class AlertStore:
@@ -46,10 +45,10 @@ class AlertStore:
 
     async def quarantined(self) -> tuple[int, datetime | None]:
         """How many scheduler documents are in the quarantine, and when the latest came."""
-        count = await self._mongo.call(lambda db: db[QUARANTINE].count_documents({}))
+        count = await self._mongo.call(lambda db: db[SCHEDULER_QUARANTINE].count_documents({}))
         if not count:
             return 0, None
-        doc = await self._mongo.call(lambda db: db[QUARANTINE].find_one(
+        doc = await self._mongo.call(lambda db: db[SCHEDULER_QUARANTINE].find_one(
             {}, {"quarantinedAt": 1}, sort=[("quarantinedAt", DESCENDING)]))
         when = doc.get("quarantinedAt") if doc else None
         return int(count), _utc(when) if isinstance(when, datetime) else None

@@ -13,7 +13,8 @@ from typing import Any
 from bson import ObjectId
 from bson.errors import InvalidId
 
-from .mongo import SUPERADMINS, TENANTS, Mongo
+from .mongo import Mongo
+from .names import SUPERADMINS, TENANTS
 
 _ID_ONLY = {"_id": 1}
 

@@ -20,14 +20,13 @@ from bson.errors import InvalidId
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import BulkWriteError
 
-from .mongo import INTEGRATIONS, PROVIDERS, Mongo
+from .mongo import Mongo
+from .names import INTEGRATION_STATE, INTEGRATIONS, NOTIFICATIONS, PROVIDERS
 from .providers import ProviderHolds
 
-INTEGRATION_STATE = "mwapjobs_integrations"
 # Seconds a provider document is reused by the refresher: an operator's change to one
 # (a rotated secret, a new URL) is seen within this long, or at once by discovery.
 PROVIDER_CACHE_SECONDS = 30.0
-NOTIFICATIONS = "mwapjobs_notifications"
 
 # What discovery needs from an integration; never the access token.
 SYNC_FIELDS = {"_id": 1, "tenantId": 1, "providerId": 1, "status": 1, "tokenExpiresAt": 1,

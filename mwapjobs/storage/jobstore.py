@@ -42,9 +42,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError
 
+from .names import SCHEDULER_QUARANTINE
+
 log = logging.getLogger(__name__)
 
-QUARANTINE = "mwapjobs_scheduler_quarantine"
 FIRE_REF = "mwapjobs.scheduler:fire"  # the only callable a trigger of ours names
 _LABEL = b"mwapjobs scheduler job store signature v1"
 
@@ -99,7 +100,7 @@ class JobStore(MongoDBJobStore):  # type: ignore[misc]
     def __init__(self, *, key: bytes, **options: Any) -> None:
         super().__init__(**options)
         self._key = key
-        self.quarantine = self.collection.database[QUARANTINE]
+        self.quarantine = self.collection.database[SCHEDULER_QUARANTINE]
 
     def _sign(self, job_id: str, state: bytes) -> str:
         message = job_id.encode() + b"\0" + state
@@ -143,7 +144,7 @@ class JobStore(MongoDBJobStore):  # type: ignore[misc]
             "document": Binary(bson.encode(document))})
         self.collection.delete_one({"_id": job_id})
         log.error("scheduler document rejected: it was never unpickled, and moved to "
-                  f"{QUARANTINE}", extra={"jobId": str(job_id)[:200], "reason": reason})
+                  f"{SCHEDULER_QUARANTINE}", extra={"jobId": str(job_id)[:200], "reason": reason})
 
     # -- APScheduler's job store interface ----------------------------------------------
 

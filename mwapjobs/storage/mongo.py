@@ -36,6 +36,7 @@ from pymongo.errors import ConnectionFailure
 from pymongo.uri_parser import parse_uri
 
 from .embedded import index_collection
+from .names import INTEGRATIONS, PROVIDERS, QUEUES, RUNS, SUPERADMINS, TENANTS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,14 +46,7 @@ LOG_EVERY = 30.0  # seconds between "mongodb unreachable" lines while an outage 
 DEFAULT_EMBEDDED_DB = "mwap"
 
 # Our collections carry a prefix so that they stand apart from the backend's.
-RUNS = "mwapjobs_runs"
-QUEUES = "mwapjobs_queues"
-SCHEDULER_JOBS = "mwapjobs_scheduler_jobs"
 # The MWAP backend's collections, which we read and (for integrations) update.
-INTEGRATIONS = "cloudProviderIntegrations"
-PROVIDERS = "cloudProviders"
-TENANTS = "tenants"
-SUPERADMINS = "superadmins"
 
 
 # What the embedded store indexes (see embedded.py): the lookups the engine, discovery

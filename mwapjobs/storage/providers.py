@@ -40,9 +40,9 @@ from typing import Any
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from .mongo import INTEGRATIONS, Mongo
+from .mongo import Mongo
+from .names import INTEGRATIONS, PROVIDER_STATE
 
-PROVIDER_STATE = "mwapjobs_providers"
 CACHE_SECONDS = 1.0  # how long a read hold (or its absence) is reused by this process
 
 # The provider fields that decide how a token request is made: a change to any of them

@@ -29,7 +29,8 @@ from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from .batch import by_id
-from .mongo import QUEUES, RUNS, Mongo
+from .mongo import Mongo
+from .names import QUEUES, RUNS
 
 State = Literal["delayed", "waiting", "active", "completed", "failed"]
 STATES: tuple[State, ...] = ("delayed", "waiting", "active", "completed", "failed")

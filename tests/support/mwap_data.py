@@ -33,8 +33,16 @@ from typing import Any
 from bson import ObjectId
 
 from mwapjobs.crypto import MwapCipher
-from mwapjobs.storage.integrations import INTEGRATION_STATE, NOTIFICATIONS
-from mwapjobs.storage.mongo import INTEGRATIONS, PROVIDERS, RUNS, SUPERADMINS, TENANTS, Mongo
+from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.names import (
+    INTEGRATION_STATE,
+    INTEGRATIONS,
+    NOTIFICATIONS,
+    PROVIDERS,
+    RUNS,
+    SUPERADMINS,
+    TENANTS,
+)
 
 TEST_ENCRYPTION_KEY = "0123456789abcdef0123456789abcdef"  # the same as tests/conftest.py
 _slugs = itertools.count(1)

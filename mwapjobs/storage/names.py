@@ -1,0 +1,24 @@
+"""Every collection mwapjobs touches, named once.
+
+mwapjobs' own collections carry the `mwapjobs_` prefix, so they stand apart from the
+backend's; the MWAP backend's are read (and, for integrations, updated) as the
+backend writes them (../shared/mwap-data-model.md).
+"""
+
+from __future__ import annotations
+
+# mwapjobs' own
+RUNS = "mwapjobs_runs"  # one document per job run: the engine's truth
+QUEUES = "mwapjobs_queues"  # per queue: paused, finished counters
+SCHEDULER_JOBS = "mwapjobs_scheduler_jobs"  # APScheduler's job store: signed repeat triggers
+SCHEDULER_QUARANTINE = "mwapjobs_scheduler_quarantine"  # what the job store refused to read
+INTEGRATION_STATE = "mwapjobs_integrations"  # our notes per integration (health, refusals)
+NOTIFICATIONS = "mwapjobs_notifications"  # tenant-owner notifications, until delivered
+PROVIDER_STATE = "mwapjobs_providers"  # provider holds and the URLs seen last
+
+# The MWAP backend's
+INTEGRATIONS = "cloudProviderIntegrations"
+PROVIDERS = "cloudProviders"
+TENANTS = "tenants"
+SUPERADMINS = "superadmins"
+PROJECTS = "projects"
