@@ -346,7 +346,7 @@ def test_sigkill_loop_loses_nothing_and_repeats_only_runs_that_were_running(
     kills: list[str] = []
     p = start(processes, env)
     for _ in range(10):
-        time.sleep(rng.uniform(0.5, 6.0))  # a random moment, deliberately
+        time.sleep(rng.uniform(0.5, 5.0))  # a random moment, deliberately
         assert p.proc.poll() is None, f"the daemon died by itself: {p.err[-10:]}"
         p.kill()
         active = shared_db.active_of(p.pid)
@@ -597,7 +597,7 @@ def test_database_outage_keeps_the_daemon_healthy_and_loses_nothing(
     after = db.active()
     wait_ready(p, 60)
     t_ready = time.time()
-    sleep_until(t_ready + 15)  # the probes go on: the clock must keep time afterwards
+    sleep_until(t_ready + 13)  # the probes go on: the clock must keep time afterwards
     for thread in (*probes, lag):
         thread.stop()
 
@@ -616,7 +616,7 @@ def test_database_outage_keeps_the_daemon_healthy_and_loses_nothing(
              and t_out <= epoch(e["timestamp"]) <= t_back]
     per_second = len(noisy) / (t_back - t_out)
     busiest = max(Counter(int(epoch(e["timestamp"])) for e in noisy).values(), default=0)
-    lags = [value for at, value in lag.samples if t_out - 5 <= at <= t_ready + 15]
+    lags = [value for at, value in lag.samples if t_out - 5 <= at <= t_ready + 13]
     worst_lag = max(lags, default=None)
     allowed = Counter(before | after)
     result = tally(db, {j["n"] for j in jobs}, allowed)
@@ -627,7 +627,7 @@ def test_database_outage_keeps_the_daemon_healthy_and_loses_nothing(
     catch_up = [t for t in beat_fires if t_out < t <= catch_up_by]
     tick_fires = sorted([epoch(r["createdAt"]) for r in db.repeat_runs("tick")]
                         + skip_times(p, "tick"))
-    tick_late = late_slots(tick_fires, tick_origin, TICK_EVERY, t_ready + 3, t_ready + 14, 2.0)
+    tick_late = late_slots(tick_fires, tick_origin, TICK_EVERY, t_ready + 3, t_ready + 12, 2.0)
     report(
         f"outage ({outage}, {t_back - t_out:.1f}s): /healthz {len(healthz)} probes, max "
         f"{max((t for _, t, _ in healthz), default=0) * 1000:.0f} ms, {len(slow_healthz)} "
@@ -706,7 +706,7 @@ def test_brief_database_errors_lose_no_repeat_fire_no_outcome_and_keep_the_clock
         server.heal()
         assert p.proc.poll() is None, f"the daemon exited: {p.err[-10:]}"
     errors_end = phases[-1][0] + 1.5
-    sleep_until(errors_end + 17)
+    sleep_until(errors_end + 13)
     until(lambda: p.proc.poll() is not None or all_done(db, len(jobs)), 120,
           lambda: f"all runs to finish; now {dict(db.states())}; {seed_lines(p)}",
           interval=0.25)
@@ -719,7 +719,7 @@ def test_brief_database_errors_lose_no_repeat_fire_no_outcome_and_keep_the_clock
     tick_fires = sorted([epoch(r["createdAt"]) for r in db.repeat_runs("tick")]
                         + skip_times(p, "tick"))
     # The clock may pause after an error before it tries again; from 6 s on it must keep time.
-    late = late_slots(tick_fires, tick_origin, fast, errors_end + 6, errors_end + 16, 1.5)
+    late = late_slots(tick_fires, tick_origin, fast, errors_end + 6, errors_end + 12, 1.5)
     stalled = [str(r["_id"]) for r in db.job_runs() if r.get("stalledCount")]
     result = tally(db, {j["n"] for j in jobs})
     problems = log_problems(p)
@@ -779,7 +779,7 @@ def test_missed_repeats_coalesce_into_one_run_at_restart(
     up = epoch(p2.wait_line(lambda e: e.get("message") == "engine started", 30)["timestamp"])
     next_tick = tick_origin + math.ceil((up - tick_origin) / every) * every
     next_minute = math.ceil(up / 60) * 60
-    sleep_until(max(next_tick + 2.0, up + 12))
+    sleep_until(max(next_tick + 2.0, up + 8))
 
     def fires(job_id: str) -> list[float]:
         created = [epoch(r["createdAt"]) for r in shared_db.repeat_runs(job_id)]
@@ -788,7 +788,7 @@ def test_missed_repeats_coalesce_into_one_run_at_restart(
     tick, minute = fires("tick"), fires("minute")
     tick_catch_up = [t for t in tick if t < next_tick]
     tick_regular = [t for t in tick if next_tick - 0.1 <= t < next_tick + 2.0]
-    minute_catch_up = [t for t in minute if t < min(next_minute, up + 12)]
+    minute_catch_up = [t for t in minute if t < min(next_minute, up + 8)]
     report(f"catch-up: down {t_spawn - t_stop:.1f}s (missed about "
            f"{int((t_spawn - t_stop) // every)} tick slots, "
            f"{int((t_spawn - t_stop) // 60)}+ minute slots); engine up "
