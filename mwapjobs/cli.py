@@ -21,8 +21,10 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from .config import ConfigError, Settings, load_settings, masked, resolve_config_path
-from .daemon import Daemon, run_until_signalled
+from .daemon import Daemon
+from .jobs import DEFAULT_JOBS, demo
 from .logs import setup_logging, stop_logging
+from .signals import run_until_signalled
 from .storage.mongo import MongoUriError, database_name
 
 EXIT_CONFIG = 2
@@ -87,31 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(masked(settings), indent=2))
         return 0
     setup_logging(settings.log_level)
-    daemon = Daemon(settings)
+    jobs = DEFAULT_JOBS
+    if args.command == "demo":
+        jobs = (*DEFAULT_JOBS, demo.plugin(args.job_seconds))
+    daemon = Daemon(settings, jobs=jobs)
     try:
-        if args.command == "demo":
-            return asyncio.run(_demo(daemon, args.job_seconds))
         return asyncio.run(run_until_signalled(daemon))
     except ConfigError as exc:  # found at start, once the queues are known
         stop_logging()
         print(f"mwapjobs: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-
-
-async def _demo(daemon: Daemon, job_seconds: float) -> int:
-    from .jobs import demo
-
-    demo.register(daemon.registry)
-
-    async def seed_when_ready() -> None:
-        await daemon.wait_ready(timeout=3600)
-        await demo.seed(daemon.engine, job_seconds)
-
-    seeding = asyncio.ensure_future(seed_when_ready())
-    try:
-        return await run_until_signalled(daemon)
-    finally:
-        seeding.cancel()
 
 
 ADMIN_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

@@ -344,6 +344,13 @@ def _secret_option(name: str) -> bool:
         word in lowered for word in ("password", "secret", "token", "passphrase"))
 
 
+def secret_values(settings: Settings) -> list[str]:
+    """Every secret in `settings` (keys, passwords, the URI's credentials): what the log
+    scrubber must never let through."""
+    values = [v.get_secret_value() for _, v in settings if isinstance(v, SecretStr)]
+    return [v for v in values if v] + uri_secrets(settings.mongodb_uri.get_secret_value())
+
+
 def uri_secrets(uri: str) -> list[str]:
     """The credential parts of a MongoDB URI: the password, and secret option values."""
     _scheme, sep, rest = uri.partition("://")

@@ -1,18 +1,10 @@
-"""The daemon: settings, MongoDB, engine and HTTP server in one asyncio process.
+"""The daemon, the composition root: builds the shared parts, lets each job plug in
+(`jobs/context.py`), serves HTTP, and runs the engine while MongoDB answers. Also the
+programmatic entry point (README, "Using it from Python"); signals are `signals.py`'s.
 
-`Daemon` is also the programmatic entry point (tests and embedding):
-
-    daemon = Daemon(settings, mongo=Mongo.from_clients(mongomock.MongoClient()))
-    await daemon.start()          # HTTP up; the engine comes up when MongoDB answers
-    await daemon.wait_ready()
-    ...
-    await daemon.stop()           # graceful drain, as on SIGTERM
-
-Start-up never waits for MongoDB: the HTTP server (and /healthz) come up first,
-`/readyz` says why the daemon is not ready, and a background task keeps
-retrying with backoff. So a database outage at boot does not crash-loop the
-unit, and the daemon recovers by itself when MongoDB comes back.
-"""
+Start-up never waits for MongoDB: HTTP (and /healthz) come up first, `/readyz` says why
+the daemon is not ready, and the bring-up is retried with backoff, so an outage at boot
+does not crash-loop the unit and the daemon recovers by itself."""
 
 from __future__ import annotations
 
@@ -20,27 +12,22 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
-import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from pydantic import SecretStr
 
 from .alerts import AlertManager
-from .api.app import build_app
+from .api.app import Resources, build_app
+from .api.auth import Authenticator, JwksCache
 from .api.server import GuardedRunner, quiet_accept_errors
-from .auth import Authenticator, JwksCache
-from .config import ConfigError, Settings, uri_secrets
+from .config import ConfigError, Settings, secret_values
 from .crypto import MwapCipher
 from .engine import Engine, utcnow
-from .jobs.health_check import HealthChecker, unschedule
-from .jobs.refresh_sync import RefreshSync
-from .jobs.token_refresh import TokenRefresher, follow_up_failures
-from .logs import secrets, stop_logging
+from .jobs import DEFAULT_JOBS, JobContext, JobPlugin
+from .logs import secrets
 from .loopmon import LoopLagMonitor
 from .metrics import DaemonMetrics
 from .operations import Operations
@@ -48,134 +35,108 @@ from .outbound import UrlPolicy
 from .queues import QueueRegistry
 from .storage.identity import IdentityStore
 from .storage.integrations import IntegrationStore
-from .storage.jobstore import signing_key
+from .storage.jobstore import configured_key
 from .storage.mongo import Mongo
-from .systemd import notify, watchdog, watchdog_interval
+from .supervisor import Supervisor
+from .systemd import notify, ping_watchdog, watchdog_interval
 
 log = logging.getLogger(__name__)
-QUIT_RELEASE_SECONDS = 2.0
 
 
 class Daemon:
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        mongo: Mongo | None = None,
-        registry: QueueRegistry | None = None,
-        clock: Callable[[], datetime] = utcnow,
-    ) -> None:
-        self.settings = settings
-        uri = settings.mongodb_uri.get_secret_value()
-        for _, value in settings:
-            if isinstance(value, SecretStr):
-                secrets.add(value.get_secret_value())
-        for part in uri_secrets(uri):
-            secrets.add(part)
+    def __init__(self, settings: Settings, *, mongo: Mongo | None = None,
+                 registry: QueueRegistry | None = None,
+                 clock: Callable[[], datetime] = utcnow,
+                 jobs: Sequence[JobPlugin] = DEFAULT_JOBS) -> None:
+        self.settings, self.clock, self.plugins = settings, clock, tuple(jobs)
+        for secret in secret_values(settings):
+            secrets.add(secret)
         self._owns_mongo = mongo is None  # an injected client is closed by whoever made it
-        self.mongo = mongo or Mongo.connect(uri, settings.mongodb.server_selection_timeout,
+        self.mongo = mongo or Mongo.connect(settings.mongodb_uri.get_secret_value(),
+                                            settings.mongodb.server_selection_timeout,
                                             socket_timeout=settings.mongodb.socket_timeout)
         self.registry = registry or QueueRegistry(settings.queue)
-        self.clock = clock
         self.engine = Engine(self.mongo, self.registry, settings.engine, clock=clock,
-                             signing_key=_signing_key(settings))
+                             signing_key=configured_key(settings))
         self.operations = Operations(self.engine)
         self.integrations = IntegrationStore(self.mongo)
         key = settings.encryption_key.get_secret_value() if settings.encryption_key else ""
         self.cipher = MwapCipher(key) if key else None
-        self.policy = UrlPolicy(settings.outbound.hosts,
-                                allow_loopback=settings.outbound.allow_loopback)
-        self.http: aiohttp.ClientSession | None = None
-        self.refresher: TokenRefresher | None = None
-        self.refresh_sync: RefreshSync | None = None
-        self.health_checker: HealthChecker | None = None
         self.jwks = JwksCache.from_settings(settings)
         self.auth = Authenticator(settings, IdentityStore(self.mongo), self.jwks)
         self.loop_lag = LoopLagMonitor()
-        self.stopping = False
-        self.port: int | None = None
-        self._runner: web.AppRunner | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._engine_up = asyncio.Event()
+        self.tasks = Supervisor()
         self.alerts = AlertManager(settings, self.mongo, self.registry, clock=clock,
                                    mongo_down_since=lambda: self.mongo.down_since,
                                    mongo_error=lambda: self.mongo.last_error,
                                    is_paused=self.engine.is_paused)
-        self.metrics = DaemonMetrics(self)  # subscribes to the engine's events
-
-    @property
-    def mongo_reachable(self) -> bool:
-        return self.mongo.reachable
-
-    # -- lifecycle ---------------------------------------------------------
+        self.metrics = DaemonMetrics(self.engine, self.operations, self.mongo, self.loop_lag,
+                                     lambda: not self.not_ready_reasons(),
+                                     source_timeout=settings.mongodb.server_selection_timeout)
+        self.jobs: dict[str, Any] = {}  # each job's handle (None when it is disabled)
+        self.stopping = False
+        self.port: int | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self._ctx: JobContext | None = None
+        self._runner: web.AppRunner | None = None
+        self._engine_up = asyncio.Event()
 
     async def start(self) -> None:
-        """Serve HTTP now; bring the engine up in the background.
-
-        Raises ConfigError for a `[queues.NAME]` section that names no registered queue
-        (a typo must not pass silently)."""
+        """Serve HTTP now; bring the engine up in the background. Raises ConfigError for
+        a `[queues.NAME]` section that names no registered queue (a typo must not pass)."""
         if self.mongo.embedded:
-            log.warning(
-                "running on the embedded in-memory store: nothing is durable, every job "
-                "and schedule is lost when the process exits (set MONGODB_URI to persist)"
-            )
-        self.loop_lag.start()
-        self.http = aiohttp.ClientSession()
-        self._add_mwap_jobs(self.http)
+            log.warning("running on the embedded in-memory store: nothing is durable, every "
+                        "job and schedule is lost when the process exits (set MONGODB_URI "
+                        "to persist)")
+        app = self.app()
         unknown = sorted(set(self.settings.queues) - set(self.registry.names()))
         if unknown:
-            await self.http.close()
-            await self.loop_lag.stop()
-            raise ConfigError(
-                f"queues.{unknown[0]}: no such queue (known: "
-                f"{', '.join(self.registry.names()) or 'none'})")
+            if self.http is not None:
+                await self.http.close()
+            raise ConfigError(f"queues.{unknown[0]}: no such queue (known: "
+                              f"{', '.join(self.registry.names()) or 'none'})")
+        self.loop_lag.start()
         quiet_accept_errors(asyncio.get_running_loop())
-        self._runner = GuardedRunner(build_app(self), access_log=None, handle_signals=False,
+        self._runner = GuardedRunner(app, access_log=None, handle_signals=False,
                                      max_connections=self.settings.http.max_connections,
                                      idle_timeout=self.settings.http.idle_timeout)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.http.host, self.settings.http.port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
+        sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.settings.http.port
-        self._spawn(self._bring_up(), "bring-up")
-        self._spawn(self._watch_mongo(), "mongo-monitor")
-        # Not after bring-up: the mongodb_down rule must also cover an outage at boot.
-        await self.alerts.start()
+        self.tasks.keep("bring-up", self._bring_up, message="engine start failed; retrying",
+                        max_backoff=self.settings.mongodb.connect_retry_max)
+        self.tasks.every("mongo-monitor", self.settings.mongodb.ping_interval, self._watch)
+        await self.alerts.start()  # now: the mongodb_down rule covers an outage at boot too
         interval = watchdog_interval()
         if interval:
-            self._spawn(watchdog(interval), "watchdog")
-        # Everything made so far lives as long as the process. A full garbage collection
-        # stops every thread, and measured during a 10,000-job burst it took 40-58 ms,
-        # most of it re-scanning these objects; frozen, they are never scanned again.
-        gc.freeze()
+            self.tasks.every("watchdog", interval, ping_watchdog, first=0.0)
+        gc.freeze()  # what lives as long as the process is never re-scanned by a full GC
         notify("READY=1")
         log.info("listening", extra={"host": self.settings.http.host, "port": self.port})
 
-    def _add_mwap_jobs(self, http: aiohttp.ClientSession) -> None:
-        """Register the job types that work on MWAP's data (needs the HTTP client)."""
-        if self.settings.refresh.enabled and self.cipher is not None:
-            self.refresher = TokenRefresher(self.integrations, self.cipher, http,
-                                            self.settings.refresh, self.clock,
-                                            policy=self.policy)
-            self.refresher.register(self.registry)
-            follow_up_failures(self.engine, self.refresher)
-            self.refresh_sync = RefreshSync(self.engine, self.integrations,
-                                            self.settings.refresh, self.clock)
-        if self.settings.health.enabled and self.cipher is not None:
-            self.health_checker = HealthChecker(
-                self.integrations, self.cipher, http, self.settings.health, self.clock,
-                engine=self.engine, operations=self.operations,
-                refresh=self.settings.refresh if self.refresher is not None else None,
-                user_agent=self.settings.refresh.user_agent,
-                policy=self.policy)
-            self.health_checker.register(self.registry)
+    def app(self) -> web.Application:
+        """The HTTP application, every job plugged in (the first call plugs them in).
+        `start` serves it; tests may serve it themselves with aiohttp's TestServer."""
+        if self._ctx is None:
+            self.http = aiohttp.ClientSession()
+            self._ctx = self._plug_in(self.http)
+        resources = Resources(self.settings, self.auth, self.engine, self.operations,
+                              self.not_ready_reasons, self.metrics)
+        return build_app(resources, self._ctx.routes, self._ctx.openapi)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(f"mwapjobs:{name}")
-        self._tasks.append(task)
+    def _plug_in(self, http: aiohttp.ClientSession) -> JobContext:
+        """Build the jobs' context once and let each job register what it brings."""
+        ctx = JobContext(
+            settings=self.settings, engine=self.engine, mongo=self.mongo,
+            integrations=self.integrations, cipher=self.cipher, http=http, clock=self.clock,
+            policy=UrlPolicy(self.settings.outbound.hosts,
+                             allow_loopback=self.settings.outbound.allow_loopback),
+            alerts=self.alerts, metrics=self.metrics, tasks=self.tasks, jobs=self.jobs)
+        for plugin in self.plugins:
+            self.jobs[plugin.name] = plugin.register(ctx)
+        return ctx
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until the engine runs (tests, embedding)."""
@@ -191,16 +152,12 @@ class Daemon:
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
         log.info("shutting down", extra={"timeout": timeout,
                                          "activeRuns": self.engine.active_count})
-        for task in self._tasks:
-            if task.get_name() == "mwapjobs:bring-up":
-                task.cancel()
-        if self.health_checker is not None:
-            self.health_checker.interrupt()  # else a spread sweep holds the drain
+        await self.tasks.cancel("bring-up")
+        for hook in self._ctx.on_stopping if self._ctx else ():
+            hook()
         if self.engine.running:
             await self.engine.stop(timeout)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tasks.stop()
         await self.alerts.stop()
         await self.loop_lag.stop()
         if self._runner is not None:
@@ -213,8 +170,6 @@ class Daemon:
             await self.mongo.aclose()
         log.info("stopped")
 
-    # -- readiness -----------------------------------------------------------
-
     def not_ready_reasons(self) -> list[str]:
         reasons = []
         if self.stopping:
@@ -226,92 +181,16 @@ class Daemon:
                            else "scheduler thread died or is stuck; restarting it")
         return reasons
 
-    async def _ping(self) -> None:
-        """Ping and record the outcome (the door records failures of its own queries)."""
-        try:
+    async def _watch(self) -> None:
+        with contextlib.suppress(Exception):  # the door logs an outage (Mongo.mark_down)
             await self.mongo.ping(self.settings.mongodb.ping_timeout)
-        except Exception as exc:
-            if self.mongo.reachable:  # a failure the door did not see (an injected one)
-                self.mongo.mark_down(exc)
-            raise
-        self.mongo.mark_up()
 
     async def _bring_up(self) -> None:
-        """Connect and start the engine, retrying with capped exponential backoff."""
-        delay = 1.0
-        while not self.stopping:
-            try:
-                await self._ping()
-                await self.integrations.ensure_indexes()
-                await self.engine.start()
-                self._engine_up.set()
-                if self.refresh_sync is not None:
-                    self._spawn(self.refresh_sync.run_forever(), "refresh-sync")
-                if self.health_checker is not None:
-                    self._spawn(self.health_checker.keep_scheduled(), "health-schedule")
-                else:
-                    self._spawn(unschedule(self.engine), "health-unschedule")
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("engine start failed; retrying",
-                            extra={"error": f"{type(exc).__name__}: {exc}"[:300],
-                                   "retryIn": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.mongodb.connect_retry_max)
-
-    async def _watch_mongo(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.mongodb.ping_interval)
-            with contextlib.suppress(Exception):  # recorded by _ping
-                await self._ping()
-
-
-def _signing_key(settings: Settings) -> bytes | None:
-    """MWAPJOBS_SIGNING_KEY, else one derived from ENCRYPTION_KEY, else none."""
-    secret = settings.signing_key or settings.encryption_key
-    value = secret.get_secret_value() if secret else ""
-    return signing_key(value) if value else None
-
-
-async def run_until_signalled(daemon: Daemon) -> int:
-    """Run `daemon` until SIGTERM/SIGINT, then stop gracefully and return 0.
-
-    A second signal exits at once. Work is not lost even then: active runs
-    keep their lease in MongoDB until it expires, and the next start requeues
-    them.
-    """
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    quitting: list[asyncio.Task[None]] = []
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():
-            if not quitting:
-                quitting.append(asyncio.ensure_future(_quit(daemon, sig)))
-            return
-        log.info("signal received", extra={"signal": sig.name})
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    await daemon.start()
-    await stop.wait()
-    await daemon.stop()
-    return 0
-
-
-async def _quit(daemon: Daemon, sig: signal.Signals) -> None:
-    """A second signal: hand the running jobs back to their queues (for at most
-    QUIT_RELEASE_SECONDS) and exit 1. They run again at once elsewhere or after the
-    restart; nothing counts this as a crash."""
-    released: int | str = 0
-    try:
-        released = await asyncio.wait_for(daemon.engine.release_all(), QUIT_RELEASE_SECONDS)
-    except Exception as exc:
-        released = f"not released ({type(exc).__name__}); they run again after their lease"
-    log.error("second signal: exiting now", extra={"signal": sig.name, "released": released})
-    stop_logging()
-    os._exit(1)
+        """Connect and start the engine (the supervisor retries it with backoff), then
+        the work each job asked for once the engine is up."""
+        await self.mongo.ping(self.settings.mongodb.ping_timeout)
+        await self.integrations.ensure_indexes()
+        await self.engine.start()
+        self._engine_up.set()
+        for name, step in self._ctx.ready if self._ctx else ():
+            self.tasks.keep(name, step, max_backoff=60.0)

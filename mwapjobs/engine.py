@@ -30,7 +30,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -62,6 +62,7 @@ from .triggers import make_trigger
 
 log = logging.getLogger(__name__)
 COUNT_FLUSH_SECONDS = 1.0  # how often the finished counters in MongoDB catch up
+WAIT_POLL = 1.0  # seconds between looks at a run another instance may be running
 
 EventName = Literal["completed", "failed", "retrying", "postponed", "stalled"]
 Listener = Callable[[EventName, dict[str, Any]], Awaitable[None] | None]
@@ -79,9 +80,31 @@ def as_utc(value: datetime) -> datetime:
 
 @dataclass(frozen=True)
 class Added:
+    """A run that `Engine.add` wrote (or found pending under the same job id)."""
+
     run_id: str
     state: State
     created: bool
+    engine: Engine | None = field(default=None, repr=False, compare=False)
+
+    async def settled(self, timeout: float) -> dict[str, Any] | None:
+        """The run once it finished or was postponed, or as it is after `timeout` s
+        (None if it is gone)."""
+        assert self.engine is not None
+        return await self.engine.wait_settled(self.run_id, timeout)
+
+
+def postponed(run: dict[str, Any]) -> bool:
+    """A run put back by its handler (`Postpone`), not finished: it waits for something
+    outside (a provider's hold, say) that may last."""
+    attempts = run.get("attempts") or []
+    return (run.get("state") in ("delayed", "waiting") and bool(attempts)
+            and attempts[-1].get("outcome") == "postponed")
+
+
+def settled(run: dict[str, Any]) -> bool:
+    """A run that will not move on by itself soon: finished, or postponed."""
+    return run.get("state") in FINISHED or postponed(run)
 
 
 def _result_summary(value: Any) -> Any:
@@ -148,6 +171,7 @@ class Engine:
         self._idle = asyncio.Event()  # no handler runs
         self._idle.set()
         self._listeners: list[Listener] = []
+        self._waiters: dict[ObjectId, set[asyncio.Future[None]]] = {}  # wait_settled
         # Finished runs counted here since the last flush into the queues' counters.
         self._count_deltas: Counter[tuple[str, State]] = Counter()
 
@@ -343,7 +367,7 @@ class Engine:
             self._timer.note(as_utc(run["runAt"]), queue)
         elif run["state"] == "waiting":
             self.wake(queue)
-        return Added(str(run["_id"]), run["state"], created)
+        return Added(str(run["_id"]), run["state"], created, self)
 
     async def promote_matching(self, queue: str, data: dict[str, Any], *,
                                postponed_only: bool = False) -> int:
@@ -355,6 +379,32 @@ class Engine:
         if promoted:
             self.wake(queue)
         return promoted
+
+    async def wait_settled(self, run_id: str, timeout: float) -> dict[str, Any] | None:
+        """The run once it finished or was postponed (`settled`), or as it is after
+        `timeout` s; None if there is no such run. Outcomes written here wake the wait at
+        once; a run taken by another instance is seen within WAIT_POLL s."""
+        oid = ObjectId(run_id)
+        deadline = time.monotonic() + timeout
+        woken: asyncio.Future[None] | None = None
+        try:
+            while True:
+                run = await self.runs.get(oid)
+                left = deadline - time.monotonic()
+                if run is None or settled(run) or left <= 0:
+                    return run
+                woken = asyncio.get_running_loop().create_future()
+                self._waiters.setdefault(oid, set()).add(woken)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken, min(left, WAIT_POLL))
+                self._waiters.get(oid, set()).discard(woken)
+        finally:
+            if woken is not None:
+                waiting = self._waiters.get(oid)
+                if waiting is not None:
+                    waiting.discard(woken)
+                    if not waiting:
+                        del self._waiters[oid]
 
     async def cancel(self, queue: str, job_id: str) -> bool:
         """Drop the not-yet-started run of `job_id`; a running one finishes normally."""
@@ -571,6 +621,9 @@ class Engine:
                 self._timer.note(item.due, item.queue)
             if item.outcome.finishing:
                 self.count_finished(item.queue, item.outcome.fields["state"], 1)
+            for waiter in self._waiters.pop(run_id, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
             logged = {**payload, "data": redact(payload["data"])}
             if item.event == "completed":
                 log.debug("run completed", extra={"runId": payload["runId"],

@@ -6,24 +6,26 @@ not clash. Two kinds of metric live here:
 
 - event-driven counters and a histogram, fed by the engine's events
   (`Engine.subscribe`): attempts by outcome, failures by kind, retries,
-  stalls, run durations and token-refresh outcomes. They count what *this
-  process* ran, from its start;
-- scrape-time values, read when /metrics is scraped: runs per queue and
-  state (`Operations.stats()`), integrations per status, readiness, MongoDB
-  and scheduler state, event-loop lag and database round trips.
+  stalls and run durations. They count what *this process* ran, from its start;
+- scrape-time values, read when /metrics is scraped: runs per queue and state
+  (`Operations.stats()`), readiness, MongoDB and scheduler state, event-loop lag
+  and database round trips.
 
-Scrape-time values that need MongoDB are gathered asynchronously first
-(`collect_async`), with a timeout and without raising, and only then rendered
-synchronously by `render`: rendering never does I/O. When a source cannot be
-read, its family is left empty and `mwapjobs_metrics_source_up{source}` says 0.
+Jobs add their own: counters on `registry` (they subscribe to the engine
+themselves), and scrape-time *sources* (`add_source`) read from MongoDB. What needs
+MongoDB is gathered asynchronously first (`collect_async`), with a timeout and
+without raising, and only then rendered synchronously by `render`: rendering never
+does I/O. When a source cannot be read, its families are left empty and
+`mwapjobs_metrics_source_up{source}` says 0 (so nothing is dropped silently).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -32,10 +34,10 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from .jobs.token_refresh import QUEUE as REFRESH_QUEUE
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .engine import Engine
+from .loopmon import LoopLagMonitor
+from .operations import Operations
+from .storage.mongo import Mongo
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +48,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 QUEUE_STATES = ("waiting", "active", "delayed", "completed", "failed", "paused")
 ATTEMPT_OUTCOMES = ("completed", "failed", "retrying")
 FAILURE_KINDS = ("transient", "permanent", "deadline", "timeout", "stalled")
-REFRESH_OUTCOMES = ("refreshed", "skipped", "transient_failure", "permanent_failure")
 LAG_STATS = (("p50", 0.5), ("p99", 0.99))
 # Runs are seconds to minutes; token refreshes well under a second.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 120.0, 300.0, 600.0, float("inf"))
 
-IntegrationCounts = Callable[[], Awaitable[Mapping[str, int]]]
 
-
-def failure_kind(run: Mapping[str, Any]) -> str:
+def failure_kind(run: dict[str, Any]) -> str:
     """Why a run failed for good, from a `failed` event's error document.
 
     `deadline`: its deadline left no time for another attempt; `permanent`: the
@@ -72,30 +71,18 @@ def failure_kind(run: Mapping[str, Any]) -> str:
     return "transient"
 
 
-def refresh_outcome(event: str, run: Mapping[str, Any]) -> str | None:
-    """A `token-refresh` attempt's outcome, or None for events that are not one (stalls)."""
-    if event == "completed":
-        result = run.get("result")
-        return "skipped" if isinstance(result, dict) and "skipped" in result else "refreshed"
-    if event == "retrying":
-        return "transient_failure"
-    if event == "failed":
-        permanent = (run.get("error") or {}).get("permanent")
-        return "permanent_failure" if permanent else "transient_failure"
-    return None
+@dataclass(frozen=True)
+class Source:
+    """A scrape-time value read from MongoDB: `read()` gathers it, `families(value)`
+    renders it (value is None when the read failed)."""
 
-
-class _Snapshot:
-    """What one scrape read from MongoDB, handed from `collect_async` to `render`."""
-
-    def __init__(self, stats: dict[str, dict[str, Any]] | None,
-                 integrations: Mapping[str, int] | None) -> None:
-        self.stats = stats
-        self.integrations = integrations
+    name: str
+    read: Callable[[], Awaitable[Any]]
+    families: Callable[[Any], list[Metric]]
 
 
 class _ScrapeCollector(Collector):
-    """Yields the scrape-time families from the daemon's state and the last snapshot."""
+    """Yields the scrape-time families from the last snapshot."""
 
     def __init__(self, metrics: DaemonMetrics) -> None:
         self._metrics = metrics
@@ -107,17 +94,22 @@ class _ScrapeCollector(Collector):
 class DaemonMetrics:
     """The daemon's metrics: create once per daemon; it subscribes to the engine itself."""
 
-    def __init__(self, daemon: Daemon, *, source_timeout: float | None = None) -> None:
-        self.daemon = daemon
+    def __init__(self, engine: Engine, operations: Operations, mongo: Mongo,
+                 loop_lag: LoopLagMonitor, ready: Callable[[], bool], *,
+                 source_timeout: float = 5.0) -> None:
+        self.engine = engine
+        self.operations = operations
+        self.mongo = mongo
+        self.loop_lag = loop_lag
+        self.ready = ready
         # auto_describe off: the scrape collector must not run before the daemon is built.
         self.registry = CollectorRegistry()
-        self.source_timeout = (daemon.settings.mongodb.server_selection_timeout
-                               if source_timeout is None else source_timeout)
-        # Integrations by status. The default counts the backend's collection; the
-        # health checks may replace it with their own figures.
-        self.integration_counts: IntegrationCounts = daemon.integrations.count_by_status
-        self._snapshot = _Snapshot(None, None)
+        self.source_timeout = source_timeout
+        self.sources: list[Source] = [Source("queue_stats", self._queue_stats,
+                                             self._queue_families)]
+        self._snapshot: dict[str, Any] = {}
         r = self.registry
+
         self.attempts = Counter(
             "mwapjobs_run_attempts", "Run attempts finished by this process, by outcome.",
             ["queue", "outcome"], registry=r)
@@ -136,14 +128,11 @@ class DaemonMetrics:
         self.durations = Histogram(
             "mwapjobs_run_duration_seconds", "Duration of completed runs' last attempt.",
             ["queue"], buckets=DURATION_BUCKETS, registry=r)
-        self.refreshes = Counter(
-            "mwapjobs_token_refresh", "Token refresh attempts by outcome.", ["outcome"],
-            registry=r)
         self.registry.register(_ScrapeCollector(self))
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)  # registers nothing where gc has no stats (not CPython)
-        self.unsubscribe = daemon.engine.subscribe(self.on_event)
+        self.unsubscribe = engine.subscribe(self.on_event)
 
     # -- engine events -----------------------------------------------------------
 
@@ -166,15 +155,11 @@ class DaemonMetrics:
             self.retries.labels(queue).inc()
         elif event == "failed":
             self.failures.labels(queue, failure_kind(run)).inc()
-        if queue == REFRESH_QUEUE:
-            outcome = refresh_outcome(event, run)
-            if outcome is not None:
-                self.refreshes.labels(outcome).inc()
 
     def _init_labels(self) -> None:
         """Make every known series exist (at 0) before its first event, so rates and
         alerts see a zero rather than nothing."""
-        for queue in self.daemon.registry.names():
+        for queue in self.engine.registry.names():
             for outcome in ATTEMPT_OUTCOMES:
                 self.attempts.labels(queue, outcome)
             for kind in FAILURE_KINDS:
@@ -183,9 +168,6 @@ class DaemonMetrics:
             for moved_to in ("waiting", "failed"):
                 self.stalled.labels(queue, moved_to)
             self.durations.labels(queue)
-        if REFRESH_QUEUE in self.daemon.registry:
-            for outcome in REFRESH_OUTCOMES:
-                self.refreshes.labels(outcome)
 
     # -- scraping ------------------------------------------------------------------
 
@@ -199,19 +181,22 @@ class DaemonMetrics:
                 "source": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
             return None
 
+    def add_source(self, source: Source) -> None:
+        """A job's scrape-time value (read from MongoDB at each scrape)."""
+        self.sources.append(source)
+
+    async def _queue_stats(self) -> Any:
+        if not self.engine.running:
+            raise RuntimeError("the engine is not running")
+        return await self.operations.stats()
+
     async def collect_async(self) -> None:
-        """Read what needs MongoDB (concurrently) for the next `render`."""
-        daemon = self.daemon
-        stats: Any = None
-        integrations: Any = None
-        if daemon.mongo_reachable and not daemon.mongo.closed:
-            reads: list[Awaitable[Any]] = [self._read("integrations", self.integration_counts)]
-            if daemon.engine.running:
-                reads.append(self._read("queue_stats", daemon.operations.stats))
-            results = await asyncio.gather(*reads)
-            integrations = results[0]
-            stats = results[1] if len(results) > 1 else None
-        self._snapshot = _Snapshot(stats, integrations)
+        """Read every source (concurrently) for the next `render`."""
+        if not self.mongo.reachable or self.mongo.closed:
+            self._snapshot = {}
+            return
+        values = await asyncio.gather(*(self._read(s.name, s.read) for s in self.sources))
+        self._snapshot = {s.name: v for s, v in zip(self.sources, values, strict=True)}
 
     def render(self) -> bytes:
         """The exposition text. Synchronous and I/O-free."""
@@ -224,56 +209,54 @@ class DaemonMetrics:
         await self.collect_async()
         return self.render()
 
-    def _scrape_families(self) -> list[Metric]:
-        daemon = self.daemon
-        snapshot = self._snapshot
+    def _queue_families(self, stats: Any) -> list[Metric]:
         queue_runs = GaugeMetricFamily(
-            "mwapjobs_queue_runs", "Runs per queue and state, counted in MongoDB at scrape time.",
+            "mwapjobs_queue_runs", "Runs per queue and state, at scrape time.",
             labels=["queue", "state"])
         queue_paused = GaugeMetricFamily(
             "mwapjobs_queue_paused", "1 if the queue is paused.", labels=["queue"])
-        if snapshot.stats is not None:
-            for queue, counts in snapshot.stats.items():
-                for state in QUEUE_STATES:
-                    queue_runs.add_metric([queue, state], float(counts.get(state, 0)))
-                queue_paused.add_metric([queue], 1.0 if counts.get("isPaused") else 0.0)
-        integrations = GaugeMetricFamily(
-            "mwapjobs_integrations", "Cloud provider integrations by status.", labels=["status"])
-        for status, count in sorted((snapshot.integrations or {}).items()):
-            integrations.add_metric([str(status)], float(count))
-        sources = GaugeMetricFamily(
+        for queue, counts in (stats or {}).items():
+            for state in QUEUE_STATES:
+                queue_runs.add_metric([queue, state], float(counts.get(state, 0)))
+            queue_paused.add_metric([queue], 1.0 if counts.get("isPaused") else 0.0)
+        return [queue_runs, queue_paused]
+
+    def _scrape_families(self) -> list[Metric]:
+        snapshot = self._snapshot
+        families: list[Metric] = []
+        up = GaugeMetricFamily(
             "mwapjobs_metrics_source_up",
-            "1 if this scrape could read the source (queue_stats, integrations).",
+            "1 if this scrape could read the source (queue_stats, and what jobs add).",
             labels=["source"])
-        sources.add_metric(["queue_stats"], 0.0 if snapshot.stats is None else 1.0)
-        sources.add_metric(["integrations"], 0.0 if snapshot.integrations is None else 1.0)
+        for source in self.sources:
+            value = snapshot.get(source.name)
+            families.extend(source.families(value))
+            up.add_metric([source.name], 0.0 if value is None else 1.0)
 
         lag = GaugeMetricFamily(
             "mwapjobs_event_loop_lag_seconds",
             "Event-loop lag over the recent window (p50, p99, max).", labels=["stat"])
-        monitor = daemon.loop_lag
         for name, q in LAG_STATS:
-            lag.add_metric([name], monitor.percentile(q))
-        lag.add_metric(["max"], max(monitor.samples, default=0.0))
+            lag.add_metric([name], self.loop_lag.percentile(q))
+        lag.add_metric(["max"], max(self.loop_lag.samples, default=0.0))
 
         round_trips = CounterMetricFamily(
             "mwapjobs_db_round_trips",
             "Queries sent to MongoDB, by client: app (motor) and scheduler (APScheduler's "
-            "job store; restarts from 0 with the scheduler).",
+            "job store).",
             labels=["client"])
-        round_trips.add_metric(["app"], float(daemon.mongo.round_trips))
-        round_trips.add_metric(["scheduler"], float(daemon.engine.scheduler.round_trips))
+        round_trips.add_metric(["app"], float(self.mongo.round_trips))
+        round_trips.add_metric(["scheduler"], float(self.engine.scheduler.round_trips))
 
         return [
-            queue_runs, queue_paused, integrations, sources, lag, round_trips,
-            _gauge("mwapjobs_ready", "1 if /readyz would answer 200.",
-                   not daemon.not_ready_reasons()),
-            _gauge("mwapjobs_scheduler_up", "1 if the engine and its scheduler are running.",
-                   daemon.engine.running),
-            _gauge("mwapjobs_mongodb_up", "1 if the last MongoDB ping succeeded.",
-                   daemon.mongo_reachable),
+            *families, up, lag, round_trips,
+            _gauge("mwapjobs_ready", "1 if /readyz would answer 200.", self.ready()),
+            _gauge("mwapjobs_scheduler_up", "1 if the engine and its clock are running.",
+                   self.engine.running),
+            _gauge("mwapjobs_mongodb_up", "1 if the last MongoDB ping or query succeeded.",
+                   self.mongo.reachable),
             _gauge("mwapjobs_active_runs", "Runs executing in this process now.",
-                   daemon.engine.active_count),
+                   self.engine.active_count),
         ]
 
 

@@ -8,7 +8,6 @@ the state the operator saw or reports a conflict; it never half-applies.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import timedelta
 from typing import Any
 
@@ -177,26 +176,6 @@ class Operations:
 
     async def resume(self, queue: str) -> None:
         await self.engine.set_paused(self._queue(queue), False)
-
-    async def wait_finished(self, run_id: str, timeout: float) -> dict[str, Any]:
-        """The run once it completed or failed for good, or as it is after `timeout` s."""
-        finished = asyncio.get_running_loop().create_future()
-
-        def listener(event: str, run: dict[str, Any]) -> None:
-            finished_now = run.get("runId") == run_id and event in ("completed", "failed")
-            if finished_now and not finished.done():
-                finished.set_result(None)
-
-        unsubscribe = self.engine.subscribe(listener)
-        try:
-            view = await self.get_run(run_id)
-            if view["state"] in FINISHED:
-                return view
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(finished, timeout)
-            return await self.get_run(run_id)
-        finally:
-            unsubscribe()
 
     async def repeats(self, queue: str | None = None) -> list[dict[str, Any]]:
         if queue is not None:

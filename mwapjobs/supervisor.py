@@ -5,6 +5,7 @@ log failures without flooding the journal, and stop together.
     tasks.every("sweeper", 15.0, engine.sweep)        # a step every 15 s
     tasks.keep("worker:demo", lambda: work(queue))     # restarted if it ever crashes
     ...
+    tasks.spawn("promote", promote(provider))          # one-off work in the background
     await tasks.stop()                                 # cancel all, wait for them
 
 A failing step is logged at warning level the first time, then at most once per
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -61,23 +62,45 @@ class Supervisor:
     def __init__(self, prefix: str = "mwapjobs") -> None:
         self._prefix = prefix
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._once: set[asyncio.Task[Any]] = set()
 
     def names(self) -> list[str]:
         return [name for name, task in self._tasks.items() if not task.done()]
 
     def every(self, name: str, interval: float, step: Callable[[], Awaitable[Any]], *,
-              first: float | None = None, max_backoff: float | None = None) -> None:
+              first: float | None = None, max_backoff: float | None = None,
+              message: str = "background task failed; retrying") -> None:
         """Run `step()` every `interval` seconds (the first time after `first`, default
-        `interval`); after a failure, retry sooner or later by doubling from `interval`
-        up to `max_backoff` (default: `interval`, i.e. no backoff)."""
-        self._start(name, self._every(name, interval, step,
+        `interval`); after a failure (logged as `message`), retry later by doubling from
+        `interval` up to `max_backoff` (default: `interval`, i.e. no backoff)."""
+        failures = FailureLog(log, message, task=name)
+        self._start(name, self._every(failures, interval, step,
                                       interval if first is None else first,
                                       max_backoff or interval))
 
     def keep(self, name: str, factory: Callable[[], Awaitable[None]], *,
-             max_backoff: float = 30.0) -> None:
-        """Run `factory()` and run it again if it ever raises (after 1 s, doubling)."""
-        self._start(name, self._keep(name, factory, max_backoff))
+             max_backoff: float = 30.0,
+             message: str = "background task crashed; restarting it") -> None:
+        """Run `factory()` until it returns; when it raises (logged as `message`), run it
+        again after 1 s, doubling up to `max_backoff`."""
+        self._start(name, self._keep(FailureLog(log, message, task=name), factory,
+                                     max_backoff))
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` once in the background (a failure is logged); `stop` cancels it."""
+        task = asyncio.ensure_future(self._once_logged(name, coro))
+        task.set_name(f"{self._prefix}:{name}")
+        self._once.add(task)
+        task.add_done_callback(self._once.discard)
+
+    async def _once_logged(self, name: str, coro: Coroutine[Any, Any, Any]) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("background task failed", extra={
+                "task": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
 
     def _start(self, name: str, coro: Any) -> None:
         old = self._tasks.get(name)
@@ -94,15 +117,17 @@ class Supervisor:
             await asyncio.gather(task, return_exceptions=True)
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._once]
         self._tasks.clear()
+        self._once.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _every(self, name: str, interval: float, step: Callable[[], Awaitable[Any]],
-                     first: float, max_backoff: float) -> None:
-        failures = FailureLog(log, "background task failed; retrying", task=name)
+    @staticmethod
+    async def _every(failures: FailureLog, interval: float,
+                     step: Callable[[], Awaitable[Any]], first: float,
+                     max_backoff: float) -> None:
         delay = first
         while True:
             await asyncio.sleep(delay)
@@ -117,9 +142,9 @@ class Supervisor:
             failures.succeeded()
             delay = interval
 
-    async def _keep(self, name: str, factory: Callable[[], Awaitable[None]],
+    @staticmethod
+    async def _keep(failures: FailureLog, factory: Callable[[], Awaitable[None]],
                     max_backoff: float) -> None:
-        failures = FailureLog(log, "background task crashed; restarting it", task=name)
         while True:
             try:
                 await factory()

@@ -7,7 +7,6 @@ socket), every call is a no-op.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -33,7 +32,8 @@ def notify(message: str) -> bool:
 
 
 def watchdog_interval() -> float | None:
-    """Half of WatchdogSec, if systemd asked this process for pings."""
+    """Half of WatchdogSec, if systemd asked this process for pings. The daemon pings from
+    a task on its event loop, so a frozen loop stops the pings and systemd restarts it."""
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
     if not usec or (pid and pid != str(os.getpid())):
@@ -44,9 +44,5 @@ def watchdog_interval() -> float | None:
         return None
 
 
-async def watchdog(interval: float) -> None:
-    """Ping from the event loop itself, so a frozen loop stops the pings and systemd
-    restarts the service."""
-    while True:
-        notify("WATCHDOG=1")
-        await asyncio.sleep(interval)
+async def ping_watchdog() -> None:
+    notify("WATCHDOG=1")

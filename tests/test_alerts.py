@@ -15,12 +15,17 @@ from bson import ObjectId
 
 from mwapjobs.alerts import AlertManager, Dispatcher, Message
 from mwapjobs.alerts.channels import LogChannel, parse_recipients
-from mwapjobs.alerts.rules import HEALTH_QUEUE, REFRESH_QUEUE, cron_interval, duration
+from mwapjobs.alerts.rules import default_rules, duration
 from mwapjobs.daemon import Daemon
+from mwapjobs.jobs.health.rules import sweep_missed
+from mwapjobs.jobs.health.schedule import QUEUE as HEALTH_QUEUE
+from mwapjobs.jobs.refresh.rules import rules as refresh_rules
+from mwapjobs.jobs.refresh.runs import QUEUE as REFRESH_QUEUE
 from mwapjobs.queues import Job, PermanentError, QueueRegistry
 from mwapjobs.storage.integrations import IntegrationStore
 from mwapjobs.storage.mongo import Mongo
 from mwapjobs.storage.names import NOTIFICATIONS, RUNS
+from mwapjobs.triggers import longest_gap
 from tests.conftest import REAL_MONGODB_URI, make_settings, wait_for
 from tests.support.flaky import FlakyMongo
 from tests.support.receivers import SmtpReceiver, WebhookReceiver, free_port
@@ -178,7 +183,8 @@ async def test_failed_runs_counts_each_queue_within_the_window_only(mongo: Mongo
 async def test_refresh_failure_rate_needs_the_minimum_and_the_rate(mongo: Mongo) -> None:
     m = manager(mongo, registry(REFRESH_QUEUE), [RecordingChannel()],
                 alerts={"refresh_failure_rate": 0.2, "refresh_failure_min": 5,
-                        "failed_runs_threshold": 1000})
+                        "failed_runs_threshold": 1000},
+                rules=[*default_rules(), *refresh_rules()])
     await add_runs(mongo, REFRESH_QUEUE, "failed", 4)
     assert await m.evaluate() == []  # 100 % but fewer than 5 failures
     await add_runs(mongo, REFRESH_QUEUE, "failed", 1)
@@ -215,7 +221,7 @@ async def test_health_sweep_missed_after_the_given_number_of_intervals(mongo: Mo
     wall = WallClock()
     m = manager(mongo, registry(HEALTH_QUEUE), [RecordingChannel()],
                 alerts={"health_sweep_missed_intervals": 2, "cooldown": 0}, clock=wall,
-                health_interval=lambda: 60.0)
+                rules=[*default_rules(), sweep_missed(60.0)])
     assert await m.evaluate() == []  # never ran, but the daemon just started
     wall.now += timedelta(seconds=121)
     fired = await m.evaluate()
@@ -231,25 +237,31 @@ async def test_health_sweep_missed_after_the_given_number_of_intervals(mongo: Mo
     assert [x.event["alert"] for x in await m.evaluate()] == ["health_sweep_missed"]
 
 
-async def test_health_sweep_rule_is_off_without_health_checks(mongo: Mongo) -> None:
-    wall = WallClock()
-    m = manager(mongo, registry(HEALTH_QUEUE), [RecordingChannel()], clock=wall,
-                settings={"health": {"enabled": False}}, health_interval=lambda: 1.0)
-    wall.now += timedelta(days=1)
-    assert await m.evaluate() == []
-    unregistered = manager(mongo, registry("other"), [RecordingChannel()], clock=wall,
-                           health_interval=lambda: 1.0)
-    wall.now += timedelta(days=1)
-    assert await unregistered.evaluate() == []
+async def test_the_jobs_add_their_rules_only_when_enabled(mongo: Mongo) -> None:
+    def rules_of(daemon: Daemon) -> set[str]:
+        return {rule.name for rule in daemon.alerts.rules}
+
+    generic = {rule.name for rule in default_rules()}
+    on = Daemon(make_settings(alerting_enabled=True), mongo=mongo)
+    off = Daemon(make_settings(alerting_enabled=True, health={"enabled": False},
+                               refresh={"enabled": False}), mongo=mongo)
+    for daemon in (on, off):
+        daemon.app()  # plugs the jobs in
+    assert rules_of(on) == generic | {"refresh_failures", "provider_on_hold",
+                                      "provider_url_changed", "health_sweep_missed"}
+    assert rules_of(off) == generic
+    for daemon in (on, off):
+        assert daemon.http is not None
+        await daemon.http.close()
 
 
 def test_health_interval_comes_from_the_cron() -> None:
-    assert cron_interval("0 */4 * * *") == 4 * 3600
-    assert cron_interval("*/15 * * * *") == 900
+    assert longest_gap("0 */4 * * *") == 4 * 3600
+    assert longest_gap("*/15 * * * *") == 900
     monday = datetime(2026, 3, 2, 12, tzinfo=UTC)
-    assert cron_interval("0 9 * * 1-5", now=monday) == 3 * 86400  # Friday to Monday
+    assert longest_gap("0 9 * * 1-5", now=monday) == 3 * 86400  # Friday to Monday
     settings_default = make_settings().health
-    assert cron_interval(settings_default.cron, settings_default.timezone) == 4 * 3600
+    assert longest_gap(settings_default.cron, settings_default.timezone) == 4 * 3600
 
 
 async def test_mongodb_down_rule_needs_no_database_and_db_rules_keep_their_state() -> None:
@@ -573,7 +585,7 @@ async def test_mongodb_down_at_boot_is_alerted_too() -> None:
 async def notify(mongo: Mongo, reason: str = "invalid_grant: refresh token revoked") -> None:
     integration = {"_id": "65f000000000000000000001", "tenantId": "65f0000000000000000000aa",
                    "providerId": "65f0000000000000000000bb"}
-    await IntegrationStore(mongo).notify("integration.expired", integration, reason,
+    await IntegrationStore(mongo).notifications.record("integration.expired", integration, reason,
                                          datetime.now(UTC))
 
 

@@ -30,8 +30,8 @@ from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from bson import ObjectId
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from mwapjobs.api.envelope import ApiError, envelope_middleware, ok
-from mwapjobs.auth import CALLER_KEY, Authenticator, Caller, JwksCache
+from mwapjobs.api.auth import CALLER_KEY, Authenticator, AuthError, Caller, JwksCache
+from mwapjobs.api.envelope import envelope_middleware, ok
 from mwapjobs.config import Settings
 from mwapjobs.storage.identity import IdentityStore
 from mwapjobs.storage.mongo import Mongo
@@ -114,8 +114,8 @@ def bearer(token: str) -> web.Request:
     return request(f"Bearer {token}")
 
 
-async def unauthorized(auth: Authenticator, token: str) -> ApiError:
-    with pytest.raises(ApiError) as caught:
+async def unauthorized(auth: Authenticator, token: str) -> AuthError:
+    with pytest.raises(AuthError) as caught:
         await auth.authenticate(bearer(token))
     assert (caught.value.status, caught.value.code) == (401, "auth/unauthorized")
     assert token not in caught.value.message
@@ -146,7 +146,7 @@ async def test_a_plain_user_reaches_only_the_tenant_they_own(auth: Authenticator
     for denied in (auth.require_admin(bearer(token)),
                    auth.require_tenant_access(bearer(token), str(OTHER_TENANT)),
                    auth.require_tenant_access(bearer(token), "not-an-object-id")):
-        with pytest.raises(ApiError) as caught:
+        with pytest.raises(AuthError) as caught:
             await denied
         assert (caught.value.status, caught.value.code) == (403, "auth/forbidden")
 
@@ -290,7 +290,7 @@ async def test_cached_keys_survive_a_failing_refetch(auth: Authenticator, idp: J
 
 async def test_no_keys_at_all_is_a_503_not_a_401(auth: Authenticator, idp: JwksServer) -> None:
     idp.status = 500
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(AuthError) as caught:
         await auth.authenticate(bearer(idp.token(SUPER)))
     assert (caught.value.status, caught.value.code) == (503, "auth/unavailable")
 
@@ -367,7 +367,7 @@ async def test_a_caller_set_by_a_session_middleware_is_used_as_is(auth: Authenti
     req = request()
     req[CALLER_KEY] = Caller("user", OWNER, superadmin=False)
     assert await auth.authenticate(req) == Caller("user", OWNER, superadmin=False)
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(AuthError) as caught:
         await auth.require_admin(req)
     assert caught.value.status == 403
 
@@ -378,7 +378,7 @@ async def test_failures_are_logged_with_reason_and_address_but_never_the_token(
     expired = idp.token(SUPER, exp=int(time.time()) - 60)
     req = make_mocked_request("GET", "/admin", headers={"Authorization": f"Bearer {expired}"},
                               transport=_Transport("203.0.113.9"))
-    with caplog.at_level(logging.INFO, logger="mwapjobs.auth"), pytest.raises(ApiError):
+    with caplog.at_level(logging.INFO, logger="mwapjobs.api.auth"), pytest.raises(AuthError):
         await auth.authenticate(req)
     failures = [r for r in caplog.records if r.getMessage().startswith("authentication failed")]
     assert len(failures) == 1

@@ -19,9 +19,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from mwapjobs.api.app import build_app
+from mwapjobs.api.auth import Authenticator, Caller
 from mwapjobs.api.dashboard import COOKIE, CSP, SessionStore
-from mwapjobs.auth import Authenticator, Caller
 from mwapjobs.daemon import Daemon
 from mwapjobs.queues import Job, PermanentError
 from mwapjobs.storage.identity import IdentityStore
@@ -159,7 +158,7 @@ async def test_login_sets_a_strict_httponly_session_cookie(daemon: Daemon) -> No
 
 async def test_the_cookie_is_secure_when_configured(mongo: Mongo) -> None:
     daemon = Daemon(dashboard_settings(cookie_secure=True, session_ttl=600), mongo=mongo)
-    async with TestClient(TestServer(build_app(daemon))) as http:
+    async with TestClient(TestServer(daemon.app())) as http:
         r = await http.post("/admin/login", data={"token": TOKEN}, allow_redirects=False)
         assert r.status == 303
         cookie = r.cookies[COOKIE]
@@ -328,7 +327,7 @@ async def test_jwt_sessions_follow_the_users_role_and_the_tokens_expiry(mongo: M
         boss = "auth0|boss"
         await mongo.call(lambda db: db.superadmins.insert_one({"userId": boss}))
         try:
-            async with TestClient(TestServer(build_app(daemon))) as http:
+            async with TestClient(TestServer(daemon.app())) as http:
                 r = await http.post("/admin/login", data={"token": idp.token("auth0|someone")},
                                     allow_redirects=False)
                 assert r.status == 403

@@ -32,7 +32,7 @@ async def daemon(mongo: Mongo) -> AsyncIterator[Daemon]:
     settings = make_settings(admin={"tokens": [
         {"name": "fuzz", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}]})
     d = Daemon(settings, mongo=mongo)
-    demo.register(d.registry)
+    demo.add_queue(d.registry)
     await d.start()
     await d.wait_ready()
     await demo.seed(d.engine, job_seconds=0.01)

@@ -31,19 +31,20 @@ import aiohttp
 import pytest
 from bson import ObjectId
 
-from mwapjobs.auth import Authenticator
+from mwapjobs.api.auth import Authenticator
 from mwapjobs.daemon import Daemon
-from mwapjobs.jobs import health_check, probes
-from mwapjobs.jobs.health_check import (
+from mwapjobs.jobs.health import probes
+from mwapjobs.jobs.health import sweep as health_check
+from mwapjobs.jobs.health.probes import ProbeSpec, classify, probe, probe_spec, provider_kind
+from mwapjobs.jobs.health.schedule import (
     QUEUE,
     SPREAD_FRACTION,
     SWEEP_JOB_ID,
-    HealthChecker,
-    SweepReport,
     offset_fraction,
+    spread_window,
 )
-from mwapjobs.jobs.probes import ProbeSpec, classify, probe, probe_spec, provider_kind
-from mwapjobs.jobs.token_refresh import MANUAL_PRIORITY
+from mwapjobs.jobs.health.sweep import HealthChecker, SweepReport
+from mwapjobs.jobs.refresh.runs import MANUAL_PRIORITY
 from mwapjobs.storage.identity import IdentityStore
 from mwapjobs.storage.integrations import IntegrationStore
 from mwapjobs.storage.mongo import Mongo
@@ -110,8 +111,8 @@ class World:
 
     @property
     def checker(self) -> HealthChecker:
-        assert self.daemon.health_checker is not None
-        return self.daemon.health_checker
+        assert self.daemon.jobs["health"] is not None
+        return self.daemon.jobs["health"]
 
     async def integration(self, kind: str = "google", *, status: str = "active",
                           refresh: bool = True, tenant: str | None = None,
@@ -185,7 +186,7 @@ async def world(mongo: Mongo, oauth: OAuthServer, api: ProviderServer,
     await daemon.start()
     try:
         await daemon.wait_ready()
-        sync = daemon.refresh_sync
+        sync = daemon.jobs["refresh"].discovery
         assert sync is not None
         # Discovery's first pass is over before anything is seeded (and the next is an hour
         # away), so only the health checks set off refreshes here.
@@ -378,7 +379,7 @@ async def test_a_stale_token_is_refreshed_at_high_priority_then_probed_again(w: 
     new = test_cipher().decrypt(doc["accessToken"])
     assert new != old and doc["status"] == "active"
     assert w.api.tokens_seen() == [old, new]
-    [run] = await refresh_runs(w.mongo, iid)
+    [run] = await refresh_runs(w.mongo, iid, ("waiting", "active", "completed", "failed"))
     assert (run["state"], run["priority"]) == ("completed", MANUAL_PRIORITY)
     assert [r.path for r in w.oauth.requests] == ["/oauth/token"]
     last = (await w.health(iid))["lastResult"]
@@ -686,7 +687,7 @@ async def test_probes_are_spread_over_the_interval_deterministically(w: World) -
         await w.integration(("google", "dropbox")[n % 2], integration_id=iid,
                             access_token=f"at-{iid}")
     # A 2-second interval repeat: the sweep spreads over SPREAD_FRACTION of it.
-    window = w.checker.spread_window({"spread": True, "every": 2}, utcnow())
+    window = spread_window({"spread": True, "every": 2}, utcnow(), utcnow(), w.checker.settings)
     assert window == pytest.approx(2 * SPREAD_FRACTION, abs=0.05)
     first = await _arrivals(w, window)
     for iid in FIXED_IDS:
@@ -698,7 +699,7 @@ async def test_probes_are_spread_over_the_interval_deterministically(w: World) -
     second = await _arrivals(w, window)
     for iid in FIXED_IDS:  # same place in the interval every time
         assert second[iid] == pytest.approx(first[iid], abs=0.15), iid
-    assert w.checker.spread_window({"spread": False}, utcnow()) == 0.0
+    assert spread_window({"spread": False}, utcnow(), utcnow(), w.checker.settings) == 0.0
 
 
 async def test_without_spreading_probes_run_as_fast_as_the_limits_allow(
@@ -712,7 +713,6 @@ async def test_without_spreading_probes_run_as_fast_as_the_limits_allow(
         elapsed = time.monotonic() - started
         assert report.healthy == 20
         assert slow.peak == 4 and max(slow.peak_by_tag.values()) == 3  # used, never exceeded
-        assert w.checker.max_in_flight == 4
         assert 0.45 < elapsed < 0.9, elapsed  # 20 probes x 0.1 s / 4 in flight = 0.5 s
 
 
@@ -826,7 +826,7 @@ async def test_check_now_is_admin_only_audited_and_unspread(
         status, body = await api.http("POST", "/api/v1/integrations/health/check")
     assert status == 202 and body["data"]["created"] is True
     run_id = body["data"]["runId"]
-    run = await api.daemon.operations.wait_finished(run_id, 10)
+    run = await api.daemon.engine.wait_settled(run_id, 10)
     assert run["state"] == "completed" and run["result"]["healthy"] == 1
     assert run["result"]["window"] == 0.0 and run["data"]["requestedBy"] == "token:ops"
     events = [getattr(r, "audit_event", None) for r in caplog.records]
@@ -847,7 +847,7 @@ async def test_check_now_hurries_a_spread_sweep_running_here(api: World) -> None
     assert status == 202
     assert body["data"] == {"runId": added.run_id, "state": "active", "created": False,
                             "hurried": True}
-    run = await api.daemon.operations.wait_finished(added.run_id, 5)
+    run = await added.settled(5)
     assert run["state"] == "completed"
     assert run["result"]["hurried"] is True and run["result"]["healthy"] == 3
 
@@ -857,7 +857,9 @@ async def test_check_now_replaces_a_waiting_sweep_and_refuses_one_running_elsewh
     await api.integration("google", refresh=False)
     engine = api.daemon.engine
     await engine.set_paused(QUEUE, True)
-    waiting = await engine.add(QUEUE, api.checker.schedule_data(), job_id=SWEEP_JOB_ID)
+    health = api.checker.settings
+    waiting = await engine.add(QUEUE, {"spread": True, "cron": health.cron,
+                                       "timezone": health.timezone}, job_id=SWEEP_JOB_ID)
     status, body = await api.http("POST", "/api/v1/integrations/health/check")
     assert status == 202
     assert body["data"] == {"runId": waiting.run_id, "state": "waiting", "created": False,
@@ -944,8 +946,8 @@ async def test_token_refresh_disabled_makes_a_401_a_plain_failure(
     await daemon.start()
     try:
         await daemon.wait_ready()
-        assert daemon.refresher is None and daemon.health_checker is not None
-        report = await daemon.health_checker.sweep()
+        assert daemon.jobs["refresh"] is None and daemon.jobs["health"] is not None
+        report = await daemon.jobs["health"].sweep()
         assert report.failing == 1
         state = await integration_state(mongo, iid)
         assert state is not None

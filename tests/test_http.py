@@ -9,7 +9,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from mwapjobs.api.app import build_app
 from mwapjobs.api.envelope import ApiError, json_body, ok
 from mwapjobs.daemon import Daemon
 from mwapjobs.storage.mongo import Mongo
@@ -60,7 +59,7 @@ async def test_errors_use_the_envelope(daemon: Daemon, method: str, path: str, s
 
 
 async def _client_for(daemon: Daemon) -> TestClient[web.Request, web.Application]:
-    app = build_app(daemon)
+    app = daemon.app()
 
     async def boom(request: web.Request) -> web.Response:
         raise RuntimeError("secret internals /etc/passwd line 42")

@@ -26,7 +26,7 @@ async def daemon(mongo: Mongo) -> AsyncIterator[Daemon]:
     settings = make_settings(admin={"tokens": [
         {"name": "ops", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}]})
     d = Daemon(settings, mongo=mongo)
-    demo.register(d.registry)
+    demo.add_queue(d.registry)
     await d.start()
     await d.wait_ready()
     yield d

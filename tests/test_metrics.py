@@ -14,16 +14,18 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from mwapjobs.api.envelope import ApiError, envelope_middleware
-from mwapjobs.api.keys import DAEMON
+from mwapjobs.api.keys import AUTH, METRICS, SETTINGS
 from mwapjobs.api.metrics import is_loopback
 from mwapjobs.api.metrics import metrics as metrics_handler
 from mwapjobs.daemon import Daemon
-from mwapjobs.jobs.token_refresh import QUEUE as REFRESH_QUEUE
-from mwapjobs.metrics import failure_kind, refresh_outcome
+from mwapjobs.jobs.refresh.metrics import refresh_outcome
+from mwapjobs.jobs.refresh.runs import QUEUE as REFRESH_QUEUE
+from mwapjobs.metrics import Source, failure_kind
 from mwapjobs.queues import Job, PermanentError
 from mwapjobs.storage.mongo import Mongo
 from mwapjobs.storage.names import INTEGRATIONS
@@ -85,7 +87,7 @@ def value(text: str, name: str, **labels: str) -> float | None:
 def peer_request(daemon: Daemon, peer: tuple[str, int]) -> web.Request:
     """A GET /metrics request as if it came from `peer` (tests can only connect locally)."""
     app = web.Application()
-    app[DAEMON] = daemon
+    app[SETTINGS], app[AUTH], app[METRICS] = daemon.settings, daemon.auth, daemon.metrics
     transport = mock.Mock()
     transport.get_extra_info.side_effect = \
         lambda key, default=None: peer if key == "peername" else default
@@ -134,7 +136,7 @@ async def test_queue_gauges_match_stats_after_running_jobs(daemon: Daemon) -> No
     await daemon.engine.add("q", {"mode": "ok"}, delay=600)
     await daemon.engine.add("q", {"mode": "ok"}, delay=900)
     for a in added:
-        await ops.wait_finished(a.run_id, 10)
+        await a.settled(10)
 
     stats = await ops.stats()
     text = await metrics_text(daemon)
@@ -156,7 +158,7 @@ async def test_queue_gauges_match_stats_after_running_jobs(daemon: Daemon) -> No
 
 
 async def test_counters_and_histogram_move_with_outcomes(daemon: Daemon) -> None:
-    engine, ops = daemon.engine, daemon.operations
+    engine = daemon.engine
     before = await metrics_text(daemon)
     assert value(before, "mwapjobs_run_duration_seconds_count", queue="q") == 0
 
@@ -172,7 +174,7 @@ async def test_counters_and_histogram_move_with_outcomes(daemon: Daemon) -> None
                          deadline=daemon.clock() + timedelta(seconds=30)),
     ]
     for r in runs:
-        view = await ops.wait_finished(r.run_id, 10)
+        view = await r.settled(10)
         assert view["state"] in ("completed", "failed"), view
 
     text = await metrics_text(daemon)
@@ -212,7 +214,7 @@ async def test_token_refresh_outcomes_from_real_runs(daemon: Daemon, mongo: Mong
          "refreshToken": "encrypted"}))
     failed = await daemon.engine.add(REFRESH_QUEUE, {"integrationId": "int-1"})
     for r in (skipped, failed):
-        await daemon.operations.wait_finished(r.run_id, 10)
+        await r.settled(10)
     text = await metrics_text(daemon)
     assert value(text, "mwapjobs_token_refresh_total", outcome="skipped") == 1
     assert value(text, "mwapjobs_token_refresh_total", outcome="permanent_failure") == 1
@@ -236,7 +238,7 @@ def test_refresh_outcome_and_failure_kind_mapping() -> None:
     assert failure_kind({"error": {"type": "RuntimeError", "permanent": False}}) == "transient"
 
 
-async def test_integrations_by_status_default_and_replaceable(daemon: Daemon,
+async def test_integrations_by_status_and_a_failing_job_source(daemon: Daemon,
                                                               mongo: Mongo) -> None:
     await mongo.call(lambda db: db[INTEGRATIONS].insert_many([
         {"_id": "a", "status": "active"}, {"_id": "b", "status": "active"},
@@ -250,20 +252,19 @@ async def test_integrations_by_status_default_and_replaceable(daemon: Daemon,
     assert value(text, "mwapjobs_integrations", status="unknown") == 1
     assert value(text, "mwapjobs_metrics_source_up", source="integrations") == 1
 
-    async def health_counts() -> dict[str, int]:
-        return {"healthy": 5, "degraded": 1}
-
-    daemon.metrics.integration_counts = health_counts
-    text = await metrics_text(daemon)
-    assert value(text, "mwapjobs_integrations", status="healthy") == 5
-    assert value(text, "mwapjobs_integrations", status="active") is None
-
     async def broken() -> dict[str, int]:
         raise RuntimeError("health store unavailable")
 
-    daemon.metrics.integration_counts = broken
+    def families(value: Any) -> list[Metric]:
+        family = GaugeMetricFamily("mwapjobs_test_things", "A job's gauge.")
+        if value is not None:
+            family.add_metric([], float(value))
+        return [family]
+
+    daemon.metrics.add_source(Source("things", broken, families))  # as a job adds one
     text = await metrics_text(daemon)  # a failing source never fails the scrape
-    assert value(text, "mwapjobs_metrics_source_up", source="integrations") == 0
+    assert value(text, "mwapjobs_metrics_source_up", source="things") == 0
+    assert value(text, "mwapjobs_metrics_source_up", source="integrations") == 1
     assert value(text, "mwapjobs_metrics_source_up", source="queue_stats") == 1
     assert value(text, "mwapjobs_queue_runs", queue="q", state="waiting") == 0
 
@@ -298,7 +299,7 @@ async def test_two_daemons_in_one_process_do_not_clash(daemon: Daemon) -> None:
         await other.wait_ready()
         assert other.metrics.registry is not daemon.metrics.registry
         run = await daemon.engine.add("q", {"mode": "ok"})
-        await daemon.operations.wait_finished(run.run_id, 10)
+        await run.settled(10)
         mine, theirs = await metrics_text(daemon), await metrics_text(other)
         assert value(mine, "mwapjobs_run_attempts_total", queue="q", outcome="completed") == 1
         assert value(theirs, "mwapjobs_run_attempts_total", queue="q",

@@ -13,8 +13,9 @@ from aiohttp import web
 
 from mwapjobs.config import RefreshSettings
 from mwapjobs.daemon import Daemon
-from mwapjobs.jobs import probes
-from mwapjobs.jobs.token_refresh import QUEUE, TokenRefresher, job_id
+from mwapjobs.jobs.health import probes
+from mwapjobs.jobs.refresh.handler import TokenRefresher
+from mwapjobs.jobs.refresh.runs import QUEUE, job_id
 from mwapjobs.outbound import UrlPolicy
 from mwapjobs.queues import Job, Postpone
 from mwapjobs.storage.integrations import IntegrationStore
@@ -136,7 +137,7 @@ async def test_a_changed_provider_url_is_logged_and_alerted(
     await daemon.start()
     try:
         await daemon.wait_ready()
-        sync = daemon.refresh_sync
+        sync = daemon.jobs["refresh"].discovery
         assert sync is not None
         await wait_for(lambda: sync.last_sync is not None, message="the first pass")
         await mongo.call(lambda db: db[PROVIDERS].update_one(

@@ -20,8 +20,8 @@ from mwapjobs.config import RefreshSettings
 from mwapjobs.crypto import MwapCipher
 from mwapjobs.daemon import Daemon
 from mwapjobs.engine import Engine
-from mwapjobs.jobs.refresh_sync import FULL_EVERY, RefreshSync
-from mwapjobs.jobs.token_refresh import (
+from mwapjobs.jobs.refresh.discovery import FULL_EVERY, RefreshSync
+from mwapjobs.jobs.refresh.runs import (
     MANUAL_PRIORITY,
     QUEUE,
     connection_fingerprint,
@@ -507,7 +507,9 @@ async def test_the_daemon_discovers_at_start_and_continuously(mongo: Mongo) -> N
         await wait_for(lambda: _no_run(mongo, third), timeout=FULL_EVERY * 0.1 + 10,
                        message="deleted integration's job gone")
         assert await _pending_run(mongo, first) is not None
-        assert daemon.refresher is not None and daemon.refresher.requests == 0
+        started = await mongo.call(lambda db: db["mwapjobs_runs"].count_documents(
+            {"queue": QUEUE, "attemptsMade": {"$gt": 0}}))
+        assert started == 0  # nothing was due: discovery only scheduled
     finally:
         await daemon.stop()
 
@@ -522,7 +524,7 @@ async def test_the_daemon_expires_dead_tokens_without_health_checks(mongo: Mongo
     await daemon.start()
     try:
         await daemon.wait_ready()
-        assert daemon.health_checker is None
+        assert daemon.jobs["health"] is None
 
         async def expired_and_told() -> bool:  # the status is written, then the notification
             doc = await get_integration(mongo, iid)

@@ -31,17 +31,13 @@ import aiohttp
 import pytest
 
 from mwapjobs.alerts import AlertManager
-from mwapjobs.alerts.rules import Rule, provider_on_hold
+from mwapjobs.alerts.rules import Rule
 from mwapjobs.config import RefreshSettings, Settings
 from mwapjobs.crypto import MwapCipher
 from mwapjobs.daemon import Daemon
-from mwapjobs.jobs.token_refresh import (
-    QUEUE,
-    RefreshFailed,
-    TokenRefresher,
-    fingerprint,
-    job_id,
-)
+from mwapjobs.jobs.refresh.handler import RefreshFailed, TokenRefresher
+from mwapjobs.jobs.refresh.rules import provider_on_hold
+from mwapjobs.jobs.refresh.runs import QUEUE, fingerprint, job_id
 from mwapjobs.outbound import UrlPolicy
 from mwapjobs.queues import Job, Postpone, TransientError
 from mwapjobs.storage.integrations import IntegrationStore
@@ -795,7 +791,7 @@ async def test_retries_stop_at_the_token_expiry_and_the_integration_is_marked_ex
             return (await world.doc(iid))["status"] == "expired"
 
         await wait_for(expired, message="marked expired")
-        assert daemon.refresher is not None
+        assert daemon.jobs["refresh"].refresher is not None
     assert len(token_requests(world.oauth)) == 1
     [note] = await notifications(world.mongo, iid)
     assert note["kind"] == "integration.expired"
@@ -855,8 +851,8 @@ async def test_discovery_does_not_cut_a_retry_short(world: World, fault: Fault,
                                queue={"backoff": {"delay": 1.5, "jitter": 0}})
     async with running(world.mongo, settings) as daemon:
         run = await finished_run(world.mongo, iid)
-        assert daemon.refresh_sync is not None
-        passes = daemon.refresh_sync._passes
+        assert daemon.jobs["refresh"].discovery is not None
+        passes = daemon.jobs["refresh"].discovery._passes
     first, second = token_requests(world.oauth)
     assert second.monotonic - first.monotonic >= wait, (
         f"asked again after {second.monotonic - first.monotonic:.2f}s, not {wait}s")
@@ -894,7 +890,7 @@ async def test_a_permanent_failure_sends_one_request_and_is_not_rescheduled(
         run = await finished_run(world.mongo, iid)
         assert (run["state"], run["attemptsMade"]) == ("failed", 1)
         assert run["error"]["permanent"] is True
-        sync = daemon.refresh_sync
+        sync = daemon.jobs["refresh"].discovery
         assert sync is not None
         # discovery keeps running (full and incremental passes) and leaves it alone
         for full in (True, False, True):
@@ -1004,7 +1000,7 @@ async def test_a_burst_for_one_provider_respects_its_concurrency_and_rate(
     async with running(world.mongo, settings) as daemon:
         for iid in busy_ids + other_ids:
             assert (await finished_run(world.mongo, iid, timeout=20))["state"] == "completed"
-        assert daemon.refresher is not None
+        assert daemon.jobs["refresh"].refresher is not None
     reqs = token_requests(world.oauth)
     assert all(r.status == 200 for r in reqs) and len(reqs) == burst + 2
     peaks = meter(world.oauth).peak

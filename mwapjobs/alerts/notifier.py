@@ -31,8 +31,10 @@ from datetime import UTC, datetime, timedelta
 
 from ..config import Settings
 from ..queues import QueueRegistry
-from ..storage.alerts import AlertStore
 from ..storage.mongo import Mongo
+from ..storage.notifications import NotificationStore
+from ..storage.runs import RunStore
+from ..supervisor import Supervisor
 from .channels import (
     Channel,
     ChannelError,
@@ -42,7 +44,7 @@ from .channels import (
     notification,
     resolved,
 )
-from .rules import Condition, Rule, RuleContext, cron_interval, default_rules
+from .rules import Condition, Rule, RuleContext, default_rules
 
 log = logging.getLogger("mwapjobs.alerts")
 
@@ -213,12 +215,15 @@ class AlertManager:
         is_paused: Callable[[str], bool] = lambda _queue: False,
         channels: Sequence[Channel] | None = None,
         rules: Sequence[Rule] | None = None,
-        health_interval: Callable[[], float | None] | None = None,
         channel_timeout: float = 30.0,
     ) -> None:
+        """`rules`: the rules to check (default: the generic ones; jobs add theirs with
+        `add_rule`)."""
         self.settings = settings
         self.enabled = settings.alerting_enabled
-        self.store = AlertStore(mongo)
+        self.mongo = mongo
+        self.runs = RunStore(mongo)
+        self.notifications = NotificationStore(mongo)
         self.registry = registry
         self.clock = clock
         self.monotonic = monotonic
@@ -231,8 +236,6 @@ class AlertManager:
         )
         self.dispatcher = Dispatcher(self.channels, timeout=channel_timeout)
         self.rules = list(rules) if rules is not None else default_rules()
-        self._health_interval = health_interval or self._cron_interval
-        self._cached_interval: tuple[str, str, float | None] | None = None
         self.states: dict[str, AlertState] = {}
         self._rule_errors: dict[str, str] = {}
         self.check_interval = settings.alerts.check_interval
@@ -245,8 +248,8 @@ class AlertManager:
         self.notify_batch = 100
         self.channel_timeout = channel_timeout
         self.started_at = clock()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._indexed = False
+        self._tasks = Supervisor("mwapjobs:alerts")
+        self._started = False
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -256,25 +259,28 @@ class AlertManager:
             log.info("alerting is disabled (ALERTING_ENABLED=false): no alerts or "
                      "notifications are sent; notifications stay recorded")
             return
-        if self._tasks:
+        if self._started:
             return
+        self._started = True
         self.started_at = self.clock()
         self.dispatcher.start()
-        for coro, name in ((self._evaluate_loop(), "evaluate"),
-                           (self._notification_loop(), "notifications")):
-            task = asyncio.ensure_future(coro)
-            task.set_name(f"mwapjobs:alerts:{name}")
-            self._tasks.append(task)
+        self._tasks.every("evaluate", self.check_interval, self.evaluate)
+        self._tasks.every("notifications", self.notify_interval, self._notification_pass,
+                          max_backoff=300.0)
         log.info("alerting started", extra={
             "channels": [c.name for c in self.channels],
             "rules": [r.name for r in self.rules],
             "checkInterval": self.check_interval, "cooldown": self.cooldown})
 
+    def add_rule(self, rule: Rule) -> None:
+        """A job's rule (from its registration, before `start`)."""
+        if any(r.name == rule.name for r in self.rules):
+            raise ValueError(f"alert rule {rule.name!r} is registered twice")
+        self.rules.append(rule)
+
     async def stop(self, flush_timeout: float = 5.0) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._tasks.stop()
+        self._started = False
         await self.dispatcher.stop(flush_timeout if self.enabled else 0.0)
         for channel in self.channels:
             with contextlib.suppress(Exception):
@@ -293,10 +299,10 @@ class AlertManager:
             return []
         down_since = self._mongo_down_since()
         ctx = RuleContext(
-            store=self.store, settings=self.settings, queues=self.registry.names(),
-            is_paused=self._is_paused, now=self.clock(), monotonic=self.monotonic(),
-            mongo_down_since=down_since, mongo_error=self._mongo_error(),
-            started_at=self.started_at, health_interval=self._safe_health_interval(),
+            runs=self.runs, mongo=self.mongo, settings=self.settings,
+            queues=self.registry.names(), is_paused=self._is_paused, now=self.clock(),
+            monotonic=self.monotonic(), mongo_down_since=down_since,
+            mongo_error=self._mongo_error(), started_at=self.started_at,
             channel_failures=dict(self.dispatcher.failing),
         )
         # While MongoDB is known to be down, rules that need it keep their state.
@@ -359,36 +365,6 @@ class AlertManager:
                 del self.states[key]
         return out
 
-    def _safe_health_interval(self) -> float | None:
-        try:
-            return self._health_interval()
-        except Exception as exc:
-            if self._rule_errors.get("health_interval") is None:
-                log.warning("cannot work out the health-check interval; the "
-                            "health_sweep_missed rule is off", extra={"error": str(exc)})
-            self._rule_errors["health_interval"] = str(exc)
-            return None
-
-    def _cron_interval(self) -> float | None:
-        health = self.settings.health
-        if not health.enabled:
-            return None
-        cached = self._cached_interval
-        if cached is None or cached[:2] != (health.cron, health.timezone):
-            value = cron_interval(health.cron, health.timezone, self.clock())
-            cached = self._cached_interval = (health.cron, health.timezone, value)
-        return cached[2]
-
-    async def _evaluate_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.check_interval)
-            try:
-                await self.evaluate()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug in a rule must not end alerting
-                log.exception("alert evaluation failed")
-
     # -- tenant-owner notifications ----------------------------------------------
 
     async def deliver_notifications(self) -> int:
@@ -396,16 +372,13 @@ class AlertManager:
         not taken them yet. Returns how many were completely delivered."""
         if not self.enabled or not self.channels:
             return 0
-        if not self._indexed:
-            await self.store.ensure_indexes()
-            self._indexed = True
         now = self.clock()
         hold = now + timedelta(seconds=2 * self.channel_timeout + 30)
         broken: dict[str, str] = {}  # channel → error, for this pass
         waiting: dict[str, int] = {}
         delivered = 0
         for _ in range(self.notify_batch):
-            doc = await self.store.claim_notification(now, hold)
+            doc = await self.notifications.claim(now, hold)
             if doc is None:
                 break
             message = notification(doc)
@@ -426,8 +399,8 @@ class AlertManager:
                 delay = min(self.notify_retry_base * 2 ** attempts, self.notify_retry_max)
                 retry_at = now + timedelta(seconds=delay)
             error = "; ".join(f"{name}: {broken[name]}" for name in failed) or None
-            await self.store.record_notification(doc["_id"], ok, not failed, now, error,
-                                                 retry_at)
+            await self.notifications.record_delivery(doc["_id"], ok, not failed, now, error,
+                                                     retry_at)
             delivered += not failed
         for name, error in broken.items():
             log.error("notification delivery failed; will retry",
@@ -443,16 +416,7 @@ class AlertManager:
             return _describe(exc, self.channel_timeout)
         return None
 
-    async def _notification_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.notify_interval)
-            if self._mongo_down_since() is not None:
-                continue
-            try:
-                await self.deliver_notifications()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("notification pass failed; will retry",
-                            extra={"error": _describe(exc, self.channel_timeout)})
-
+    async def _notification_pass(self) -> None:
+        """A delivery pass, skipped while MongoDB is known to be down."""
+        if self._mongo_down_since() is None:
+            await self.deliver_notifications()

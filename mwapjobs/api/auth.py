@@ -32,9 +32,8 @@ import aiohttp
 import jwt
 from aiohttp import web
 
-from .api.envelope import ApiError
-from .config import Settings
-from .storage.identity import IdentityStore
+from ..config import Settings
+from ..storage.identity import IdentityStore
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +65,17 @@ class Caller:
 
 # A session middleware may authenticate the request itself and leave the Caller here.
 CALLER_KEY: web.RequestKey[Caller] = web.RequestKey("mwapjobs.caller", Caller)
+
+
+class AuthError(Exception):
+    """The caller is not authenticated (401), not allowed (403), or user tokens cannot be
+    checked right now (503). The envelope middleware answers it like any API error."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
 
 
 class JwksUnavailable(Exception):
@@ -325,7 +335,7 @@ async def _signing_key(jwks: JwksCache, kid: str) -> jwt.PyJWK:
     except JwksUnavailable:
         # Not the caller's fault, so not a 401: their token may be fine.
         log.warning("cannot check a user token: no JWKS keys (fetch failing)")
-        raise ApiError(
+        raise AuthError(
             503, "auth/unavailable", "User tokens cannot be checked right now; try again."
         ) from None
 
@@ -345,13 +355,13 @@ def _bearer(request: web.Request) -> str:
     return value
 
 
-def _unauthorized(denied: _Denied, remote: str | None) -> ApiError:
+def _unauthorized(denied: _Denied, remote: str | None) -> AuthError:
     log.info("authentication failed: %s", denied.reason,
              extra={"reason": denied.reason, "remote": remote})
-    return ApiError(401, UNAUTHORIZED, denied.message)
+    return AuthError(401, UNAUTHORIZED, denied.message)
 
 
-def _forbidden(caller: Caller, request: web.Request, message: str) -> ApiError:
+def _forbidden(caller: Caller, request: web.Request, message: str) -> AuthError:
     log.info("access denied", extra={"actor": caller.actor, "path": request.path,
                                      "remote": request.remote})
-    return ApiError(403, FORBIDDEN, message)
+    return AuthError(403, FORBIDDEN, message)

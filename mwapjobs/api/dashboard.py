@@ -41,10 +41,10 @@ from urllib.parse import urlsplit
 import jwt
 from aiohttp import web
 
-from ..auth import CALLER_KEY, UNAUTHORIZED, Caller
 from ..logs import audit
+from .auth import CALLER_KEY, UNAUTHORIZED, AuthError, Caller
 from .envelope import ApiError, ok
-from .keys import DAEMON
+from .keys import AUTH, ENGINE, SETTINGS
 from .queues import stats_key
 from .throttle import Throttle
 
@@ -182,7 +182,7 @@ def _check_csrf(request: web.Request, session: Session) -> None:
 async def _current_caller(request: web.Request, session: Session) -> Caller:
     """The session's caller; a user's superadmin role is read now, as for a bearer JWT."""
     if session.caller.kind == "user":
-        return await request.app[DAEMON].auth.user_caller(session.caller.name)
+        return await request.app[AUTH].user_caller(session.caller.name)
     return session.caller
 
 
@@ -238,7 +238,6 @@ def _same_origin(request: web.Request) -> bool:
 
 
 async def login(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
     if not _same_origin(request):
         log.info("cross-site login refused", extra={"remote": request.remote,
                                                     "origin": request.headers.get("Origin")})
@@ -259,8 +258,8 @@ async def login(request: web.Request) -> web.Response:
         return _login_page(request, "Enter an admin token.", 400)
     token = token.strip()
     try:
-        caller = await daemon.auth.authenticate_token(token, request.remote)
-    except ApiError as exc:
+        caller = await request.app[AUTH].authenticate_token(token, request.remote)
+    except AuthError as exc:
         request.app[LOGIN_FAILURES].hit(remote)
         if exc.status == 401:
             return _login_page(request, "That token is not valid.", 401)
@@ -278,7 +277,7 @@ async def login(request: web.Request) -> web.Response:
     audit("admin.login", caller.actor, "dashboard", remote=request.remote)
     response = _redirect(HOME_PATH)
     response.set_cookie(COOKIE, sid, max_age=int(session.lifetime), path="/", httponly=True,
-                        secure=daemon.settings.admin.cookie_secure, samesite="Strict")
+                        secure=request.app[SETTINGS].admin.cookie_secure, samesite="Strict")
     return response
 
 
@@ -297,7 +296,7 @@ async def logout(request: web.Request) -> web.Response:
         request.app[SESSIONS].drop(sid)
         audit("admin.logout", session.caller.actor, "dashboard", remote=request.remote)
     response = ok({"loggedOut": True})
-    response.del_cookie(COOKIE, path="/", secure=request.app[DAEMON].settings.admin.cookie_secure,
+    response.del_cookie(COOKIE, path="/", secure=request.app[SETTINGS].admin.cookie_secure,
                         httponly=True, samesite="Strict")
     return response
 
@@ -308,7 +307,7 @@ async def session_info(request: web.Request) -> web.Response:
     caller = request.get(CALLER_KEY)
     if session is None or not isinstance(caller, Caller):
         raise ApiError(401, UNAUTHORIZED, "No dashboard session: log in at /admin/login.")
-    names = request.app[DAEMON].registry.names()
+    names = request.app[ENGINE].registry.names()
     response = ok({
         "actor": caller.actor,
         "isAdmin": caller.superadmin,
@@ -339,7 +338,7 @@ def _load_files() -> dict[str, bytes]:
 
 def add_routes(app: web.Application) -> None:
     """The dashboard's routes and session store (add `session_middleware` to the app too)."""
-    app[SESSIONS] = SessionStore(app[DAEMON].settings.admin.session_ttl)
+    app[SESSIONS] = SessionStore(app[SETTINGS].admin.session_ttl)
     app[LOGIN_FAILURES] = Throttle(MAX_FAILED_LOGINS, FAILED_LOGIN_WINDOW)
     app[_FILES] = _load_files()
     r = app.router

@@ -20,6 +20,7 @@ from bson import ObjectId
 
 from ..logs import correlation_id
 from ..storage.mongo import StoreUnavailable
+from .auth import AuthError
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -76,7 +77,7 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     token = correlation_id.set(cid[:100])
     try:
         response = await handler(request)
-    except ApiError as exc:
+    except (ApiError, AuthError) as exc:
         response = error(exc.status, exc.code, exc.message)
     except StoreUnavailable as exc:
         log.warning("request failed: MongoDB is unreachable",

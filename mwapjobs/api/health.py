@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .envelope import error, ok
-from .keys import DAEMON
+from .keys import READINESS
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -15,7 +15,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready to do work: MongoDB reachable and the scheduler running; 503 with reasons."""
-    reasons = request.app[DAEMON].not_ready_reasons()
+    reasons = request.app[READINESS]()
     if reasons:
         response = error(503, "service/not-ready", "; ".join(reasons))
         return response

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from ..metrics import CONTENT_TYPE
 from .envelope import ApiError
-from .keys import DAEMON
+from .keys import AUTH, METRICS, SETTINGS
 
 PATH = "/metrics"
 
@@ -52,20 +52,20 @@ def local_host_name(host: str, allowed: list[str]) -> bool:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    access = daemon.settings.metrics.access
+    settings = request.app[SETTINGS].metrics
+    access = settings.access
     if access == "loopback" and not is_loopback(request.remote):
         raise ApiError(403, "auth/forbidden",
                        "Metrics are served only to local clients (metrics.access = loopback).")
     host = request.headers.get("Host")  # browsers always send one; HTTP/1.0 tools may not
     if access == "loopback" and host is not None and not local_host_name(
-            host, daemon.settings.metrics.hosts):
+            host, settings.hosts):
         raise ApiError(403, "auth/forbidden",
                        "Metrics are served only under a local host name (add it to "
                        "metrics.hosts).")
     if access == "token":
-        await daemon.auth.require_admin(request)
-    body = await daemon.metrics.exposition()
+        await request.app[AUTH].require_admin(request)
+    body = await request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

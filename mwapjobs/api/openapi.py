@@ -11,6 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .keys import OPENAPI_PATHS
+
 STATES = ["delayed", "waiting", "active", "completed", "failed"]
 
 
@@ -28,10 +30,18 @@ ERROR = {
     },
 }
 ANY = {"type": "object"}
+PAGING = [
+    {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+    {"name": "pageSize", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                    "maximum": 200}},
+]
 RUN_ID = {"name": "runId", "in": "path", "required": True,
           "schema": {"type": "string", "pattern": "^[0-9a-f]{24}$"}}
 QUEUE = {"name": "queue", "in": "path", "required": True, "schema": {"type": "string"}}
 ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+# Path parameters the jobs' routes share.
+TENANT_ID = {"name": "tenantId", "in": "path", "required": True, "schema": ID}
+INTEGRATION_ID = {"name": "integrationId", "in": "path", "required": True, "schema": ID}
 TIME = {"type": "string", "nullable": True,
         "description": "ISO 8601, e.g. 2026-12-01T10:00:00+00:00"}
 # A run as `operations.run_view` shows it; its id is `runId`, as in every other answer.
@@ -79,10 +89,11 @@ def _page(summary: str, *, form: bool = False, params: list[dict[str, Any]] | No
     return op
 
 
-def _op(summary: str, data: dict[str, Any] = ANY, *, auth: bool = True,
-        params: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None,
-        ok_status: str = "200", errors: tuple[str, ...] = (),
-        security: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def operation(summary: str, data: dict[str, Any] = ANY, *, auth: bool = True,
+              params: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None,
+              ok_status: str = "200", errors: tuple[str, ...] = (),
+              security: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One operation answering in MWAP's envelope (jobs describe their routes with it)."""
     responses: dict[str, Any] = {
         ok_status: {"description": "OK", "content": {"application/json": {
             "schema": _envelope(data)}}},
@@ -98,22 +109,18 @@ def _op(summary: str, data: dict[str, Any] = ANY, *, auth: bool = True,
     return op
 
 
-def document() -> dict[str, Any]:
+def document(job_paths: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The document: the generic routes, and `job_paths` (what the jobs' routes add)."""
     counts = {"type": "object", "properties": {
         s: {"type": "integer"} for s in ["waiting", "active", "delayed", "completed",
                                          "failed", "paused"]}}
     run_state = {"name": "state", "in": "query", "schema": {"type": "string", "enum": STATES}}
-    paging = [
-        {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-        {"name": "pageSize", "in": "query",
-         "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
-    ]
-    tenant = {"name": "tenantId", "in": "path", "required": True, "schema": ID}
-    integration = {"name": "integrationId", "in": "path", "required": True, "schema": ID}
+    paging = PAGING
     paths: dict[str, Any] = {
-        "/healthz": {"get": _op("The process is alive", auth=False)},
-        "/readyz": {"get": _op("MongoDB reachable and scheduler running (503 otherwise)",
-                               auth=False, errors=("503",))},
+        "/healthz": {"get": operation("The process is alive", auth=False)},
+        "/readyz": {"get": operation(
+            "MongoDB reachable and scheduler running (503 otherwise)", auth=False,
+            errors=("503",))},
         "/metrics": {"get": {
             "summary": "Prometheus metrics (text format); access per metrics.access",
             "security": [{"bearer": []}, {}],
@@ -129,9 +136,9 @@ def document() -> dict[str, Any]:
             "post": _page("Log in with an admin token or JWT (form field `token`); sets the "
                           "HttpOnly, SameSite=Strict session cookie", form=True),
         },
-        "/admin/logout": {"post": _op("End the dashboard session, if any (with a session, "
+        "/admin/logout": {"post": operation("End the dashboard session, if any (with a session, "
                                       "needs X-CSRF-Token)", auth=False)},
-        "/admin/session": {"get": _op("The session's actor, CSRF token and queue names",
+        "/admin/session": {"get": operation("The session's actor, CSRF token and queue names",
                                       security=[{"session": []}])},
         "/admin/static/{name}": {"get": _page(
             "The dashboard's script and style sheet",
@@ -140,70 +147,56 @@ def document() -> dict[str, Any]:
             content_types=("text/javascript", "application/javascript", "text/css"))},
         "/api/v1/openapi.json": {"get": {"summary": "This document", "security": [],
                                          "responses": {"200": {"description": "OK"}}}},
-        "/api/v1/queues/stats": {"get": _op(
+        "/api/v1/queues/stats": {"get": operation(
             "Counts by state for every queue (token-refresh → tokenRefresh)",
             {"type": "object", "additionalProperties": counts}, errors=("503",))},
-        "/api/v1/queues/repeats": {"get": _op(
+        "/api/v1/queues/repeats": {"get": operation(
             "Repeat schedules with their next fire time",
             {"type": "array"},
             params=[{"name": "queue", "in": "query", "schema": {"type": "string"}}],
             errors=("404", "503"))},
         "/api/v1/queues/runs/{runId}": {
-            "get": _op("One run: data (secrets redacted), attempts, errors, timings", RUN,
+            "get": operation("One run: data (secrets redacted), attempts, errors, timings", RUN,
                        params=[RUN_ID], errors=("404", "503")),
-            "delete": _op("Remove a run that is not running (answers the removed run)", RUN,
+            "delete": operation("Remove a run that is not running (answers the removed run)", RUN,
                           params=[RUN_ID], errors=("404", "409", "503")),
         },
-        "/api/v1/queues/runs/{runId}/retry": {"post": _op(
+        "/api/v1/queues/runs/{runId}/retry": {"post": operation(
             "Retry a failed run now, with a fresh set of attempts", RUN, params=[RUN_ID],
             errors=("404", "409", "503"))},
-        "/api/v1/queues/runs/{runId}/promote": {"post": _op(
+        "/api/v1/queues/runs/{runId}/promote": {"post": operation(
             "Run a delayed run now", RUN, params=[RUN_ID], errors=("404", "409", "503"))},
-        "/api/v1/queues/{queue}/runs": {"get": _op(
+        "/api/v1/queues/{queue}/runs": {"get": operation(
             "Runs of a queue in one state, paginated",
             {"type": "object", "properties": {"items": {"type": "array", "items": RUN},
                                               "page": {"type": "integer"},
                                               "pageSize": {"type": "integer"},
                                               "total": {"type": "integer"}}},
             params=[QUEUE, run_state, *paging], errors=("404", "503"))},
-        "/api/v1/queues/{queue}/jobs": {"post": _op(
+        "/api/v1/queues/{queue}/jobs": {"post": operation(
             "Add a job by hand", params=[QUEUE], ok_status="201", errors=("404", "503"),
             body={"type": "object", "additionalProperties": False, "properties": {
                 "data": {"type": "object"}, "jobId": {"type": "string"},
                 "delay": {"type": "number", "minimum": 0},
                 "priority": {"type": "integer"}, "attempts": {"type": "integer"}}})},
-        "/api/v1/queues/{queue}/clean": {"post": _op(
+        "/api/v1/queues/{queue}/clean": {"post": operation(
             "Delete finished runs older than olderThan seconds",
             {"type": "object", "properties": {"deleted": {"type": "integer"}}},
             params=[QUEUE], errors=("404", "503"),
             body={"type": "object", "properties": {
                 "state": {"type": "string", "enum": ["completed", "failed"]},
                 "olderThan": {"type": "number", "minimum": 0}}})},
-        "/api/v1/queues/{queue}/pause": {"post": _op("Pause a queue", params=[QUEUE],
+        "/api/v1/queues/{queue}/pause": {"post": operation("Pause a queue", params=[QUEUE],
                                                      errors=("404", "503"))},
-        "/api/v1/queues/{queue}/resume": {"post": _op("Resume a queue", params=[QUEUE],
+        "/api/v1/queues/{queue}/resume": {"post": operation("Resume a queue", params=[QUEUE],
                                                       errors=("404", "503"))},
-        "/api/v1/integrations/health": {"get": _op(
-            "Integration health: counts by status and provider, failing integrations first",
-            params=paging, errors=("503",))},
-        "/api/v1/integrations/health/check": {"post": _op(
-            "Check every connected integration now, without spreading", ok_status="202",
-            errors=("409", "503"))},
-        "/api/v1/tenants/{tenantId}/integrations/{integrationId}/health": {"get": _op(
-            "One integration's health: current status and history",
-            params=[tenant, integration], errors=("404", "503"))},
-        "/api/v1/oauth/tenants/{tenantId}/integrations/{integrationId}/refresh": {"post": _op(
-            "Refresh one integration's token now (high priority); ?wait=true waits",
-            params=[tenant, integration,
-                    {"name": "wait", "in": "query", "schema": {"type": "boolean"}}],
-            ok_status="202", errors=("404", "409", "429", "503"))},
     }
     return {
         "openapi": "3.0.3",
         "info": {"title": "mwapjobs", "version": "1",
                  "description": "Admin API of the MWAP background-job daemon. Every response "
                                 "uses MWAP's envelope."},
-        "paths": paths,
+        "paths": {**paths, **(job_paths or {})},
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer",
@@ -220,7 +213,7 @@ def document() -> dict[str, Any]:
 
 async def openapi_json(request: web.Request) -> web.Response:
     """The raw document (no envelope), as OpenAPI tools expect it."""
-    return web.json_response(document())
+    return web.json_response(document(request.app[OPENAPI_PATHS]))
 
 
 def add_routes(app: web.Application) -> None:

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
-from ..auth import Caller
 from ..logs import audit
-from ..operations import MAX_PAGE_SIZE, ConflictError, NotFoundError
+from ..operations import MAX_PAGE_SIZE, ConflictError, NotFoundError, Operations
 from ..storage.runs import FINISHED, STATES
+from .auth import Caller
 from .envelope import ApiError, json_body, ok
-from .keys import DAEMON
+from .keys import AUTH, ENGINE, OPERATIONS
 from .validation import query_int
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -32,19 +31,18 @@ def stats_key(queue: str) -> str:
 
 
 async def _admin(request: web.Request) -> Caller:
-    return await request.app[DAEMON].auth.require_admin(request)
+    return await request.app[AUTH].require_admin(request)
 
 
-def _ops(request: web.Request) -> Any:
-    daemon = request.app[DAEMON]
-    if not daemon.engine.running:
+def _ops(request: web.Request) -> Operations:
+    if not request.app[ENGINE].running:
         raise ApiError(503, "service/not-ready", "The job engine is not running yet.")
-    return daemon.operations
+    return request.app[OPERATIONS]
 
 
 def _queue(request: web.Request) -> str:
     name = request.match_info["queue"]
-    if name not in request.app[DAEMON].registry:
+    if name not in request.app[ENGINE].registry:
         raise ApiError(404, "queue/not-found", f"No queue named {name[:64]!r}.")
     return name
 
@@ -167,7 +165,7 @@ async def add_job(request: web.Request) -> web.Response:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or not low <= value <= high):
             raise ValueError(f"{name} must be an integer between {low} and {high}")
-    added = await request.app[DAEMON].engine.add(
+    added = await request.app[ENGINE].add(
         queue, data, job_id=job_id, delay=delay, priority=priority, attempts=attempts)
     audit("queue.job.add", caller.actor, f"run:{added.run_id}", queue=queue)
     return ok({"runId": added.run_id, "state": added.state, "created": added.created},
@@ -182,7 +180,7 @@ def _number(value: object) -> bool:
 async def repeats(request: web.Request) -> web.Response:
     await _admin(request)
     queue = request.query.get("queue")
-    if queue is not None and queue not in request.app[DAEMON].registry:
+    if queue is not None and queue not in request.app[ENGINE].registry:
         raise ApiError(404, "queue/not-found", f"No queue named {queue[:64]!r}.")
     return ok(await _ops(request).repeats(queue))
 

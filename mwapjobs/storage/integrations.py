@@ -17,11 +17,12 @@ from typing import Any
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, ReturnDocument
 from pymongo.errors import BulkWriteError
 
 from .mongo import Mongo
-from .names import INTEGRATION_STATE, INTEGRATIONS, NOTIFICATIONS, PROVIDERS
+from .names import INTEGRATION_STATE, INTEGRATIONS, PROVIDERS
+from .notifications import NotificationStore
 from .providers import ProviderHolds
 
 # Seconds a provider document is reused by the refresher: an operator's change to one
@@ -53,6 +54,7 @@ class IntegrationStore:
         # Provider holds (storage/providers.py), shared by the refresher, discovery and
         # the health checks of this process, so they share its short read cache.
         self.holds = ProviderHolds(mongo)
+        self.notifications = NotificationStore(mongo)  # what a tenant owner must be told
         self._provider_cache_seconds = provider_cache_seconds
         self._providers: dict[str, tuple[float, dict[str, Any] | None]] = {}
 
@@ -64,11 +66,7 @@ class IntegrationStore:
                 [("updatedAt", ASCENDING)], name="mwapjobs_updatedAt"
             )
         )
-        await self._mongo.call(
-            lambda db: db[NOTIFICATIONS].create_index(
-                [("createdAt", DESCENDING)], name="mwapjobs_notifications_recent"
-            )
-        )
+        await self.notifications.ensure_indexes()
 
     # -- integrations -------------------------------------------------------
 
@@ -203,15 +201,6 @@ class IntegrationStore:
         return doc
 
     # -- notifications ------------------------------------------------------------
-
-    async def notify(self, kind: str, integration: dict[str, Any], reason: str,
-                     now: datetime) -> None:
-        """Record a tenant-owner notification durably; delivery is the alerting's job."""
-        doc = {"kind": kind, "tenantId": integration.get("tenantId"),
-               "integrationId": str(integration["_id"]),
-               "providerId": integration.get("providerId"), "reason": reason,
-               "createdAt": now, "delivered": False}
-        await self._mongo.call(lambda db: db[NOTIFICATIONS].insert_one(doc))
 
     # -- health checks (jobs/health_check.py) ------------------------------------------
 

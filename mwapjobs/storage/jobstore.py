@@ -39,9 +39,11 @@ from apscheduler.util import datetime_to_utc_timestamp
 from bson.binary import Binary
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from pymongo import ASCENDING
+from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError
 
+from ..config import Settings
+from .mongo import Mongo
 from .names import SCHEDULER_QUARANTINE
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,14 @@ def signing_key(secret: str) -> bytes:
     """The job store's HMAC key, derived from a secret of the daemon's (HKDF-SHA256)."""
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                 info=_LABEL).derive(secret.encode())
+
+
+def configured_key(settings: Settings) -> bytes | None:
+    """The key from MWAPJOBS_SIGNING_KEY, else one derived from ENCRYPTION_KEY, else none
+    (then the job store is unsigned, as before signing existed)."""
+    secret = settings.signing_key or settings.encryption_key
+    value = secret.get_secret_value() if secret else ""
+    return signing_key(value) if value else None
 
 
 def _safe_getattr(obj: Any, name: str) -> Any:
@@ -207,3 +217,16 @@ class JobStore(MongoDBJobStore):  # type: ignore[misc]
 
 def _escape(text: str) -> str:
     return "".join("\\" + c if not c.isalnum() and c not in "-_:" else c for c in text)
+
+
+async def quarantined(mongo: Mongo) -> tuple[int, datetime | None]:
+    """How many scheduler documents are in the quarantine, and when the latest came."""
+    count = await mongo.call(lambda db: db[SCHEDULER_QUARANTINE].count_documents({}))
+    if not count:
+        return 0, None
+    doc = await mongo.call(lambda db: db[SCHEDULER_QUARANTINE].find_one(
+        {}, {"quarantinedAt": 1}, sort=[("quarantinedAt", DESCENDING)]))
+    when = doc.get("quarantinedAt") if doc else None
+    if isinstance(when, datetime) and when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(count), when if isinstance(when, datetime) else None

@@ -240,6 +240,11 @@ class Mongo:
             error = TimeoutError(f"no answer to a ping within {timeout:g}s")
             self.mark_down(error)
             raise StoreUnavailable(f"MongoDB unreachable: {_describe(error)}") from None
+        except Exception as exc:
+            if self.reachable:  # a failure the door did not record (an injected one)
+                self.mark_down(exc)
+            raise
+        self.mark_up()
 
     def mark_up(self) -> None:
         if not self.reachable:

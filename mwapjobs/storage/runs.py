@@ -20,7 +20,7 @@ import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from bson import ObjectId
@@ -89,6 +89,14 @@ def _find_ids(query: dict[str, Any]) -> Callable[[Any], Awaitable[list[dict[str,
 
 def _update_many(query: dict[str, Any], update: Any) -> Callable[[Any], Awaitable[Any]]:
     return lambda db: db[RUNS].update_many(query, update)
+
+
+def _oldest(query: dict[str, Any]) -> Callable[[Any], Awaitable[dict[str, Any] | None]]:
+    return lambda db: db[RUNS].find_one(query, {"runAt": 1}, sort=[("runAt", ASCENDING)])
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _drop_index(name: str) -> Callable[[Any], Awaitable[Any]]:
@@ -527,6 +535,40 @@ class RunStore:
                 return_document=ReturnDocument.AFTER,
             )
         )
+
+    # -- history, for alert rules -------------------------------------------------
+
+    async def count_finished_since(self, queue: str, state: State, since: datetime) -> int:
+        """Runs of `queue` that ended in `state` at or after `since` (a range of the
+        history index: it costs what is in the window, not the history)."""
+        query: dict[str, Any] = {"queue": queue, "state": state, "finishedAt": {"$gte": since}}
+        n = await self._mongo.call(lambda db: db[RUNS].count_documents(query))
+        return int(n)
+
+    async def oldest_waiting(self, queue: str) -> datetime | None:
+        """The earliest `runAt` among the waiting runs of `queue`.
+
+        The claim index orders by priority first, so this asks for the distinct
+        priorities (a distinct scan), then the oldest run of each (one index look-up
+        each); a run starved by higher priorities counts."""
+        base: dict[str, Any] = {"queue": queue, "state": "waiting"}
+        priorities: list[Any] = await self._mongo.call(
+            lambda db: db[RUNS].distinct("priority", base))
+        oldest: datetime | None = None
+        for priority in priorities:
+            doc = await self._mongo.call(_oldest({**base, "priority": priority}))
+            run_at = doc.get("runAt") if doc else None
+            if isinstance(run_at, datetime) and (oldest is None or _utc(run_at) < oldest):
+                oldest = _utc(run_at)
+        return oldest
+
+    async def last_finished(self, queue: str, state: State) -> datetime | None:
+        """When the newest run of `queue` in `state` finished (the history index)."""
+        doc: dict[str, Any] | None = await self._mongo.call(
+            lambda db: db[RUNS].find_one({"queue": queue, "state": state}, {"finishedAt": 1},
+                                         sort=[("finishedAt", DESCENDING)]))
+        finished = doc.get("finishedAt") if doc else None
+        return _utc(finished) if isinstance(finished, datetime) else None
 
     # -- finished counts ---------------------------------------------------------
 

@@ -42,9 +42,10 @@ from typing import Any
 from bson import ObjectId
 
 from mwapjobs.config import ConfigError, load_settings, resolve_config_path
-from mwapjobs.daemon import Daemon, run_until_signalled
+from mwapjobs.daemon import Daemon
 from mwapjobs.logs import setup_logging
 from mwapjobs.queues import Job
+from mwapjobs.signals import run_until_signalled
 
 QUEUE = "effect"
 EFFECTS = "test_effects"

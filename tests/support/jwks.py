@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from mwapjobs.auth import JwksCache
+from mwapjobs.api.auth import JwksCache
 
 AUDIENCE = "https://api.mwap.test"
 ISSUER = "https://idp.test/"

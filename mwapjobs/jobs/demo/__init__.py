@@ -1,8 +1,12 @@
-"""The `demo` queue and its sample data, for `mwapjobs demo` on the embedded store.
+"""The `demo` job and its sample data, for `mwapjobs demo` on the embedded store.
 
 It gives a first-time user (and the end-to-end tests) real runs in every
 state without any MWAP data: jobs that sleep, one that fails for good, one
 that succeeds on its second attempt, delayed ones and a repeat.
+
+It is also the smallest example of a job that plugs in (README, "How to add a job"):
+a handler, a data model, and `register(ctx)` adding its queue and, once the engine is
+up, its sample runs.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine import Engine
-from ..queues import Job, PermanentError, QueueRegistry
+from ...engine import Engine
+from ...queues import Job, PermanentError, QueueRegistry
+from ..context import JobContext, JobPlugin
 
 QUEUE = "demo"
 
@@ -37,8 +42,20 @@ async def demo_job(job: Job) -> dict[str, Any]:
     return {"slept": job.data.get("seconds", 0.1), "attempt": job.attempt}
 
 
-def register(registry: QueueRegistry) -> None:
+def add_queue(registry: QueueRegistry) -> None:
     registry.register(QUEUE, demo_job, data=DemoData, concurrency=4, backoff={"delay": 2.0})
+
+
+def plugin(job_seconds: float | None = None) -> JobPlugin:
+    """The demo job; with `job_seconds`, it also adds its sample runs once the engine is
+    up (`mwapjobs demo`)."""
+
+    def register(ctx: JobContext) -> None:
+        add_queue(ctx.engine.registry)
+        if job_seconds is not None:
+            ctx.when_ready("demo:seed", lambda: seed(ctx.engine, job_seconds))
+
+    return JobPlugin("demo", register)
 
 
 async def seed(engine: Engine, job_seconds: float = 1.0) -> None:

@@ -1,4 +1,4 @@
-"""Integration health over HTTP (see jobs/health_check.py for what a check does).
+"""Integration health over HTTP (see sweep.py for what a check does).
 
 - `GET /api/v1/integrations/health` (admin token or superadmin): counts by MWAP
   status, by health outcome and by provider, the sweep running now and the last
@@ -14,22 +14,52 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
-from ..jobs.health_check import OUTCOMES, QUEUE
-from ..jobs.probes import provider_kind
-from ..logs import audit
-from .envelope import ApiError, ok
-from .keys import DAEMON
-from .validation import path_id, query_int
+from ...api.envelope import ApiError, ok
+from ...api.keys import AUTH, ENGINE
+from ...api.openapi import INTEGRATION_ID, PAGING, TENANT_ID, operation
+from ...api.validation import path_id, query_int
+from ...config import HealthSettings
+from ...logs import audit
+from ...storage.integrations import IntegrationStore
+from ..providers import provider_kind
+from .decide import OUTCOMES
+from .schedule import QUEUE
+from .sweep import HealthChecker
 
 SUMMARY_PATH = "/api/v1/integrations/health"
 CHECK_PATH = "/api/v1/integrations/health/check"
 INTEGRATION_PATH = "/api/v1/tenants/{tenantId}/integrations/{integrationId}/health"
 MAX_PAGE_SIZE = 200
+OPENAPI = {
+    SUMMARY_PATH: {"get": operation(
+        "Integration health: counts by status and provider, failing integrations first",
+        params=PAGING, errors=("503",))},
+    CHECK_PATH: {"post": operation(
+        "Check every connected integration now, without spreading", ok_status="202",
+        errors=("409", "503"))},
+    INTEGRATION_PATH: {"get": operation(
+        "One integration's health: current status and history",
+        params=[TENANT_ID, INTEGRATION_ID], errors=("404", "503"))},
+}
+
+
+@dataclass(frozen=True)
+class HealthApi:
+    """What the endpoints need; `checker` is None when health checks are off here."""
+
+    checker: HealthChecker | None
+    store: IntegrationStore
+    settings: HealthSettings
+
+
+HEALTH_API: web.AppKey[HealthApi] = web.AppKey("health_api")
 MWAP_STATUSES = ("active", "expired", "revoked", "error")
 # Failing first: what is failing now, then what needs the tenant, then what we know least.
 _RANK = {"error": 0, "failing": 1, "expired": 2, "revoked": 3, "skipped": 4, "unchecked": 5,
@@ -68,11 +98,11 @@ def _health_view(health: dict[str, Any] | None) -> dict[str, Any]:
 
 
 async def summary(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    await daemon.auth.require_admin(request)
+    api = request.app[HEALTH_API]
+    await request.app[AUTH].require_admin(request)
     page = query_int(request, "page", 1, 1, 1_000_000)
     size = query_int(request, "pageSize", 50, 1, MAX_PAGE_SIZE)
-    store = daemon.integrations
+    store = api.store
     integrations = await store.integrations_overview()
     health = await store.health_overview()
     providers = await store.providers_by_id()
@@ -92,7 +122,7 @@ async def summary(request: web.Request) -> web.Response:
     rows.sort(key=lambda r: (_RANK.get(r["outcome"], 5), -r["consecutiveFailures"],
                              -_stamp(r["lastCheckedAt"]), r["integrationId"]))
     outcomes = (*OUTCOMES, "unchecked")
-    checker = daemon.health_checker
+    checker = api.checker
     return ok({
         "total": len(rows),
         "connected": sum(1 for r in rows if r["connected"]),
@@ -106,7 +136,8 @@ async def summary(request: web.Request) -> web.Response:
         ],
         "sweep": {
             "enabled": checker is not None,
-            "schedule": checker.schedule_data() if checker else None,
+            "schedule": {"spread": api.settings.spread, "cron": api.settings.cron,
+                         "timezone": api.settings.timezone} if checker else None,
             "running": checker.progress() if checker else None,
             "last": checker.last_sweep if checker else None,
         },
@@ -121,12 +152,11 @@ def _stamp(value: Any) -> float:
 
 
 async def check_now(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    caller = await daemon.auth.require_admin(request)
-    checker = daemon.health_checker
+    caller = await request.app[AUTH].require_admin(request)
+    checker = request.app[HEALTH_API].checker
     if checker is None:
         raise ApiError(503, "health/disabled", "Health checks are disabled on this daemon.")
-    if not daemon.engine.running:
+    if not request.app[ENGINE].running:
         raise ApiError(503, "service/not-ready", "The job engine is not running yet.")
     outcome = await checker.check_now(caller.actor)
     audit("integration.health.check", caller.actor, f"queue:{QUEUE}", runId=outcome["runId"],
@@ -139,11 +169,10 @@ async def check_now(request: web.Request) -> web.Response:
 
 
 async def integration_health(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
     tenant_id = path_id(request, "tenantId")
     integration_id = path_id(request, "integrationId")
-    await daemon.auth.require_tenant_access(request, tenant_id)
-    store = daemon.integrations
+    await request.app[AUTH].require_tenant_access(request, tenant_id)
+    store = request.app[HEALTH_API].store
     integration = await store.get(integration_id)
     if integration is None or str(integration.get("tenantId")) != tenant_id:
         raise ApiError(404, "integration/not-found", "No such integration for this tenant.")
@@ -164,7 +193,10 @@ async def integration_health(request: web.Request) -> web.Response:
     })
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get(SUMMARY_PATH, summary)
-    app.router.add_post(CHECK_PATH, check_now)
-    app.router.add_get(INTEGRATION_PATH, integration_health)
+def routes(api: HealthApi) -> Callable[[web.Application], None]:
+    def add(app: web.Application) -> None:
+        app[HEALTH_API] = api
+        app.router.add_get(SUMMARY_PATH, summary)
+        app.router.add_post(CHECK_PATH, check_now)
+        app.router.add_get(INTEGRATION_PATH, integration_health)
+    return add

@@ -42,9 +42,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from ..logs import secrets
+from ...logs import secrets
+from ..providers import Kind, provider_kind
 
-Kind = Literal["dropbox", "google", "microsoft", "generic"]
 Verdict = Literal["ok", "unauthorized", "revoked", "forbidden", "failure", "skipped"]
 
 DROPBOX_API = "https://api.dropboxapi.com/2"
@@ -71,12 +71,6 @@ TRANSIENT_403_ERRORS = frozenset({
     "too_many_write_operations",
 })
 
-_KIND_WORDS: tuple[tuple[Kind, tuple[str, ...]], ...] = (
-    ("dropbox", ("dropbox",)),
-    ("google", ("google", "gdrive")),
-    ("microsoft", ("microsoft", "onedrive", "sharepoint", "msgraph", "graph", "office365")),
-)
-
 
 @dataclass(frozen=True)
 class ProbeSpec:
@@ -96,17 +90,6 @@ class ProbeResult:
     latency_ms: float | None = None
 
 
-def provider_kind(provider: Mapping[str, Any]) -> Kind:
-    """The first of `metadata.providerType`, `slug`, `name` that names a known kind."""
-    metadata = provider.get("metadata") or {}
-    for value in (metadata.get("providerType"), provider.get("slug"), provider.get("name")):
-        if not isinstance(value, str):
-            continue
-        text = value.lower()
-        for kind, words in _KIND_WORDS:
-            if any(word in text for word in words):
-                return kind
-    return "generic"
 
 
 def probe_spec(provider: Mapping[str, Any]) -> ProbeSpec:

@@ -22,7 +22,7 @@ access token, not `revoked`) once (`probes.py` says how, per provider):
   encrypted tokens), one our notes, one the providers. A probe due more than
   `TOKEN_MAX_AGE` s after that read re-reads its integration first (a spread
   sweep runs for hours; tokens are refreshed meanwhile). Results are written
-  in batches (`IntegrationStore.record_health`, see `_Writer`), every
+  in batches (`IntegrationStore.record_health`, see writer.py), every
   `FLUSH_DELAY` s or `FLUSH_MAX` results. Status changes and
   notifications are written one by one, at once, with the backend's
   conditional filter.
@@ -51,58 +51,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import itertools
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any
 
 import aiohttp
 
-from ..config import HealthSettings, RefreshSettings
-from ..crypto import MwapCipher
-from ..engine import Engine, as_utc
-from ..operations import Operations
-from ..outbound import UrlPolicy
-from ..queues import Job, QueueRegistry
-from ..ratelimit import KeyedLimiter
-from ..scheduler import make_trigger
-from ..storage.integrations import IntegrationStore
+from ...config import HealthSettings, RefreshSettings
+from ...crypto import MwapCipher
+from ...engine import Engine, as_utc, postponed
+from ...outbound import UrlPolicy
+from ...queues import Job, QueueRegistry
+from ...ratelimit import KeyedLimiter
+from ...storage.integrations import IntegrationStore
+from ..refresh.now import refresh_now
+from ..refresh.runs import MANUAL_PRIORITY, fingerprint
 from . import probes
+from .decide import Finding, decide
 from .probes import ProbeResult, ProbeSpec
-from .token_refresh import MANUAL_PRIORITY, fingerprint
-from .token_refresh import QUEUE as REFRESH_QUEUE
-from .token_refresh import job_id as refresh_job_id
-from .token_refresh import run_data as refresh_run_data
+from .schedule import (
+    QUEUE,
+    SWEEP_JOB_ID,
+    offset_fraction,
+    spread_window,
+    sweep_timeout,
+)
+from .writer import ResultWriter
 
 log = logging.getLogger(__name__)
 
-QUEUE = "health-check"
-SWEEP_JOB_ID = "sweep"
-SPREAD_FRACTION = 0.8
 TOKEN_MAX_AGE = 60.0  # seconds a token read at the start of a sweep is used without re-reading
-POSTPONE_POLL = 1.0  # seconds between looks at a refresh run that may have been postponed
-# Results are written in batches, every FLUSH_DELAY s or FLUSH_MAX results, whichever
-# comes first, while the probes go on. Each batch is cut into range updates of results
-# dense in id order (RUN_GAP), at most MAX_RUN each.
-FLUSH_MAX = 2000
-FLUSH_DELAY = 5.0
-RUN_GAP = 256  # a split costs a query (a scan on the embedded store); a gap, only those documents
-MAX_RUN = 2000
 
-Outcome = Literal["healthy", "failing", "error", "expired", "revoked", "skipped"]
-OUTCOMES: tuple[Outcome, ...] = ("healthy", "failing", "error", "expired", "revoked", "skipped")
-Finding = Literal["healthy", "failure", "expired", "refresh_refused", "revoked", "skipped"]
-
-
-def offset_fraction(integration_id: str) -> float:
-    """Where in a spread sweep this integration starts, in [0, 1): fixed per integration."""
-    digest = hashlib.sha256(f"mwapjobs-health:{integration_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
 
 
 @dataclass
@@ -153,7 +135,7 @@ class _Sweep:
     started_at: datetime
     t0: float
     providers: dict[str, dict[str, Any]]
-    writer: _Writer
+    writer: ResultWriter
     report: SweepReport
     states: asyncio.Future[dict[str, dict[str, Any]]]
     hurry: asyncio.Event = field(default_factory=asyncio.Event)
@@ -202,7 +184,6 @@ class HealthChecker:
         clock: Callable[[], datetime],
         *,
         engine: Engine,
-        operations: Operations,
         refresh: RefreshSettings | None,
         user_agent: str = "MWAP-OAuth-Client/1.0",
         policy: UrlPolicy | None = None,
@@ -217,14 +198,10 @@ class HealthChecker:
         self.settings = settings
         self.clock = clock
         self.engine = engine
-        self.operations = operations
         self.refresh = refresh
         self.user_agent = user_agent
         self.limiter = KeyedLimiter(settings.provider_concurrency, settings.provider_rate)
         self._slots = asyncio.Semaphore(settings.concurrency)
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.probes = 0
         self.last_sweep: dict[str, Any] | None = None
         self._sweep: _Sweep | None = None
 
@@ -234,33 +211,7 @@ class HealthChecker:
         """One sweep at a time, never retried (the next fire is the retry), and a timeout
         above the longest gap of the cron, since a spread sweep lasts most of it."""
         registry.register(QUEUE, self, attempts=1, concurrency=1,
-                          timeout=_sweep_timeout(self.settings.cron, self.settings.timezone))
-
-    def schedule_data(self) -> dict[str, Any]:
-        return {"spread": self.settings.spread, "cron": self.settings.cron,
-                "timezone": self.settings.timezone}
-
-    async def keep_scheduled(self) -> None:
-        """Create or update the repeat once the engine runs; retried while MongoDB fails."""
-        delay = 1.0
-        while True:
-            try:
-                await self.engine.repeat(QUEUE, self.schedule_data(), cron=self.settings.cron,
-                                         timezone=self.settings.timezone, job_id=SWEEP_JOB_ID)
-                log.info("health checks scheduled", extra={"cron": self.settings.cron,
-                         "timezone": self.settings.timezone, "spread": self.settings.spread})
-                return
-            except ValueError as exc:
-                log.error("health checks NOT scheduled: health.cron or health.timezone is "
-                          "invalid; fix the configuration and restart",
-                          extra={"error": str(exc)})
-                return
-            except Exception as exc:
-                log.warning("could not schedule health checks; retrying",
-                            extra={"error": f"{type(exc).__name__}: {exc}"[:300],
-                                   "retryIn": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
+                          timeout=sweep_timeout(self.settings.cron, self.settings.timezone))
 
     async def check_now(self, requested_by: str) -> dict[str, Any]:
         """Sweep now without spreading: add the run, or hurry the one running here.
@@ -310,30 +261,9 @@ class HealthChecker:
     # -- the handler -----------------------------------------------------------------
 
     async def __call__(self, job: Job) -> dict[str, Any]:
-        window = self.spread_window(job.data, job.created_at)
+        window = spread_window(job.data, job.created_at, self.clock(), self.settings)
         report = await self.sweep(window=window, run_id=job.run_id)
         return report.as_dict()
-
-    def spread_window(self, data: dict[str, Any], created_at: datetime) -> float:
-        """Seconds over which to spread the probes: 0 unless `data.spread`, else
-        SPREAD_FRACTION of the time until the next fire (`data.every` s after the fire
-        for an interval repeat, else the next time of `data.cron`)."""
-        if not data.get("spread"):
-            return 0.0
-        now = self.clock()
-        every = data.get("every")
-        if isinstance(every, int | float) and not isinstance(every, bool) and every > 0:
-            next_fire: datetime | None = as_utc(created_at) + timedelta(seconds=float(every))
-        else:
-            try:
-                trigger = make_trigger(str(data.get("cron") or self.settings.cron), None,
-                                       str(data.get("timezone") or self.settings.timezone))
-            except ValueError:
-                return 0.0
-            next_fire = trigger.get_next_fire_time(None, now + timedelta(seconds=1))
-        if next_fire is None:
-            return 0.0
-        return max(0.0, (next_fire - now).total_seconds()) * SPREAD_FRACTION
 
     async def sweep(self, *, window: float = 0.0, run_id: str | None = None) -> SweepReport:
         """Probe every connected integration once; start times spread over `window` s."""
@@ -346,7 +276,7 @@ class HealthChecker:
         ids = sorted(str(d["_id"]) for d in docs)
         # Our notes are only needed to conclude: read them while the first probes run.
         states = asyncio.ensure_future(self._notes(ids))
-        writer = _Writer(self.store, {i: n for n, i in enumerate(ids)},
+        writer = ResultWriter(self.store, {i: n for n, i in enumerate(ids)},
                          self.settings.history_size, states)
         report = SweepReport(integrations=len(docs), window=round(window, 3),
                              read_seconds=round(read_at - t0, 3))
@@ -471,16 +401,9 @@ class HealthChecker:
                      provider: dict[str, Any]) -> ProbeResult:
         token = self.cipher.decrypt_lenient(str(doc.get("accessToken") or ""))
         async with self._slots, self.limiter.slot(str(provider["_id"])):
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            try:
-                return await probes.probe(
-                    self.http, spec, token, timeout=self.settings.request_timeout,
-                    user_agent=self.user_agent,
-                    revoked=revoked)
-            finally:
-                self.in_flight -= 1
-                self.probes += 1
+            return await probes.probe(self.http, spec, token,
+                                      timeout=self.settings.request_timeout,
+                                      user_agent=self.user_agent, revoked=revoked)
 
     async def _refresh_then_probe(self, sweep: _Sweep, item: _Item, doc: dict[str, Any],
                                   spec: ProbeSpec, provider: dict[str, Any],
@@ -536,7 +459,7 @@ class HealthChecker:
                                      "refresh", result.http_status, result.latency_ms)
             await self._conclude(sweep, item, fresh, _finding(result), result, refreshed=True)
             return
-        if _postponed(run):  # its provider was put on hold by this very refresh
+        if postponed(run):  # its provider was put on hold by this very refresh
             hold = await self.store.holds.get(item.provider_key, fresh=True) or {
                 "error": str((run.get("attempts") or [{}])[-1].get("reason"))[:100]}
             await self._conclude(sweep, item, fresh, "skipped", _held(why, hold, code, latency))
@@ -555,95 +478,46 @@ class HealthChecker:
             "failure", f"{why}; the token refresh did not succeed ({detail})", code, latency))
 
     async def _run_refresh(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """What the manual refresh endpoint does: the integration's refresh job, now and
-        first in line, then wait for its outcome (at most refresh.wait_timeout)."""
+        """What the manual refresh endpoint does: the integration's refresh now and first
+        in line, then its outcome (or its postponement), waiting refresh.wait_timeout."""
         assert self.refresh is not None
-        expires = doc.get("tokenExpiresAt")
-        deadline = as_utc(expires) if isinstance(expires, datetime) else None
-        integration_id = str(doc["_id"])
-        added = await self.engine.add(
-            REFRESH_QUEUE, refresh_run_data(doc),
-            job_id=refresh_job_id(integration_id), priority=MANUAL_PRIORITY, replace=True,
-            deadline=deadline if deadline and deadline > self.clock() else None,
-        )
-        return await self._wait_refresh(added.run_id, self.refresh.wait_timeout)
-
-    async def _wait_refresh(self, run_id: str, timeout: float) -> dict[str, Any]:
-        """The run once it finished, or once its handler postponed it (its provider went
-        on hold: the engine sends no event for that), or as it is after `timeout` s."""
-        waiter = asyncio.ensure_future(self.operations.wait_finished(run_id, timeout))
-        try:
-            while True:
-                done, _ = await asyncio.wait({waiter}, timeout=POSTPONE_POLL)
-                if done:
-                    return waiter.result()
-                view = await self.operations.get_run(run_id)
-                if _postponed(view):
-                    return view
-        finally:
-            if not waiter.done():
-                waiter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await waiter
+        added = await refresh_now(self.engine, doc, self.clock())
+        return await added.settled(self.refresh.wait_timeout) or {}
 
     async def _conclude(self, sweep: _Sweep, item: _Item, doc: dict[str, Any],
                         finding: Finding, result: ProbeResult, *,
                         refreshed: bool = False) -> None:
-        """Apply the rules to one result: status writes now, our notes in the next batch."""
+        """Apply `decide` to one result: a status write and notification now, our notes
+        in the next batch."""
         await sweep.note(item)
         now = self.clock()
         status = str(doc.get("status") or "active")
-        set_by_us = item.set_status
-        streak = item.failures
-        outcome: Outcome
-        changed = False
+        decision = decide(finding, status, item.set_status, item.failures,
+                          self.settings.failure_threshold)
         context = {"integrationId": item.id, "tenantId": doc.get("tenantId"),
                    "providerId": item.provider_key, "httpStatus": result.http_status,
                    "reason": result.message}
-        if finding == "healthy":
-            streak, outcome = 0, "healthy"
-            if status in ("expired", "error") and set_by_us == status:
-                if await self.store.set_status(doc, "active", now, only_from=(status,)):
-                    log.info("integration healthy again; status back to active",
-                             extra={**context, "was": status})
-                    status, set_by_us, changed = "active", None, True
-            elif status == "active":
-                set_by_us = None  # whatever we set was undone (a reconnect, say)
-        elif finding == "failure":
-            streak += 1
-            if streak >= self.settings.failure_threshold and status == "active" and \
-                    await self.store.set_status(doc, "error", now, only_from=("active",)):
-                status, set_by_us, changed = "error", "error", True
-                log.warning("integration marked error after consecutive failed health checks",
-                            extra={**context, "consecutiveFailures": streak})
-            outcome = "error" if status == "error" else "failing"
-            log.warning("health check failed", extra={**context, "consecutiveFailures": streak,
-                                                      "threshold": self.settings.failure_threshold,
-                                                      "status": status})
-        elif finding == "expired":
-            streak, outcome = 0, "expired"
-            if status in ("active", "error") and await self.store.set_status(
-                    doc, "expired", now, only_from=("active", "error")):
-                status, set_by_us, changed = "expired", "expired", True
-                await self.store.notify("integration.expired", doc, result.message, now)
-                log.warning("integration marked expired by a health check", extra=context)
+        changed = False
+        if decision.change is not None and await self.store.set_status(
+                doc, decision.change, now, only_from=decision.only_from):
+            log.log(logging.INFO if decision.change == "active" else logging.WARNING,
+                    _CHANGE_LOGS[decision.change], extra={
+                        **context, "was": status, "consecutiveFailures": decision.streak})
+            if decision.notify is not None:
+                await self.store.notifications.record(decision.notify, doc, result.message,
+                                                      now)
+            status, decision, changed = decision.change, decision.written(), True
+        if finding == "failure":
+            log.warning("health check failed", extra={
+                **context, "consecutiveFailures": decision.streak,
+                "threshold": self.settings.failure_threshold, "status": status})
         elif finding == "refresh_refused":
-            # The refresher marked it expired and notified; that status is not ours to undo.
-            streak, outcome = 0, "expired"
-            status = str(doc.get("status") or status)
             log.warning("health check: the token refresh was refused", extra=context)
-        elif finding == "revoked":
-            streak, outcome = 0, "revoked"
-            if status != "revoked" and await self.store.set_status(doc, "revoked", now):
-                status, set_by_us, changed = "revoked", "revoked", True
-                await self.store.notify("integration.revoked", doc, result.message, now)
-                log.warning("integration marked revoked: the provider says access was revoked",
-                            extra=context)
-        else:
-            outcome = "skipped"
+        elif finding == "skipped":
             log.info("health check skipped", extra=context)
-        if finding == "healthy":
-            log.debug("health check passed", extra=context)
+        else:
+            log.debug("health check done", extra={**context, "outcome": decision.outcome})
+        outcome = decision.outcome
         entry = {"at": now, "outcome": outcome, "status": status,
                  "httpStatus": result.http_status, "latencyMs": result.latency_ms,
                  "message": result.message[:300], "refreshed": refreshed}
@@ -651,17 +525,26 @@ class HealthChecker:
             item.last_healthy = now
         if finding == "failure":
             item.last_failure = now
-        item.failures, item.set_status = streak, set_by_us
+        item.failures, item.set_status = decision.streak, decision.set_status
         sweep.writer.add(item.id, {
-            "at": now, "entry": entry, "consecutiveFailures": streak, "setStatus": set_by_us,
-            "lastHealthyAt": item.last_healthy, "lastFailureAt": item.last_failure,
-            "tenantId": doc.get("tenantId"), "providerId": item.provider_key,
+            "at": now, "entry": entry, "consecutiveFailures": decision.streak,
+            "setStatus": decision.set_status, "lastHealthyAt": item.last_healthy,
+            "lastFailureAt": item.last_failure, "tenantId": doc.get("tenantId"),
+            "providerId": item.provider_key,
         })
         report = sweep.report
         report.checked += 1
         setattr(report, outcome, getattr(report, outcome) + 1)
         report.changed += int(changed)
 
+
+# What is logged when a health check changes an integration's status.
+_CHANGE_LOGS = {
+    "active": "integration healthy again; status back to active",
+    "error": "integration marked error after consecutive failed health checks",
+    "expired": "integration marked expired by a health check",
+    "revoked": "integration marked revoked: the provider says access was revoked",
+}
 
 _FINDINGS: dict[probes.Verdict, Finding] = {
     "ok": "healthy", "unauthorized": "failure", "revoked": "revoked", "forbidden": "expired",
@@ -678,13 +561,6 @@ def _finding(result: ProbeResult) -> Finding:
     return _FINDINGS[result.verdict]
 
 
-def _postponed(run: dict[str, Any]) -> bool:
-    """A refresh run put back by its handler (its provider is on hold), not finished."""
-    attempts = run.get("attempts") or []
-    return (run.get("state") in ("delayed", "waiting") and bool(attempts)
-            and attempts[-1].get("outcome") == "postponed")
-
-
 def _held(why: str, hold: dict[str, Any], code: int | None,
           latency: float | None) -> ProbeResult:
     """A stale token whose refresh waits for its provider's hold: skipped, never a status
@@ -694,107 +570,3 @@ def _held(why: str, hold: dict[str, Any], code: int | None,
                        code, latency)
 
 
-class _Writer:
-    """Batches the per-integration results of a sweep into few `record_health` calls.
-
-    A result waits at most FLUSH_DELAY s, or less when FLUSH_MAX are waiting; one
-    batch is written at a time while the probes go on, so the writes of a fast
-    sweep hide behind its probing and only the last batch adds to its duration.
-    Each batch is cut into runs that are dense in id order (`RUN_GAP`, at most
-    MAX_RUN), one range update each: a fast sweep of 10,000 integrations makes
-    about five writes, a spread one a few small ones every FLUSH_DELAY s.
-    """
-
-    def __init__(self, store: IntegrationStore, positions: dict[str, int],
-                 history_size: int, notes: asyncio.Future[Any]) -> None:
-        self.store = store
-        self.positions = positions
-        self.history_size = history_size
-        self.notes = notes
-        self.pending: list[tuple[str, dict[str, Any]]] = []
-        self.writes = 0
-        self.db_seconds = 0.0
-        self._wake = asyncio.Event()
-        self._full = asyncio.Event()
-        self._closing = False
-
-    def add(self, integration_id: str, result: dict[str, Any]) -> None:
-        self.pending.append((integration_id, result))
-        self._wake.set()
-        if len(self.pending) >= FLUSH_MAX:
-            self._full.set()
-
-    def close(self) -> None:
-        self._closing = True
-        self._wake.set()
-        self._full.set()
-
-    async def run(self) -> None:
-        await asyncio.shield(self.notes)  # the documents must exist before we update them
-        while True:
-            if not self.pending:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if not self._closing and len(self.pending) < FLUSH_MAX:
-                self._full.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), FLUSH_DELAY)
-            batch, self.pending = self.pending, []
-            await self._flush(batch)
-
-    async def _flush(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
-        latest = {i: r for i, r in batch}  # the same integration twice: the later one wins
-        ordered = sorted(latest.items(), key=lambda r: (self.positions.get(r[0], -1), r[0]))
-        runs: list[list[tuple[str, dict[str, Any]]]] = []
-        previous = None
-        for integration_id, result in ordered:
-            position = self.positions.get(integration_id)
-            if (not runs or position is None or previous is None
-                    or position - previous > RUN_GAP or len(runs[-1]) >= MAX_RUN):
-                runs.append([])
-            runs[-1].append((integration_id, result))
-            previous = position
-        started = time.monotonic()
-        for run in runs:
-            try:
-                await self.store.record_health(run, self.history_size)
-                self.writes += 1
-            except Exception as exc:
-                log.warning("could not record health results; they are lost, the next "
-                            "sweep records new ones",
-                            extra={"count": len(run),
-                                   "error": f"{type(exc).__name__}: {exc}"[:300]})
-        self.db_seconds += time.monotonic() - started
-
-
-def _sweep_timeout(cron: str, timezone: str) -> float:
-    """1.5 x the longest gap between the next fires of `cron`, at least an hour."""
-    try:
-        trigger = make_trigger(cron, None, timezone)
-    except ValueError:
-        return 6 * 3600.0
-    now = datetime.now(trigger.timezone)
-    fires: list[datetime] = []
-    previous = None
-    for _ in range(50):
-        fire = trigger.get_next_fire_time(previous, now if previous is None
-                                          else previous + timedelta(seconds=1))
-        if fire is None:
-            break
-        fires.append(fire)
-        previous = fire
-    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(fires)]
-    return max(3600.0, 1.5 * max(gaps, default=3600.0))
-
-
-async def unschedule(engine: Engine) -> None:
-    """Health checks are off: drop a repeat left from when they were on."""
-    try:
-        if await engine.remove_repeat(QUEUE, SWEEP_JOB_ID):
-            log.info("health checks are disabled; removed their schedule")
-    except Exception as exc:
-        log.warning("could not remove the health-check schedule",
-                    extra={"error": f"{type(exc).__name__}: {exc}"[:300]})

@@ -7,35 +7,60 @@ The response describes the run; it never contains a token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
-from ..engine import as_utc
-from ..jobs.token_refresh import MANUAL_PRIORITY, QUEUE, job_id, run_data
-from ..logs import audit
-from .envelope import ApiError, error, ok
-from .keys import DAEMON
-from .throttle import Throttle
-from .validation import path_id, query_bool
+from ...api.envelope import ApiError, error, ok
+from ...api.keys import AUTH, ENGINE
+from ...api.openapi import INTEGRATION_ID, TENANT_ID, operation
+from ...api.throttle import Throttle
+from ...api.validation import path_id, query_bool
+from ...config import RefreshSettings
+from ...logs import audit
+from ...operations import run_view
+from ...storage.integrations import IntegrationStore
+from .now import refresh_now
+from .runs import QUEUE, job_id
 
 PATH = "/api/v1/oauth/tenants/{tenantId}/integrations/{integrationId}/refresh"
+OPENAPI = {PATH: {"post": operation(
+    "Refresh one integration's token now (high priority); ?wait=true waits",
+    params=[TENANT_ID, INTEGRATION_ID,
+            {"name": "wait", "in": "query", "schema": {"type": "boolean"}}],
+    ok_status="202", errors=("404", "409", "429", "503"))}}
+
+
+@dataclass(frozen=True)
+class RefreshApi:
+    """What the endpoint needs; `enabled` is False when this daemon does not refresh."""
+
+    enabled: bool
+    store: IntegrationStore
+    settings: RefreshSettings
+    clock: Callable[[], datetime]
+
+
+REFRESH_API: web.AppKey[RefreshApi] = web.AppKey("refresh_api")
 # One manual refresh per integration per `refresh.manual_cooldown` seconds.
 MANUAL_REFRESHES: web.AppKey[Throttle] = web.AppKey("manual_refreshes")
 
 
 async def refresh_integration(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
+    api = request.app[REFRESH_API]
+    engine = request.app[ENGINE]
     tenant_id = path_id(request, "tenantId")
     integration_id = path_id(request, "integrationId")
     wait = query_bool(request, "wait")
-    caller = await daemon.auth.require_tenant_access(request, tenant_id)
-    if daemon.refresher is None:
+    caller = await request.app[AUTH].require_tenant_access(request, tenant_id)
+    if not api.enabled:
         raise ApiError(503, "refresh/disabled", "Token refresh is disabled on this daemon.")
-    if not daemon.engine.running:
+    if not engine.running:
         raise ApiError(503, "service/not-ready", "The job engine is not running yet.")
-    integration = await daemon.integrations.get(integration_id)
+    integration = await api.store.get(integration_id)
     if integration is None or str(integration.get("tenantId")) != tenant_id:
         raise ApiError(404, "integration/not-found", "No such integration for this tenant.")
     if integration.get("status") == "revoked":
@@ -45,7 +70,7 @@ async def refresh_integration(request: web.Request) -> web.Response:
         raise ApiError(409, "integration/not-connected",
                        "The integration has no refresh token; the tenant must connect it.")
     key = str(integration["_id"])
-    pending = (await daemon.engine.runs.pending_by_job(QUEUE, [job_id(key)])).get(job_id(key))
+    pending = (await engine.runs.pending_by_job(QUEUE, [job_id(key)])).get(job_id(key))
     if pending is None or pending["state"] == "delayed":  # this call starts a refresh
         cooldown = request.app[MANUAL_REFRESHES]
         wait_for = cooldown.retry_after(key)
@@ -56,25 +81,21 @@ async def refresh_integration(request: web.Request) -> web.Response:
             response.headers["Retry-After"] = str(seconds)
             return response
         cooldown.hit(key)
-    expires = integration.get("tokenExpiresAt")
-    deadline = as_utc(expires) if isinstance(expires, datetime) else None
-    added = await daemon.engine.add(
-        QUEUE, run_data(integration),
-        job_id=job_id(str(integration["_id"])), priority=MANUAL_PRIORITY, replace=True,
-        deadline=deadline if deadline and deadline > daemon.clock() else None,
-    )
+    added = await refresh_now(engine, integration, api.clock())
     audit("integration.refresh", caller.actor, f"integration:{integration['_id']}",
           tenantId=tenant_id, runId=added.run_id)
     if not wait:
         return ok({"runId": added.run_id, "state": added.state}, status=202)
-    run = await daemon.operations.wait_finished(added.run_id,
-                                                daemon.settings.refresh.wait_timeout)
-    failure = run["error"]
+    run = await added.settled(api.settings.wait_timeout)
+    if run is None:  # removed by an operator meanwhile
+        raise ApiError(404, "run/not-found", "The refresh run was removed meanwhile.")
+    view = run_view(run)
+    failure = view["error"]
     if failure and not caller.superadmin:
         failure = tenant_error(failure)  # a tenant owner: what happened, not the internals
-    outcome = {"runId": run["runId"], "state": run["state"], "result": run["result"],
-               "error": failure, "attempts": run["attemptsMade"]}
-    return ok(outcome, status=200 if run["state"] in ("completed", "failed") else 202)
+    outcome = {"runId": view["runId"], "state": view["state"], "result": view["result"],
+               "error": failure, "attempts": view["attemptsMade"]}
+    return ok(outcome, status=200 if view["state"] in ("completed", "failed") else 202)
 
 
 # What a tenant owner is told about a refresh that did not succeed, by the error's type:
@@ -95,6 +116,9 @@ def tenant_error(error: dict[str, Any]) -> dict[str, Any]:
     return {"code": code, "message": message, "permanent": bool(error.get("permanent"))}
 
 
-def add_routes(app: web.Application) -> None:
-    app[MANUAL_REFRESHES] = Throttle(1, app[DAEMON].settings.refresh.manual_cooldown)
-    app.router.add_post(PATH, refresh_integration)
+def routes(api: RefreshApi) -> Callable[[web.Application], None]:
+    def add(app: web.Application) -> None:
+        app[REFRESH_API] = api
+        app[MANUAL_REFRESHES] = Throttle(1, api.settings.manual_cooldown)
+        app.router.add_post(PATH, refresh_integration)
+    return add

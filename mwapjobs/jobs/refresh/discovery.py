@@ -1,6 +1,7 @@
 """Discovery: keep exactly one refresh job per refreshable integration.
 
-The MWAP backend creates and reconnects integrations without telling us, so a
+The refresher schedules each integration's next refresh itself (cycle.py). The MWAP
+backend creates, reconnects and deletes integrations without telling us, so a
 loop reconciles our `token-refresh` runs with the data every
 `refresh.sync_interval` seconds:
 - an incremental pass reads only integrations whose `updatedAt` moved (by our
@@ -15,7 +16,7 @@ What discovery decides, and nothing more:
   one whose refresh token was refused for good);
 - it *moves* a pending job only when the integration's tokens changed since the
   job was scheduled (a reconnect; `data.connection`, see
-  `token_refresh.connection_fingerprint`). Everything else about a pending run
+  `runs.connection_fingerprint`). Everything else about a pending run
   (a retry's backoff, a provider's Retry-After, a manual or health-triggered
   run at high priority, a postponement while its provider is on hold) belongs
   to the engine and is left alone;
@@ -27,8 +28,6 @@ What discovery decides, and nothing more:
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,18 +35,14 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config import RefreshSettings
-from ..engine import Engine, as_utc
-from ..storage.integrations import IntegrationStore
-from ..storage.providers import config_fingerprint
-from .token_refresh import (
-    QUEUE,
-    connection_fingerprint,
-    fingerprint,
-    job_id,
-    resume_postponed,
-    run_data,
-)
+from ...config import RefreshSettings
+from ...engine import Engine, as_utc
+from ...storage.integrations import IntegrationStore
+from ...storage.providers import config_fingerprint
+from ...supervisor import Supervisor
+from .cycle import due_time
+from .handler import resume_postponed
+from .runs import QUEUE, connection_fingerprint, fingerprint, job_id, run_data
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +64,7 @@ class SyncReport:
 
 class RefreshSync:
     def __init__(self, engine: Engine, store: IntegrationStore, settings: RefreshSettings,
-                 clock: Callable[[], datetime]) -> None:
+                 clock: Callable[[], datetime], tasks: Supervisor | None = None) -> None:
         self.engine = engine
         self.store = store
         self.settings = settings
@@ -77,18 +72,14 @@ class RefreshSync:
         self.last_sync: datetime | None = None
         self._watermark: datetime | None = None
         self._passes = 0
-        self._background: set[asyncio.Task[Any]] = set()
+        self.tasks = tasks or Supervisor()  # where promotions after a lifted hold run
 
-    async def run_forever(self) -> None:
-        while True:
-            try:
-                report = await self.sync_once()
-                if report.added or report.moved or report.dropped or report.expired:
-                    log.info("refresh schedule updated", extra=vars(report))
-            except Exception as exc:
-                log.warning("refresh discovery failed; retrying next interval",
-                            extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
-            await asyncio.sleep(self.settings.sync_interval)
+    async def step(self) -> None:
+        """One pass, logged when it changed something (a background loop runs it every
+        `refresh.sync_interval` seconds)."""
+        report = await self.sync_once()
+        if report.added or report.moved or report.dropped or report.expired:
+            log.info("refresh schedule updated", extra=vars(report))
 
     def due_time(self, doc: dict[str, Any], dead_tokens: dict[str, str]) -> datetime | None:
         """When this integration's refresh is due, or None if it must not be refreshed."""
@@ -99,10 +90,7 @@ class RefreshSync:
         integration_id = str(doc["_id"])
         if dead_tokens.get(integration_id) == fingerprint(doc["refreshToken"]):
             return None  # refused for good; waits for the tenant to reconnect
-        # A stable spread per integration, so repeated passes compute the same time.
-        digest = hashlib.sha256(integration_id.encode()).digest()
-        spread = int.from_bytes(digest[:4], "big") / 0xFFFFFFFF * self.settings.jitter
-        return as_utc(doc["tokenExpiresAt"]) - timedelta(seconds=self.settings.lead + spread)
+        return due_time(integration_id, doc["tokenExpiresAt"], self.settings)
 
     async def sync_once(self, full: bool | None = None) -> SyncReport:
         full = self._passes % FULL_EVERY == 0 if full is None else full
@@ -162,7 +150,8 @@ class RefreshSync:
         if not await self.store.set_status(current, "expired", now,
                                            only_from=("active", "error")):
             return False
-        await self.store.notify("integration.expired", current, DEAD_TOKEN_REASON, now)
+        await self.store.notifications.record("integration.expired", current,
+                                              DEAD_TOKEN_REASON, now)
         log.warning("access token expired with no refresh token; integration marked expired",
                     extra={"integrationId": str(current["_id"]),
                            "tenantId": current.get("tenantId"),
@@ -211,9 +200,7 @@ class RefreshSync:
                      extra={"providerId": provider_id, "provider": doc.get("name"),
                             "because": because, "heldSince": lifted.get("since"),
                             "error": lifted.get("error")})
-            task = asyncio.ensure_future(resume_postponed(self.engine, provider_id))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self.tasks.spawn(f"promote:{provider_id}", resume_postponed(self.engine, provider_id))
 
 
 def _tokens_changed(run: dict[str, Any], doc: dict[str, Any]) -> bool:

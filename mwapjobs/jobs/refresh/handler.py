@@ -36,15 +36,13 @@ reactivated.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
-import hashlib
 import json
 import logging
 import random
 import re
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -52,21 +50,22 @@ from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
 
 import aiohttp
 
-from ..config import RefreshSettings
-from ..crypto import DecryptionError, MwapCipher
-from ..engine import Engine, as_utc
-from ..logs import secrets
-from ..outbound import UrlPolicy
-from ..queues import Job, PermanentError, Postpone, QueueRegistry, TransientError
-from ..ratelimit import KeyedLimiter
-from ..storage.integrations import IntegrationStore
-from ..storage.providers import Problem, ProviderHolds, config_fingerprint
-from .probes import provider_kind
+from ...config import RefreshSettings
+from ...crypto import DecryptionError, MwapCipher
+from ...engine import Engine, as_utc
+from ...logs import secrets
+from ...outbound import UrlPolicy
+from ...queues import Job, PermanentError, Postpone, QueueRegistry, TransientError
+from ...ratelimit import KeyedLimiter
+from ...storage.integrations import IntegrationStore
+from ...storage.providers import Problem, ProviderHolds, config_fingerprint
+from ...supervisor import Supervisor
+from ..providers import provider_kind
+from .cycle import give_up
+from .runs import QUEUE, connection_fingerprint
 
 log = logging.getLogger(__name__)
 
-QUEUE = "token-refresh"
-MANUAL_PRIORITY = 100
 DEFAULT_EXPIRES_IN = 3600
 DESCRIPTION_LIMIT = 300  # characters of a provider's error_description that we keep
 REDACTED = "[redacted]"
@@ -77,38 +76,6 @@ CLIENT_ERRORS = frozenset({"invalid_client", "unauthorized_client", "unsupported
                            "incorrect_client_credentials"})
 WRONG_URL_STATUSES = frozenset({404, 405, 410})
 FORM = "application/x-www-form-urlencoded"
-
-
-def job_id(integration_id: str) -> str:
-    return f"integration:{integration_id}"
-
-
-def fingerprint(stored_token: str | None) -> str:
-    """Identifies a stored refresh token without keeping it (a reconnect changes it)."""
-    return hashlib.sha256((stored_token or "").encode()).hexdigest()[:32]
-
-
-def connection_fingerprint(doc: dict[str, Any]) -> str:
-    """Identifies an integration's tokens as discovery sees them (the stored refresh
-    token and `tokenExpiresAt`): any change of tokens (a reconnect, a refresh by the
-    backend) changes it; a status write does not."""
-    expires = doc.get("tokenExpiresAt")
-    stamp = (as_utc(expires).isoformat(timespec="milliseconds")
-             if isinstance(expires, datetime) else "")
-    return hashlib.sha256(f"{doc.get('refreshToken') or ''}|{stamp}".encode()).hexdigest()[:32]
-
-
-def run_data(doc: dict[str, Any], *, refused_before: bool = False) -> dict[str, Any]:
-    """The data of an integration's refresh run: who it is for, and which tokens it was
-    scheduled for (`connection`, compared by discovery to see a reconnect).
-    `refusedBefore`: our notes hold a refusal of an earlier token, to clear once this
-    one works (so a refresh of an integration with none costs no write for it)."""
-    data = {"integrationId": str(doc["_id"]), "tenantId": doc.get("tenantId"),
-            "providerId": None if doc.get("providerId") is None else str(doc["providerId"]),
-            "connection": connection_fingerprint(doc)}
-    if refused_before:
-        data["refusedBefore"] = True
-    return data
 
 
 class RefreshFailed(PermanentError):
@@ -134,9 +101,12 @@ class TokenRefresher:
         settings: RefreshSettings,
         clock: Callable[[], datetime],
         policy: UrlPolicy | None = None,
+        engine: Engine | None = None,
+        tasks: Supervisor | None = None,
     ) -> None:
         """`policy` decides where the client secret and refresh tokens may be sent
-        (default: https to the known hosts of each provider kind)."""
+        (default: https to the known hosts of each provider kind); `engine`, when given,
+        promotes a provider's postponed runs as soon as its hold ends."""
         self.store = store
         self.policy = policy or UrlPolicy()
         self.holds: ProviderHolds = store.holds
@@ -145,16 +115,13 @@ class TokenRefresher:
         self.settings = settings
         self.clock = clock
         self.limiter = KeyedLimiter(settings.provider_concurrency, settings.provider_rate)
-        self.requests = 0
-        self.engine: Engine | None = None  # set by `attach`: to promote postponed runs
-        self._background: set[asyncio.Task[Any]] = set()
+        self.engine = engine
+        self.tasks = tasks or Supervisor()  # where the promotion after a hold runs
 
     def register(self, registry: QueueRegistry) -> None:
+        """Three attempts 5 s apart, then the cycle's follow-up (cycle.py) decides."""
         registry.register(QUEUE, self, attempts=3, backoff={"delay": 5.0},
                           timeout=self.settings.request_timeout * 2, concurrency=50)
-
-    def attach(self, engine: Engine) -> None:
-        self.engine = engine
 
     async def __call__(self, job: Job) -> dict[str, Any]:
         integration_id = str(job.data["integrationId"])
@@ -184,7 +151,7 @@ class TokenRefresher:
         # The provider judged the request on its merits: its client configuration works.
         await self._provider_works(provider, probing)
         if refused is not None:
-            await self._give_up(integration, str(refused))
+            await give_up(self.store, integration, str(refused), self.clock())
             raise refused
         return await self._save(integration, refresh_token, tokens,
                                 refused_before=bool(job.data.get("refusedBefore")))
@@ -264,12 +231,7 @@ class TokenRefresher:
                         "because": because, "heldSince": hold.get("since"),
                         "error": hold.get("error"), "probes": hold.get("probes")})
         if self.engine is not None:
-            self._spawn(resume_postponed(self.engine, provider_id))
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+            self.tasks.spawn(f"promote:{provider_id}", resume_postponed(self.engine, provider_id))
 
     # -- the request --------------------------------------------------------------------
 
@@ -298,7 +260,6 @@ class TokenRefresher:
                                     f"the outbound policy: {refusal}"))
         timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout)
         # The caller holds the provider's limiter slot.
-        self.requests += 1
         try:
             async with self.http.request(method, url, data=form, headers=headers,
                                          timeout=timeout, allow_redirects=False) as resp:
@@ -398,46 +359,11 @@ class TokenRefresher:
             return {"skipped": "the integration changed during the refresh; newer tokens kept"}
         if refused_before:  # the tenant reconnected: the old refusal is history
             await self.store.clear_refresh_failure(str(integration["_id"]))
+        # `connection` names the tokens just written, as discovery sees them: the cycle
+        # schedules the next refresh for them (cycle.py).
         return {"expiresAt": fields["tokenExpiresAt"].isoformat(),
-                "rotated": new_refresh is not None and new_refresh != refresh_token}
-
-    async def _give_up(self, integration: dict[str, Any], reason: str) -> None:
-        """Permanent failure: `expired` invites the tenant to reconnect (an `active`
-        integration with a dead token would block the backend's reconnect)."""
-        now = self.clock()
-        integration_id = str(integration["_id"])
-        await self.store.record_refresh_failure(
-            integration_id, fingerprint(integration.get("refreshToken")), reason, now)
-        if await self.store.set_status(integration, "expired", now):
-            await self.store.notify("integration.expired", integration, reason, now)
-        log.warning("refresh failed for good; integration marked expired",
-                    extra={"integrationId": integration_id, "tenantId": integration.get("tenantId"),
-                           "reason": reason})
-
-    async def on_run_failed(self, engine: Engine, job_data: dict[str, Any],
-                            error: dict[str, Any]) -> None:
-        """After a run's last transient failure: keep trying while the token is valid
-        (a new run after `sync_interval`, or the provider's Retry-After if longer),
-        and once the token would expire before the next try, mark the integration
-        expired: it cannot be saved in time."""
-        if error.get("permanent"):
-            return
-        integration = await self.store.get(str(job_data.get("integrationId")))
-        if integration is None or not isinstance(integration.get("tokenExpiresAt"), datetime):
-            return
-        now = self.clock()
-        expires = as_utc(integration["tokenExpiresAt"])
-        wait = max(self.settings.sync_interval, float(error.get("retryAfter") or 0))
-        if not error.get("deadlineExceeded") and expires > now + timedelta(seconds=wait):
-            await engine.add(QUEUE, job_data, job_id=job_id(str(integration["_id"])),
-                             delay=wait, deadline=expires)
-            return
-        if await self.store.set_status(integration, "expired", now,
-                                       only_from=("active", "error")):
-            reason = f"token expired before a refresh succeeded ({error.get('message')})"
-            await self.store.notify("integration.expired", integration, reason, now)
-            log.warning("token could not be refreshed before expiry; integration marked expired",
-                        extra={"integrationId": str(integration["_id"])})
+                "rotated": new_refresh is not None and new_refresh != refresh_token,
+                "connection": connection_fingerprint({**integration, **fields})}
 
 
 async def resume_postponed(engine: Engine, provider_id: str) -> int:
@@ -545,15 +471,3 @@ def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
         return max(0.0, (parsedate_to_datetime(value) - now).total_seconds())
     except (TypeError, ValueError):
         return None
-
-
-def follow_up_failures(engine: Engine, refresher: TokenRefresher) -> None:
-    """After a refresh run fails for good: try again later, or mark the integration expired.
-    Also lets the refresher promote postponed runs when a provider's hold ends."""
-    refresher.attach(engine)
-
-    async def on_event(event: str, run: dict[str, Any]) -> None:
-        if event == "failed" and run.get("queue") == QUEUE:
-            await refresher.on_run_failed(engine, run.get("data") or {}, run.get("error") or {})
-
-    engine.subscribe(on_event)
