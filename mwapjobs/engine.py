@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from bson import ObjectId
-
 from . import owners
 from .config import EngineSettings
 from .duetimer import DueTimer
@@ -54,9 +52,9 @@ from .queues import (
     TransientError,
 )
 from .redaction import redact
-from .scheduler import Repeat, Scheduler
+from .scheduler import CHECK_SECONDS, Repeat, Scheduler
 from .storage.mongo import Mongo
-from .storage.runs import FINISHED, PENDING, Outcome, RunStore, State, dedupe_key
+from .storage.runs import FINISHED, PENDING, Outcome, RunId, RunStore, State, parse_run_id
 from .supervisor import FailureLog, Supervisor
 from .triggers import make_trigger
 
@@ -157,9 +155,9 @@ class Engine:
         self._started = False
         self._paused: set[str] = set()
         self._pause_changes = 0  # so a sweep's stale read does not undo a pause made here
-        self._handlers: dict[ObjectId, asyncio.Task[None]] = {}  # handlers running now
-        self._leased: set[ObjectId] = set()  # runs we hold: handler running or outcome unwritten
-        self._lost: set[ObjectId] = set()  # leases another process took over
+        self._handlers: dict[RunId, asyncio.Task[None]] = {}  # handlers running now
+        self._leased: set[RunId] = set()  # runs we hold: handler running or outcome unwritten
+        self._lost: set[RunId] = set()  # leases another process took over
         self._active_by_queue: dict[str, int] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._claiming: dict[str, asyncio.Lock] = {}
@@ -171,7 +169,7 @@ class Engine:
         self._idle = asyncio.Event()  # no handler runs
         self._idle.set()
         self._listeners: list[Listener] = []
-        self._waiters: dict[ObjectId, set[asyncio.Future[None]]] = {}  # wait_settled
+        self._waiters: dict[RunId, set[asyncio.Future[None]]] = {}  # wait_settled
         # Finished runs counted here since the last flush into the queues' counters.
         self._count_deltas: Counter[tuple[str, State]] = Counter()
 
@@ -211,7 +209,8 @@ class Engine:
         self._timer.start()
         self._tasks.keep("outcomes", self._writer.run)
         self._tasks.keep("isolation", self._isolate)
-        self._tasks.keep("clock", self.scheduler.supervise)
+        self._tasks.every("clock", CHECK_SECONDS, self.scheduler.check_clock,
+                          message="could not restart the clock; retrying")
         lease = self.settings.lease_seconds
         self._tasks.every("lease-renewer", lease / 3, self._renew)
         self._tasks.every("sweeper", self.settings.sweep_interval, self.sweep,
@@ -342,27 +341,11 @@ class Engine:
                                      timeout=timeout)
         now = self.clock()
         due = as_utc(run_at) if run_at else now + timedelta(seconds=max(0.0, delay or 0.0))
-        state: State = "delayed" if due > now else "waiting"
-        doc: dict[str, Any] = {
-            "_id": ObjectId(), "queue": queue, "jobId": job_id, "data": data,
-            "state": state, "priority": options.priority, "runAt": due,
-            "attemptsMade": 0, "maxAttempts": options.attempts,
-            "backoff": options.backoff_doc(), "timeout": options.timeout,
-            "deadline": as_utc(deadline) if deadline else None, "createdAt": now,
-            "attempts": [],
-        }
-        if job_id is not None:
-            doc["key"] = dedupe_key(queue, job_id)
-        if slot is not None:
-            doc["slot"] = slot
-        run, created = await self.runs.insert(doc)
-        if not created and replace and (run["runAt"] != due or run["data"] != doc["data"]):
-            updated = await self.runs.replace_pending(
-                doc["key"], {"runAt": due, "data": doc["data"], "state": state,
-                             "priority": options.priority, "deadline": doc["deadline"]}
-            )
-            if updated is not None:
-                run = updated
+        run, created = await self.runs.add(
+            queue, data, job_id=job_id, due=due, now=now, priority=options.priority,
+            max_attempts=options.attempts, backoff=options.backoff_doc(),
+            timeout=options.timeout, deadline=as_utc(deadline) if deadline else None,
+            slot=slot, replace=replace)
         if run["state"] == "delayed" and (created or replace):
             self._timer.note(as_utc(run["runAt"]), queue)
         elif run["state"] == "waiting":
@@ -384,7 +367,9 @@ class Engine:
         """The run once it finished or was postponed (`settled`), or as it is after
         `timeout` s; None if there is no such run. Outcomes written here wake the wait at
         once; a run taken by another instance is seen within WAIT_POLL s."""
-        oid = ObjectId(run_id)
+        oid = parse_run_id(run_id)
+        if oid is None:
+            return None
         deadline = time.monotonic() + timeout
         woken: asyncio.Future[None] | None = None
         try:
@@ -408,7 +393,7 @@ class Engine:
 
     async def cancel(self, queue: str, job_id: str) -> bool:
         """Drop the not-yet-started run of `job_id`; a running one finishes normally."""
-        return await self.runs.delete_not_started(dedupe_key(queue, job_id)) is not None
+        return await self.runs.delete_not_started(queue, job_id) is not None
 
     async def repeat(
         self,
@@ -605,7 +590,7 @@ class Engine:
         return done({"state": "delayed", "runAt": retry_at, "error": err}, "retrying",
                     {"error": err, "retryAt": retry_at, "durationMs": duration_ms}, retry_at)
 
-    async def _written(self, batch: list[Finished], written: set[ObjectId]) -> None:
+    async def _written(self, batch: list[Finished], written: set[RunId]) -> None:
         """After a batch of outcomes was written: wake the timer, log, emit events."""
         for item in batch:
             run_id = item.outcome.run_id

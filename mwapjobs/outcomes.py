@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from bson import ObjectId
-
-from .storage.runs import Outcome, RunStore
+from .storage.runs import Outcome, RunId, RunStore
 from .supervisor import FailureLog
 
 log = logging.getLogger(__name__)
@@ -44,7 +42,7 @@ class Finished:
                                           .create_future())
 
 
-OnWritten = Callable[[list[Finished], set[ObjectId]], Awaitable[None]]
+OnWritten = Callable[[list[Finished], set[RunId]], Awaitable[None]]
 
 
 class OutcomeWriter:
@@ -63,7 +61,7 @@ class OutcomeWriter:
         self._idle.clear()
         self._wake.set()
 
-    def run_ids(self) -> list[ObjectId]:
+    def run_ids(self) -> list[RunId]:
         return [f.outcome.run_id for f in self._pending]
 
     async def flush(self, timeout: float) -> bool:

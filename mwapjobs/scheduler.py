@@ -41,7 +41,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_PAUSED, STATE_STOPPED
 
-from .storage.jobstore import JobStore
+from .storage.jobstore import JobStore, with_prefix
 from .storage.mongo import Mongo
 from .storage.names import SCHEDULER_JOBS
 from .triggers import make_trigger
@@ -233,35 +233,29 @@ class Scheduler:
     def close(self) -> None:
         self._io.shutdown(wait=False)
 
-    async def supervise(self) -> None:
-        """Restart the clock if its thread died or is stuck (runs as a background loop)."""
-        while True:
-            await asyncio.sleep(CHECK_SECONDS)
-            if self._clock is None or self.healthy:
-                continue
-            old = self._clock
-            log.error("the clock thread died or is stuck; restarting it",
-                      extra={"aliveThread": bool(old._thread and old._thread.is_alive()),
-                             "busySeconds": round(time.monotonic() - old.busy_since, 1)
-                             if old.busy_since else None})
-            old.state = STATE_STOPPED
-            old._event.set()
-            try:
-                clock, store = await self._in_thread(self._start_sync)
-            except Exception as exc:
-                log.warning("could not restart the clock; retrying",
-                            extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
-                continue
-            if self._store is not None:
-                self._round_trips += self._store.round_trips
-            if self._clock is old:  # not shut down meanwhile
-                self._clock, self._store = clock, store
-                self.restarts += 1
-            else:
-                await self._in_thread(functools.partial(clock.stop, 5.0))
-            # The old thread exits when its pass ends; closing its client ends a stuck one.
-            threading.Thread(target=old.stop, args=(HANDOFF_TIMEOUT,), daemon=True,
-                             name="mwapjobs-clock-reaper").start()
+    async def check_clock(self) -> None:
+        """Restart the clock if its thread died or is stuck (the engine's supervisor runs
+        this every CHECK_SECONDS; a failed restart raises, and is tried again)."""
+        if self._clock is None or self.healthy:
+            return
+        old = self._clock
+        log.error("the clock thread died or is stuck; restarting it",
+                  extra={"aliveThread": bool(old._thread and old._thread.is_alive()),
+                         "busySeconds": round(time.monotonic() - old.busy_since, 1)
+                         if old.busy_since else None})
+        old.state = STATE_STOPPED
+        old._event.set()
+        clock, store = await self._in_thread(self._start_sync)
+        if self._store is not None:
+            self._round_trips += self._store.round_trips
+        if self._clock is old:  # not shut down meanwhile
+            self._clock, self._store = clock, store
+            self.restarts += 1
+        else:
+            await self._in_thread(functools.partial(clock.stop, 5.0))
+        # The old thread exits when its pass ends; closing its client ends a stuck one.
+        threading.Thread(target=old.stop, args=(HANDOFF_TIMEOUT,), daemon=True,
+                         name="mwapjobs-clock-reaper").start()
 
     def _fire(self, job: ApsJob, fire_time: datetime) -> None:
         """On the clock thread, for every fire: write its run; raise if that failed."""
@@ -319,8 +313,8 @@ class Scheduler:
         if store is None or self._clock is None:
             raise RuntimeError("the scheduler is not running")
         prefix = REPEAT_PREFIX + (f"{queue}:" if queue else "")
-        jobs = await self._in_thread(lambda: store.jobs_with_prefix(prefix))
-        return [_repeat_info(job) for job in jobs]
+        return [_repeat_info(job) for job in store.readable(await with_prefix(self._mongo,
+                                                                             prefix))]
 
 
 async def _awaited(awaitable: Awaitable[T]) -> T:

@@ -13,7 +13,6 @@ import logging
 import smtplib
 import ssl
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -241,7 +240,3 @@ def channels_from_settings(settings: Settings, timeout: float = 30.0) -> list[Ch
         missing = "ALERT_EMAIL_RECIPIENTS" if settings.smtp_host else "SMTP_HOST"
         log.warning("email alerts are off: %s is not set", missing)
     return channels
-
-
-def channel_names(channels: Sequence[Channel]) -> list[str]:
-    return [c.name for c in channels]

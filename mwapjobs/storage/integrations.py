@@ -17,7 +17,7 @@ from typing import Any
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from pymongo import ASCENDING, ReturnDocument
+from pymongo import ASCENDING
 from pymongo.errors import BulkWriteError
 
 from .mongo import Mongo
@@ -191,18 +191,7 @@ class IntegrationStore:
             )
         )
 
-    async def update_state(self, integration_id: str, update: dict[str, Any]) -> dict[str, Any]:
-        doc: dict[str, Any] = await self._mongo.call(
-            lambda db: db[INTEGRATION_STATE].find_one_and_update(
-                {"_id": integration_id}, update, upsert=True,
-                return_document=ReturnDocument.AFTER,
-            )
-        )
-        return doc
-
-    # -- notifications ------------------------------------------------------------
-
-    # -- health checks (jobs/health_check.py) ------------------------------------------
+    # -- health checks (jobs/health/) ------------------------------------------
 
     async def connected_integrations(self) -> list[dict[str, Any]]:
         """Every integration a health sweep probes (an access token, not revoked), in one

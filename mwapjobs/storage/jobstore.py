@@ -18,11 +18,14 @@ bytes it did not write:
   trigger is made of, as a second wall.
 
 It also counts its queries, for the benchmarks and `/metrics`. APScheduler calls it
-from its own thread and from the scheduler's I/O thread, never from the event loop.
+from its own thread and from the scheduler's I/O thread, never from the event loop;
+the event loop lists repeats through the database door instead (`with_prefix`, then
+`readable`, which checks the same signatures).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
@@ -44,7 +47,7 @@ from pymongo.errors import DuplicateKeyError
 
 from ..config import Settings
 from .mongo import Mongo
-from .names import SCHEDULER_QUARANTINE
+from .names import SCHEDULER_JOBS, SCHEDULER_QUARANTINE
 
 log = logging.getLogger(__name__)
 
@@ -209,14 +212,28 @@ class JobStore(MongoDBJobStore):  # type: ignore[misc]
                 self._reject(document, str(exc))
         return jobs
 
-    def jobs_with_prefix(self, prefix: str) -> list[ApsJob]:
-        """Jobs whose id starts with `prefix`, via an anchored (indexed) `_id` match:
-        listing repeat schedules reads only those."""
-        return self._get_jobs({"_id": {"$regex": "^" + _escape(prefix)}})
+    def readable(self, documents: list[dict[str, Any]]) -> list[ApsJob]:
+        """The jobs of `documents` (read through the door, `with_prefix`) that we signed;
+        the others are left for the clock's next pass to quarantine."""
+        jobs = []
+        for document in documents:
+            with contextlib.suppress(RejectedDocument):
+                jobs.append(self._restore(document))
+        return jobs
 
 
 def _escape(text: str) -> str:
     return "".join("\\" + c if not c.isalnum() and c not in "-_:" else c for c in text)
+
+
+async def with_prefix(mongo: Mongo, prefix: str) -> list[dict[str, Any]]:
+    """The stored jobs whose id starts with `prefix`, via an anchored (indexed) `_id`
+    match, through the database door: listing repeat schedules reads only those."""
+    query = {"_id": {"$regex": "^" + _escape(prefix)}}
+    docs: list[dict[str, Any]] = await mongo.call(lambda db: db[SCHEDULER_JOBS].find(
+        query, ["_id", "job_state", "sig"], sort=[("next_run_time", ASCENDING)]
+    ).to_list(None))
+    return docs
 
 
 async def quarantined(mongo: Mongo) -> tuple[int, datetime | None]:

@@ -43,7 +43,10 @@ class JobIdTaken(Exception):
     """Another pending run already has this job id."""
 
 
-def parse_run_id(run_id: str) -> ObjectId | None:
+RunId = ObjectId  # what identifies a run; its text form is the API's `runId`
+
+
+def parse_run_id(run_id: str) -> RunId | None:
     try:
         return ObjectId(run_id)
     except (InvalidId, TypeError):
@@ -146,6 +149,36 @@ class RunStore:
                 await self._mongo.call(_drop_index(replaced))
 
     # -- adding ------------------------------------------------------------
+
+    async def add(self, queue: str, data: dict[str, Any], *, job_id: str | None,
+                  due: datetime, now: datetime, priority: int, max_attempts: int,
+                  backoff: dict[str, Any], timeout: float | None,
+                  deadline: datetime | None, slot: str | None = None,
+                  replace: bool = False) -> tuple[dict[str, Any], bool]:
+        """Write a new run (delayed or waiting by `due`), or find the pending run of its job
+        id; with `replace`, a found run not yet started takes the new time and data.
+
+        Returns (run, created)."""
+        state: State = "delayed" if due > now else "waiting"
+        doc: dict[str, Any] = {
+            "_id": ObjectId(), "queue": queue, "jobId": job_id, "data": data,
+            "state": state, "priority": priority, "runAt": due, "attemptsMade": 0,
+            "maxAttempts": max_attempts, "backoff": backoff, "timeout": timeout,
+            "deadline": deadline, "createdAt": now, "attempts": [],
+        }
+        if job_id is not None:
+            doc["key"] = dedupe_key(queue, job_id)
+        if slot is not None:
+            doc["slot"] = slot
+        run, created = await self.insert(doc)
+        if not created and replace and job_id is not None and (
+                run["runAt"] != due or run["data"] != data):
+            updated = await self.replace_pending(queue, job_id, {
+                "runAt": due, "data": data, "state": state, "priority": priority,
+                "deadline": deadline})
+            if updated is not None:
+                run = updated
+        return run, created
 
     async def insert(self, doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Insert a new run; if its `key` is pending already (or its `slot` was written
@@ -517,17 +550,20 @@ class RunStore:
         )
         return {d["jobId"]: d for d in docs if d.get("jobId") is not None}
 
-    async def delete_not_started(self, key: str) -> dict[str, Any] | None:
+    async def delete_not_started(self, queue: str, job_id: str) -> dict[str, Any] | None:
         """Delete the delayed or waiting run of a job id; an active one is left alone."""
+        key = dedupe_key(queue, job_id)
         return await self._mongo.call(
             lambda db: db[RUNS].find_one_and_delete(
                 {"key": key, "state": {"$in": ["delayed", "waiting"]}}
             )
         )
 
-    async def replace_pending(self, key: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+    async def replace_pending(self, queue: str, job_id: str,
+                              fields: dict[str, Any]) -> dict[str, Any] | None:
         """Update the not-yet-started run of a job id (new time or data); None if there is
         none, or it is already active."""
+        key = dedupe_key(queue, job_id)
         return await self._mongo.call(
             lambda db: db[RUNS].find_one_and_update(
                 {"key": key, "state": {"$in": ["delayed", "waiting"]}},
