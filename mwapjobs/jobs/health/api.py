@@ -92,7 +92,7 @@ def _health_view(health: dict[str, Any] | None) -> dict[str, Any]:
         "lastCheckedAt": health.get("lastCheckedAt"),
         "lastHealthyAt": health.get("lastHealthyAt"),
         "lastFailureAt": health.get("lastFailureAt"),
-        "lastResult": health.get("lastResult"),
+        "lastResult": _entry_view(health.get("lastResult")),
         "statusSetByHealthCheck": health.get("setStatus"),
     }
 
@@ -147,6 +147,16 @@ async def summary(request: web.Request) -> web.Response:
     })
 
 
+def _entry_view(entry: Any) -> dict[str, Any] | None:
+    """One health-check result as the API shows it (our notes, field by field)."""
+    if not isinstance(entry, dict):
+        return None
+    return {"at": entry.get("at"), "outcome": entry.get("outcome"),
+            "status": entry.get("status"), "httpStatus": entry.get("httpStatus"),
+            "latencyMs": entry.get("latencyMs"), "message": entry.get("message"),
+            "refreshed": bool(entry.get("refreshed"))}
+
+
 def _stamp(value: Any) -> float:
     return value.timestamp() if isinstance(value, datetime) else 0.0
 
@@ -180,7 +190,7 @@ async def integration_health(request: web.Request) -> web.Response:
     provider = await store.provider(provider_id)
     state = await store.state(str(integration["_id"])) or {}
     health = state.get("health") if isinstance(state.get("health"), dict) else {}
-    history = list(reversed((health or {}).get("history") or []))
+    history = [_entry_view(e) for e in reversed((health or {}).get("history") or [])]
     return ok({
         "integrationId": str(integration["_id"]),
         "tenantId": tenant_id,
