@@ -96,6 +96,11 @@ async def test_retention_and_stalls_are_counted(mongo: Mongo) -> None:
     try:
         for _ in range(12):
             await e.add("q", {})
+
+        async def all_completed() -> bool:
+            return (await actual(mongo))["completed"] == 12
+
+        await wait_for(all_completed, message="the 12 runs completed")
         await settled(e, mongo)
         assert await e.apply_retention() == 7
         await settled(e, mongo)
