@@ -151,6 +151,25 @@ class HealthSettings(_Section):
         return self
 
 
+class FileIndexSettings(_Section):
+    """File indexing (jobs/files/): every project's cloud folder mirrored into
+    `virtualFiles`. Off by default: it writes a collection the backend reads."""
+
+    enabled: bool = False
+    interval: float = Field(900.0, ge=10)
+    full_interval: float = Field(86400.0, ge=60)
+    spread: bool = True
+    page_size: int = Field(1000, ge=1, le=1000)
+    concurrency: int = Field(8, ge=1, le=200)
+    provider_concurrency: int = Field(3, ge=1, le=100)
+    provider_rate: float = Field(5.0, gt=0)
+    request_timeout: float = Field(30.0, gt=0)
+    max_retry_wait: float = Field(120.0, ge=0)
+    pass_timeout: float = Field(3600.0, gt=0)
+    failure_alert_after: float = Field(3600.0, gt=0)
+    write_project_metadata: bool = False
+
+
 class AlertSettings(_Section):
     cooldown: float = Field(900.0, ge=0)
     check_interval: float = Field(30.0, gt=0)
@@ -210,6 +229,7 @@ class Settings(BaseSettings):
     refresh: RefreshSettings = RefreshSettings()
     health: HealthSettings = HealthSettings()
     alerts: AlertSettings = AlertSettings()
+    files: FileIndexSettings = FileIndexSettings()
 
     @model_validator(mode="after")
     def _key_when_needed(self) -> Settings:

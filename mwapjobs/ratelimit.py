@@ -3,11 +3,17 @@
 Each key (a provider id) gets its own concurrency cap and a steady rate: a
 request may start only when fewer than `concurrency` are in flight for that
 key and at least 1/`rate` seconds after the previous start.
+
+A job's limiter may sit `within` a shared one (`JobContext.limiter`): a slot is then
+one of the job's own and one of the shared limiter's for the same key, so refresh,
+health checks and file indexing together never send a provider more than the shared
+limits allow, and each of them alone no more than its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,9 +29,11 @@ class _Gate:
 
 
 class KeyedLimiter:
-    def __init__(self, concurrency: int, rate: float) -> None:
+    def __init__(self, concurrency: int, rate: float, *,
+                 within: KeyedLimiter | None = None) -> None:
         self.concurrency = concurrency
         self.rate = rate
+        self.within = within  # a shared limiter whose slot every slot of this one also holds
         self._gates: dict[str, _Gate] = {}
         self.max_in_flight = 0
 
@@ -45,9 +53,12 @@ class KeyedLimiter:
                 gate.next_start = max(now, gate.next_start) + gate.interval
                 if wait > 0:
                     await asyncio.sleep(wait)
-            gate.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, gate.in_flight)
-            try:
-                yield
-            finally:
-                gate.in_flight -= 1
+            async with contextlib.AsyncExitStack() as shared:
+                if self.within is not None:  # own slot first: waiting here holds no shared one
+                    await shared.enter_async_context(self.within.slot(key))
+                gate.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, gate.in_flight)
+                try:
+                    yield
+                finally:
+                    gate.in_flight -= 1

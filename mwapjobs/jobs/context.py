@@ -14,6 +14,12 @@ plugin's `register(ctx)` in that order, which:
   `ctx.alerts.add_rule`, its metrics on `ctx.metrics`;
 - returns a handle (or None when disabled): what tests and later jobs use
   (`daemon.jobs[name]`, `ctx.jobs[name]`).
+
+Every request to a provider's API or token endpoint holds a slot of `ctx.limiter`, one
+per provider shared by all jobs (each job's own limiter sits `within` it): its limits
+are the largest any job configures (`provider_limits`), so a job alone keeps its own
+limits and all of them together never send a provider more than the most generous
+one would alone.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from ..crypto import MwapCipher
 from ..engine import Engine
 from ..metrics import DaemonMetrics
 from ..outbound import UrlPolicy
+from ..ratelimit import KeyedLimiter
 from ..storage.integrations import IntegrationStore
 from ..storage.mongo import Mongo
 from ..supervisor import Supervisor
@@ -57,6 +64,10 @@ class JobContext:
     on_stopping: list[Callable[[], None]] = field(default_factory=list)
     routes: list[Routes] = field(default_factory=list)
     openapi: dict[str, Any] = field(default_factory=dict)
+    limiter: KeyedLimiter = field(init=False)  # per provider, shared by every job's requests
+
+    def __post_init__(self) -> None:
+        self.limiter = KeyedLimiter(*provider_limits(self.settings))
 
     def when_ready(self, name: str, step: Callable[[], Awaitable[None]]) -> None:
         """Run `step` once the engine is up (retried with backoff until it succeeds)."""
@@ -72,3 +83,9 @@ class JobContext:
 class JobPlugin:
     name: str
     register: Callable[[JobContext], Any]
+
+
+def provider_limits(settings: Settings) -> tuple[int, float]:
+    """The shared per-provider limits: the largest concurrency and rate of the jobs."""
+    jobs = (settings.refresh, settings.health, settings.files)
+    return (max(j.provider_concurrency for j in jobs), max(j.provider_rate for j in jobs))

@@ -33,7 +33,8 @@ def register(ctx: JobContext) -> HealthChecker | None:
         checker = HealthChecker(
             ctx.integrations, ctx.cipher, ctx.http, settings, ctx.clock, engine=ctx.engine,
             refresh=ctx.settings.refresh if refreshing else None,
-            user_agent=ctx.settings.refresh.user_agent, policy=ctx.policy)
+            user_agent=ctx.settings.refresh.user_agent, policy=ctx.policy,
+            shared=ctx.limiter)
     ctx.add_routes(routes(HealthApi(checker, ctx.integrations, settings)), OPENAPI)
     if checker is None:
         ctx.when_ready("health:unschedule", lambda: unschedule(ctx.engine))

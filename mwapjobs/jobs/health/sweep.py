@@ -187,10 +187,12 @@ class HealthChecker:
         refresh: RefreshSettings | None,
         user_agent: str = "MWAP-OAuth-Client/1.0",
         policy: UrlPolicy | None = None,
+        shared: KeyedLimiter | None = None,
     ) -> None:
         """`refresh` is None when token refresh is off here: a 401 then counts as a failure.
         `policy` decides where access tokens may be sent (default: https to the known
-        hosts of each provider kind)."""
+        hosts of each provider kind); `shared` is the per-provider limiter every job's
+        requests share (`JobContext.limiter`)."""
         self.policy = policy or UrlPolicy()
         self.store = store
         self.cipher = cipher
@@ -200,7 +202,8 @@ class HealthChecker:
         self.engine = engine
         self.refresh = refresh
         self.user_agent = user_agent
-        self.limiter = KeyedLimiter(settings.provider_concurrency, settings.provider_rate)
+        self.limiter = KeyedLimiter(settings.provider_concurrency, settings.provider_rate,
+                                    within=shared)
         self._slots = asyncio.Semaphore(settings.concurrency)
         self.last_sweep: dict[str, Any] | None = None
         self._sweep: _Sweep | None = None

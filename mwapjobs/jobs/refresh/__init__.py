@@ -40,7 +40,8 @@ def register(ctx: JobContext) -> RefreshJob | None:
         return None
     assert ctx.cipher is not None
     refresher = TokenRefresher(ctx.integrations, ctx.cipher, ctx.http, settings, ctx.clock,
-                               policy=ctx.policy, engine=ctx.engine, tasks=ctx.tasks)
+                               policy=ctx.policy, engine=ctx.engine, tasks=ctx.tasks,
+                               shared=ctx.limiter)
     refresher.register(ctx.engine.registry)
     cycle = RefreshCycle(ctx.engine, ctx.integrations, settings, ctx.clock)
     ctx.engine.subscribe(cycle.on_event)

@@ -103,10 +103,12 @@ class TokenRefresher:
         policy: UrlPolicy | None = None,
         engine: Engine | None = None,
         tasks: Supervisor | None = None,
+        shared: KeyedLimiter | None = None,
     ) -> None:
         """`policy` decides where the client secret and refresh tokens may be sent
         (default: https to the known hosts of each provider kind); `engine`, when given,
-        promotes a provider's postponed runs as soon as its hold ends."""
+        promotes a provider's postponed runs as soon as its hold ends; `shared` is the
+        per-provider limiter every job's requests share (`JobContext.limiter`)."""
         self.store = store
         self.policy = policy or UrlPolicy()
         self.holds: ProviderHolds = store.holds
@@ -114,7 +116,8 @@ class TokenRefresher:
         self.http = http
         self.settings = settings
         self.clock = clock
-        self.limiter = KeyedLimiter(settings.provider_concurrency, settings.provider_rate)
+        self.limiter = KeyedLimiter(settings.provider_concurrency, settings.provider_rate,
+                                    within=shared)
         self.engine = engine
         self.tasks = tasks or Supervisor()  # where the promotion after a hold runs
 
