@@ -151,6 +151,32 @@ class HealthSettings(_Section):
         return self
 
 
+class MaintenanceSettings(_Section):
+    """Upkeep and archiving (jobs/maintenance/): a daily run that resets expired OAuth
+    flows, archives and deletes history past its retention, and reports on the database."""
+
+    enabled: bool = True
+    cron: str = "30 3 * * *"
+    timezone: str = "UTC"
+    time_budget: float = Field(600.0, gt=0)
+    batch_size: int = Field(500, ge=1, le=10_000)
+    reset_expired_flows: bool = True
+    archive_dir: str | None = None
+    archive_keep_files: int = Field(400, ge=1)
+    archive_keep_days: float = Field(400.0, gt=0)
+    notifications_days: float = Field(90.0, gt=0)
+    alert_history_days: float = Field(90.0, gt=0)
+    health_history_days: float = Field(30.0, gt=0)
+    audit_collection: str = Field("auditLogs", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    audit_days: float = Field(30.0, gt=0)
+    create_recommended_indexes: bool = False
+
+    @model_validator(mode="after")
+    def _valid_schedule(self) -> MaintenanceSettings:
+        make_trigger(self.cron, None, self.timezone)
+        return self
+
+
 class FileIndexSettings(_Section):
     """File indexing (jobs/files/): every project's cloud folder mirrored into
     `virtualFiles`. Off by default: it writes a collection the backend reads."""
@@ -230,6 +256,7 @@ class Settings(BaseSettings):
     health: HealthSettings = HealthSettings()
     alerts: AlertSettings = AlertSettings()
     files: FileIndexSettings = FileIndexSettings()
+    maintenance: MaintenanceSettings = MaintenanceSettings()
 
     @model_validator(mode="after")
     def _key_when_needed(self) -> Settings:

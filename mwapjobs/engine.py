@@ -170,6 +170,7 @@ class Engine:
         self._idle.set()
         self._listeners: list[Listener] = []
         self._waiters: dict[RunId, set[asyncio.Future[None]]] = {}  # wait_settled
+        self.retention_owner: str | None = None  # who deletes finished runs, if not us
         # Finished runs counted here since the last flush into the queues' counters.
         self._count_deltas: Counter[tuple[str, State]] = Counter()
 
@@ -215,7 +216,7 @@ class Engine:
         self._tasks.every("lease-renewer", lease / 3, self._renew)
         self._tasks.every("sweeper", self.settings.sweep_interval, self.sweep,
                           max_backoff=max(30.0, self.settings.sweep_interval))
-        self._tasks.every("retention", self.settings.retention_interval, self.apply_retention)
+        self._tasks.every("retention", self.settings.retention_interval, self._retention_step)
         self._tasks.every("counters", COUNT_FLUSH_SECONDS, self._flush_counts)
         log.info("engine started", extra={"owner": self.owner, "queues": self.registry.names()})
         if self._ephemeral_key and not self.mongo.embedded:
@@ -732,6 +733,18 @@ class Engine:
                 self.wake()
 
     # -- retention -------------------------------------------------------------------
+
+    def hand_over_retention(self, owner: str) -> None:
+        """From now on `owner` deletes finished runs past their retention (after archiving
+        them), so the engine's own retention loop stops deleting: a run it deleted every
+        `retention_interval` could never be archived. `apply_retention` still works when
+        called, and `count_finished` keeps the counters right for whoever deletes."""
+        self.retention_owner = owner
+        log.info("finished runs are kept until archived", extra={"retentionBy": owner})
+
+    async def _retention_step(self) -> None:
+        if self.retention_owner is None:
+            await self.apply_retention()
 
     async def apply_retention(self) -> int:
         deleted = 0

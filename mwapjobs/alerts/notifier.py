@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from ..config import Settings
+from ..logs import secrets
 from ..queues import QueueRegistry
+from ..storage.alert_history import AlertHistoryStore
 from ..storage.mongo import Mongo
 from ..storage.notifications import NotificationStore
 from ..storage.runs import RunStore
@@ -224,6 +226,7 @@ class AlertManager:
         self.mongo = mongo
         self.runs = RunStore(mongo)
         self.notifications = NotificationStore(mongo)
+        self.history = AlertHistoryStore(mongo)  # what was sent, kept for the record
         self.registry = registry
         self.clock = clock
         self.monotonic = monotonic
@@ -314,7 +317,21 @@ class AlertManager:
                 messages.extend(self._update(rule.name, conditions, ctx))
         for message in messages:
             self.dispatcher.submit(message)
+        await self._keep(messages, ctx.now)
         return messages
+
+    async def _keep(self, messages: list[Message], now: datetime) -> None:
+        """Record what was sent in the alert history (a failure costs the record only:
+        the messages are on their way already)."""
+        if not messages:
+            return
+        events = [{**m.event, "details": secrets.scrub(str(m.event.get("details") or ""))}
+                  for m in messages]
+        try:
+            await self.history.record(events, now)
+        except Exception as exc:
+            log.warning("alert history not recorded", extra={
+                "error": f"{type(exc).__name__}: {exc}"[:300], "messages": len(messages)})
 
     async def _check(self, rule: Rule, ctx: RuleContext) -> list[Condition] | None:
         timeout = max(self.check_interval, 5.0)

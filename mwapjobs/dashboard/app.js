@@ -438,6 +438,65 @@
       el('div', { class: 'stat', 'data-health': key }, el('b', {}, String(value ?? '—')), el('span', {}, key))));
   }
 
+  // -- job panels: each hidden unless its endpoint answers 200 --------------------------------------
+
+  async function optional(path) {
+    try {
+      const response = await fetch(path,
+        { credentials: 'same-origin', headers: { Accept: 'application/json' } });
+      if (response.status !== 200) return null;
+      const payload = await response.json();
+      return payload && payload.success === true ? payload.data : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  function stats(pairs) {
+    return el('div', { class: 'health' }, ...pairs.map(([key, value, warn]) =>
+      el('div', { class: warn ? 'stat warn' : 'stat', 'data-stat': key },
+        el('b', {}, String(value ?? '—')), el('span', {}, key))));
+  }
+
+  function total(items, key) {
+    return items.reduce((n, item) => n + Number(item[key] || 0), 0);
+  }
+
+  async function refreshMaintenance() {
+    const data = await optional('/api/v1/maintenance/report');
+    $('maintenance-section').hidden = data === null;
+    if (data === null || !changed('maintenance', data)) return;
+    const report = data.report;
+    const parts = [];
+    if (!data.enabled) parts.push(el('p', { class: 'muted' }, 'Upkeep is off on this daemon.'));
+    if (!report) {
+      parts.push(el('p', { class: 'muted' },
+        `No upkeep run yet (${data.schedule.cron}, ${data.schedule.timezone}).`));
+    } else {
+      const retention = Object.values(report.retention || {});
+      const missing = (report.indexes || []).filter((i) => !i.present);
+      parts.push(stats([
+        ['last run', fmtRelative(report.finishedAt)],
+        ['flows reset', (report.flows || {}).reset ?? 0],
+        ['archived', total(retention, 'archived')],
+        ['deleted', total(retention, 'deleted')],
+        ...Object.entries(report.orphans || {}).map(([kind, o]) => [kind, o.count, o.count > 0]),
+        ['missing indexes', missing.length, missing.length > 0],
+      ]));
+      if (missing.length) {
+        parts.push(el('ul', { class: 'findings', 'data-list': 'missing-indexes' }, ...missing.map((i) =>
+          el('li', {}, `${i.owner}: ${i.collection} {${Object.keys(i.keys).join(', ')}}${i.unique ? ' unique' : ''}`))));
+      }
+      if (report.archive && report.archive.error) {
+        parts.push(el('p', { class: 'error-text' }, `Archive: ${report.archive.error}`));
+      }
+      if (report.budgetExhausted) {
+        parts.push(el('p', { class: 'muted' }, 'The time budget ran out; the rest waits for the next run.'));
+      }
+    }
+    $('maintenance').replaceChildren(...parts);
+  }
+
   // -- refresh loop ------------------------------------------------------------------------------
 
   async function refresh() {
@@ -473,6 +532,7 @@
         }
       }
       await refreshHealth();
+      await refreshMaintenance();
       $('updated').textContent = `Updated ${fmtTime(new Date().toISOString()).slice(11)}`;
       document.body.dataset.loaded = 'true';
     } catch (err) {

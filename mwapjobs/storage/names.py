@@ -15,6 +15,8 @@ SCHEDULER_QUARANTINE = "mwapjobs_scheduler_quarantine"  # what the job store ref
 INTEGRATION_STATE = "mwapjobs_integrations"  # our notes per integration (health, refusals)
 NOTIFICATIONS = "mwapjobs_notifications"  # tenant-owner notifications, until delivered
 PROVIDER_STATE = "mwapjobs_providers"  # provider holds and the URLs seen last
+ALERT_HISTORY = "mwapjobs_alert_history"  # every FIRING and RESOLVED sent, for the record
+MAINTENANCE_STATE = "mwapjobs_maintenance"  # upkeep's notes (what it said once, where it stopped)
 
 # The MWAP backend's
 INTEGRATIONS = "cloudProviderIntegrations"
