@@ -36,7 +36,16 @@ from pymongo.errors import ConnectionFailure
 from pymongo.uri_parser import parse_uri
 
 from .embedded import index_collection
-from .names import INTEGRATIONS, PROVIDERS, QUEUES, RUNS, SUPERADMINS, TENANTS
+from .names import (
+    FILE_WALK,
+    INTEGRATIONS,
+    PROVIDERS,
+    QUEUES,
+    RUNS,
+    SUPERADMINS,
+    TENANTS,
+    VIRTUAL_FILES,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,6 +69,10 @@ EMBEDDED_INDEXES: dict[str, tuple[list[tuple[str, ...]], list[tuple[tuple[str, .
     TENANTS: ([("ownerId",)], []),
     SUPERADMINS: ([("userId",)], []),
     QUEUES: ([], []),
+    # The file index (storage/files.py): a project's documents, and those a full pass
+    # did not see (a range on `syncStatus.lastSync`); other lookups are by `_id`.
+    VIRTUAL_FILES: ([("projectId",)], [(("projectId",), "syncStatus.lastSync")]),
+    FILE_WALK: ([("projectId",)], []),
 }
 
 

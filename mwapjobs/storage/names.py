@@ -15,6 +15,8 @@ SCHEDULER_QUARANTINE = "mwapjobs_scheduler_quarantine"  # what the job store ref
 INTEGRATION_STATE = "mwapjobs_integrations"  # our notes per integration (health, refusals)
 NOTIFICATIONS = "mwapjobs_notifications"  # tenant-owner notifications, until delivered
 PROVIDER_STATE = "mwapjobs_providers"  # provider holds and the URLs seen last
+FILE_INDEX = "mwapjobs_file_index"  # per project: index summary, cursor, a pass in progress
+FILE_WALK = "mwapjobs_file_walk"  # folders a Google Drive walk has still to list
 ALERT_HISTORY = "mwapjobs_alert_history"  # every FIRING and RESOLVED sent, for the record
 MAINTENANCE_STATE = "mwapjobs_maintenance"  # upkeep's notes (what it said once, where it stopped)
 
@@ -24,3 +26,5 @@ PROVIDERS = "cloudProviders"
 TENANTS = "tenants"
 SUPERADMINS = "superadmins"
 PROJECTS = "projects"
+# Planned by the backend's docs, written by mwapjobs (jobs/files/); the backend reads it.
+VIRTUAL_FILES = "virtualFiles"
