@@ -22,6 +22,10 @@ from mwapjobs.config import Settings
 from mwapjobs.storage.mongo import Mongo
 from tests.support.wire_server import SecantusServer, secantusd_path
 
+# The token-refresh world's fixtures (oauth_server, oauth, tls_server, world); a module
+# that defines a fixture of the same name uses its own.
+pytest_plugins = ("tests.support.refresh_world",)
+
 REAL_MONGODB_URI = os.environ.get("MWAPJOBS_TEST_MONGODB_URI")
 ROOT = Path(__file__).resolve().parents[1]
 TEST_ENCRYPTION_KEY = "0123456789abcdef0123456789abcdef"

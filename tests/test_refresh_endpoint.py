@@ -44,6 +44,7 @@ from tests.support.mwap_data import (
     utcnow,
 )
 from tests.support.oauth_server import Hang, OAuthServer
+from tests.support.refresh_world import finished_run, running, token_requests
 
 CID, SECRET = "mwap-client", "s3cret%2Fvalue"
 OWNER, OTHER_OWNER, SUPER, STRANGER = ("auth0|owner-a", "auth0|owner-b", "auth0|super",
@@ -54,19 +55,6 @@ TEST_SERVER_LOGGERS = ("authlib", "werkzeug", "flask")
 PYMONGO_LOGGERS = ("pymongo", "pymongo.command", "pymongo.connection",
                    "pymongo.serverSelection", "pymongo.client", "pymongo.topology")
 PATH = "/api/v1/oauth/tenants/{tenant}/integrations/{integration}/refresh"
-
-
-@pytest.fixture(scope="module")
-def oauth_server() -> Iterator[OAuthServer]:
-    with OAuthServer() as server:
-        yield server
-
-
-@pytest.fixture
-def oauth(oauth_server: OAuthServer) -> Iterator[OAuthServer]:
-    oauth_server.reset()
-    yield oauth_server
-    oauth_server.reset()
 
 
 @pytest.fixture
@@ -128,38 +116,23 @@ async def api(mongo: Mongo, oauth: OAuthServer, idp: JwksServer) -> AsyncIterato
         refresh={"lead": 60, "jitter": 0, "sync_interval": 3600, "wait_timeout": 10},
         queues={QUEUE: {"backoff": {"delay": 0.1, "jitter": 0}}},
     )
-    daemon = Daemon(settings, mongo=mongo)
     jwks = idp.cache()
-    daemon.auth = Authenticator(settings, IdentityStore(mongo), jwks)
-    await daemon.start()
+
+    def use_idp(daemon: Daemon) -> None:
+        daemon.auth = Authenticator(settings, IdentityStore(mongo), jwks)
+
     try:
-        await daemon.wait_ready()
-        sync = daemon.jobs["refresh"].discovery
-        assert sync is not None
-        await wait_for(lambda: sync.last_sync is not None, message="first discovery pass")
-        yield Api(daemon, mongo, oauth, idp, provider, tenant_a, tenant_b)
+        async with running(mongo, settings, prepare=use_idp) as daemon:
+            sync = daemon.jobs["refresh"].discovery
+            assert sync is not None
+            await wait_for(lambda: sync.last_sync is not None, message="first discovery pass")
+            yield Api(daemon, mongo, oauth, idp, provider, tenant_a, tenant_b)
     finally:
-        await daemon.stop()
         await jwks.close()
-
-
-def token_requests(server: OAuthServer) -> list[Any]:
-    return [r for r in server.requests if r.path == "/oauth/token"]
 
 
 # The next refresh, scheduled for the new tokens once one completes, is delayed: not these.
 FINISHED_OR_RUNNING = ("waiting", "active", "completed", "failed")
-
-
-async def completed(mongo: Mongo, iid: str) -> dict[str, Any]:
-    found: list[dict[str, Any]] = []
-
-    async def done() -> bool:
-        found[:] = await refresh_runs(mongo, iid, ("completed", "failed"))
-        return bool(found)
-
-    await wait_for(done, message="the refresh run finished")
-    return found[0]
 
 
 # -- who may -----------------------------------------------------------------------------------
@@ -177,7 +150,7 @@ async def test_the_owner_refreshes_and_a_pending_run_is_moved_to_now(api: Api) -
     assert status == 202 and body["success"] is True
     assert body["data"]["runId"] == str(pending["_id"])  # the same run, moved
     assert body["data"]["state"] in ("waiting", "active", "completed")
-    run = await completed(api.mongo, iid)
+    run = await finished_run(api.mongo, iid)
     assert run["_id"] == pending["_id"] and run["state"] == "completed"
     assert run["priority"] == MANUAL_PRIORITY
     assert as_utc(run["runAt"]) < as_utc(pending["runAt"]) - timedelta(seconds=3000)
@@ -199,7 +172,7 @@ async def test_a_refresh_already_in_flight_is_not_started_twice(api: Api) -> Non
     assert status == 202
     assert second["data"]["runId"] == first["data"]["runId"]
     assert second["data"]["state"] == "active"
-    run = await completed(api.mongo, iid)
+    run = await finished_run(api.mongo, iid)
     assert run["state"] == "completed"
     assert len(await refresh_runs(api.mongo, iid, FINISHED_OR_RUNNING)) == 1
     assert len(token_requests(api.oauth)) == 1
@@ -314,18 +287,13 @@ async def test_503_when_refresh_is_disabled(mongo: Mongo) -> None:
     settings = make_settings(refresh={"enabled": False},
                              admin={"tokens": [{"name": "ops", "sha256": hashlib.sha256(
                                  ADMIN_TOKEN.encode()).hexdigest()}]})
-    daemon = Daemon(settings, mongo=mongo)
-    await daemon.start()
-    try:
-        await daemon.wait_ready()
+    async with running(mongo, settings) as daemon:
         url = f"http://127.0.0.1:{daemon.port}" + PATH.format(tenant=new_hex_id(),
                                                               integration=new_hex_id())
         async with aiohttp.ClientSession() as http, http.post(
                 url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
             assert resp.status == 503
             assert (await resp.json())["error"]["code"] == "refresh/disabled"
-    finally:
-        await daemon.stop()
 
 
 # -- audit and secrecy -------------------------------------------------------------------------

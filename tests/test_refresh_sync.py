@@ -18,7 +18,6 @@ from bson import ObjectId
 
 from mwapjobs.config import RefreshSettings
 from mwapjobs.crypto import MwapCipher
-from mwapjobs.daemon import Daemon
 from mwapjobs.engine import Engine
 from mwapjobs.jobs.refresh.discovery import FULL_EVERY, RefreshSync
 from mwapjobs.jobs.refresh.runs import (
@@ -48,6 +47,7 @@ from tests.support.mwap_data import (
     update_integration,
     utcnow,
 )
+from tests.support.refresh_world import running
 
 LEAD, JITTER = 300.0, 30.0
 SLACK = timedelta(seconds=5)  # for "now" computed on either side of a pass
@@ -289,7 +289,7 @@ async def test_dead_refresh_token_is_not_rescheduled_until_the_tenant_reconnects
     iid = await h.add(expires_in=60, refresh_token="rt-dead")
     doc = await get_integration(h.mongo, iid)
     assert doc is not None
-    # what a permanent failure leaves behind (see test_token_refresh for the real thing)
+    # what a permanent failure leaves behind (test_refresh_daemon has the real thing)
     await h.store.record_refresh_failure(iid, fingerprint(doc["refreshToken"]),
                                          "provider refused the refresh (invalid_grant)", utcnow())
     await update_integration(h.mongo, iid, {"status": "expired"})
@@ -479,10 +479,7 @@ async def test_the_daemon_discovers_at_start_and_continuously(mongo: Mongo) -> N
     first = await add(expires_in=3600)
     second = await add(expires_in=3600)
     settings = make_settings(refresh={"lead": LEAD, "jitter": JITTER, "sync_interval": 0.1})
-    daemon = Daemon(settings, mongo=mongo)
-    await daemon.start()
-    try:
-        await daemon.wait_ready()
+    async with running(mongo, settings):
         await wait_for(lambda: _has_runs(mongo, [first, second]), message="jobs at start")
 
         third = await add(expires_in=5400)
@@ -510,8 +507,6 @@ async def test_the_daemon_discovers_at_start_and_continuously(mongo: Mongo) -> N
         started = await mongo.call(lambda db: db["mwapjobs_runs"].count_documents(
             {"queue": QUEUE, "attemptsMade": {"$gt": 0}}))
         assert started == 0  # nothing was due: discovery only scheduled
-    finally:
-        await daemon.stop()
 
 
 async def test_the_daemon_expires_dead_tokens_without_health_checks(mongo: Mongo) -> None:
@@ -520,10 +515,7 @@ async def test_the_daemon_expires_dead_tokens_without_health_checks(mongo: Mongo
                                    refresh_token=None, expires_in=-5)
     settings = make_settings(health={"enabled": False},
                              refresh={"lead": LEAD, "jitter": JITTER, "sync_interval": 0.1})
-    daemon = Daemon(settings, mongo=mongo)
-    await daemon.start()
-    try:
-        await daemon.wait_ready()
+    async with running(mongo, settings) as daemon:
         assert daemon.jobs["health"] is None
 
         async def expired_and_told() -> bool:  # the status is written, then the notification
@@ -534,8 +526,6 @@ async def test_the_daemon_expires_dead_tokens_without_health_checks(mongo: Mongo
         await wait_for(expired_and_told, message="the dead integration marked expired")
         [note] = await notifications(mongo, iid)
         assert note["kind"] == "integration.expired"
-    finally:
-        await daemon.stop()
 
 
 async def _has_runs(mongo: Mongo, ids: list[str]) -> bool:

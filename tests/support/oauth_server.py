@@ -34,8 +34,9 @@ API
 ``OAuthServer()``, ``start()``/``stop()`` (or ``with``), ``url``, ``token_url``,
 ``add_client(...)``, ``issue_refresh_token(...)``, ``revoke(...)``,
 ``is_active(...)``, ``script(*faults)``, ``requests``, ``reset()``,
-``echo_credentials``, ``authorize_url``. ``OAuthServer(tls=True)`` serves HTTPS
-with a fresh self-signed certificate that no client trusts (a TLS failure).
+``echo_credentials``, ``authorize_url``, ``app`` (the Flask app, for WSGI
+middleware). ``OAuthServer(tls=True)`` serves HTTPS with a fresh self-signed
+certificate that no client trusts (a TLS failure).
 ``Fault`` and ``Hang`` are the scriptable faults; ``RecordedRequest`` is what
 ``requests`` holds.
 
@@ -399,6 +400,11 @@ class OAuthServer:
     @property
     def authorize_url(self) -> str:
         return f"{self.url}{AUTHORIZE_PATH}"
+
+    @property
+    def app(self) -> Flask:
+        """The Flask app: wrap its ``wsgi_app`` to add WSGI middleware (a request meter)."""
+        return self._app
 
     def reset(self) -> None:
         """Forget clients, tokens, scripted faults and recorded requests.
