@@ -87,6 +87,8 @@ class QueueSettings(_Section):
 
 class EngineSettings(_Section):
     lease_seconds: float = Field(30.0, gt=0)
+    # The leader lease (leadership.py): failover takes at most this plus a third of it.
+    leader_lease: float = Field(15.0, ge=1, le=600)
     stalled_limit: int = Field(3, ge=0)
     sweep_interval: float = Field(15.0, gt=0)
     retention_interval: float = Field(60.0, gt=0)

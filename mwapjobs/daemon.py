@@ -69,7 +69,8 @@ class Daemon:
         self.alerts = AlertManager(settings, self.mongo, self.registry, clock=clock,
                                    mongo_down_since=lambda: self.mongo.down_since,
                                    mongo_error=lambda: self.mongo.last_error,
-                                   is_paused=self.engine.is_paused)
+                                   is_paused=self.engine.is_paused,
+                                   term=lambda: self.engine.leadership.term)
         self.metrics = DaemonMetrics(self.engine, self.operations, self.mongo, self.loop_lag,
                                      lambda: not self.not_ready_reasons(),
                                      source_timeout=settings.mongodb.server_selection_timeout)

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from . import owners
 from .config import EngineSettings
 from .duetimer import DueTimer
+from .leadership import Leadership
 from .logs import secrets
 from .outcomes import Finished, OutcomeWriter
 from .policy import retry_time, stall_verdict
@@ -53,6 +54,7 @@ from .queues import (
 )
 from .redaction import redact
 from .scheduler import CHECK_SECONDS, Repeat, Scheduler
+from .storage.leases import LeaseStore
 from .storage.mongo import Mongo
 from .storage.runs import FINISHED, PENDING, Outcome, RunId, RunStore, State, parse_run_id
 from .supervisor import FailureLog, Supervisor
@@ -148,6 +150,10 @@ class Engine:
         self._ephemeral_key = signing_key is None
         self.scheduler = Scheduler(mongo, self._on_repeat, signing_key or os.urandom(32))
         self.owner = owners.process_owner()
+        # Only the leader runs the clock of repeats; every instance works and serves.
+        self.leadership = Leadership(LeaseStore(mongo), self.owner,
+                                     self.settings.leader_lease, clock)
+        self.leadership.on_change(self.scheduler.start_clock, self.scheduler.stop_clock)
         self._timer = DueTimer(self._wake_due, self.runs.due_after, clock)
         self._writer = OutcomeWriter(self.runs, self.owner, self._written)
         self._tasks = Supervisor()
@@ -218,6 +224,8 @@ class Engine:
                           max_backoff=max(30.0, self.settings.sweep_interval))
         self._tasks.every("retention", self.settings.retention_interval, self._retention_step)
         self._tasks.every("counters", COUNT_FLUSH_SECONDS, self._flush_counts)
+        await self.leadership.step()  # lead at once if nobody does
+        self._tasks.every("leadership", self.leadership.renew_every, self.leadership.step)
         log.info("engine started", extra={"owner": self.owner, "queues": self.registry.names()})
         if self._ephemeral_key and not self.mongo.embedded:
             log.warning("repeat triggers are signed with a key of this process only: set "
@@ -233,6 +241,7 @@ class Engine:
         deadline = time.monotonic() + timeout
         self._accepting = False
         self.wake()
+        await self.leadership.resign()  # another instance may lead at once
         await self.scheduler.shutdown()
         self._timer.stop()
         running = list(self._handlers.values())
@@ -273,6 +282,7 @@ class Engine:
         for task in handlers:
             task.cancel()
         await self._tasks.stop()
+        await self.leadership.abandon()  # the lease stays taken until it runs out
         await asyncio.gather(*handlers, return_exceptions=True)
         await self.scheduler.shutdown()
         self._finish_stop()
@@ -443,6 +453,8 @@ class Engine:
         if queue not in self.registry:
             log.error("repeat fired for an unknown queue", extra={"queue": queue})
             return
+        if not self.leadership.leading:  # lost the lease: the new leader fires it
+            raise RuntimeError("this instance no longer leads; the fire is not written")
         slot = f"{queue}:{job_id}@{as_utc(fire_time).isoformat()}"
         try:
             added = await self.add(queue, data, job_id=job_id, slot=slot)

@@ -251,8 +251,11 @@ class DaemonMetrics:
         return [
             *families, up, lag, round_trips,
             _gauge("mwapjobs_ready", "1 if /readyz would answer 200.", self.ready()),
-            _gauge("mwapjobs_scheduler_up", "1 if the engine and its clock are running.",
-                   self.engine.running),
+            _gauge("mwapjobs_scheduler_up", "1 if the engine (and its clock, on the leader) "
+                   "are running.", self.engine.running),
+            _gauge("mwapjobs_leader", "1 if this instance holds the leader lease (it runs "
+                   "the clock of repeats, discovery and alert evaluation).",
+                   self.engine.leadership.leading),
             _gauge("mwapjobs_mongodb_up", "1 if the last MongoDB ping or query succeeded.",
                    self.mongo.reachable),
             _gauge("mwapjobs_active_runs", "Runs executing in this process now.",

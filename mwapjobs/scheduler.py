@@ -16,8 +16,13 @@ so that the clock keeps the promise "nothing silently lost":
 - every run written for a fire carries the fire time as its `slot`, unique in the runs
   collection, so a fire retried after a half-finished pass, or processed by a second
   instance on the same database, never becomes a second run.
-A supervisor (`supervise`, on the loop) checks that the thread is alive and not stuck
-in one pass; if it is, the clock is restarted and readiness says so until then.
+A check (`check_clock`, every CHECK_SECONDS on the loop) restarts a clock whose thread
+died or is stuck in one pass; readiness says so until then.
+
+Only the leading instance runs the clock (`start_clock`, from `leadership.py`); every
+instance can set, remove and list repeats: without a clock, through its own job store
+(`_store_job`). The clock looks at the store at least every MAX_WAIT seconds, so a
+repeat set on another instance fires at most that late.
 
 Misfires never drop work: a late trigger fires however late, and a downtime's worth of
 missed occurrences is coalesced into one fire (the latest).
@@ -30,6 +35,7 @@ import functools
 import logging
 import threading
 import time
+import types
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,9 +43,10 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from apscheduler.job import Job as ApsJob
-from apscheduler.jobstores.base import JobLookupError
+from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_PAUSED, STATE_STOPPED
+from apscheduler.triggers.base import BaseTrigger
 
 from .storage.jobstore import JobStore, with_prefix
 from .storage.mongo import Mongo
@@ -55,6 +62,7 @@ HANDOFF_TIMEOUT = 60.0  # seconds the clock thread waits for a fire's run to be 
 RETRY_SECONDS = 5.0  # after a store error or a fire that could not be written
 STUCK_SECONDS = 2 * HANDOFF_TIMEOUT + 30.0  # one pass taking longer than this is stuck
 CHECK_SECONDS = 5.0  # how often the supervisor looks at the thread
+MAX_WAIT = 10.0  # the clock's longest sleep: it sees triggers other instances wrote
 
 RepeatHandler = Callable[[str, str, dict[str, Any], datetime], Awaitable[None]]
 
@@ -118,10 +126,10 @@ class _ClockThread(BackgroundScheduler):  # type: ignore[misc]
             log.warning(message, extra={"error": f"{type(exc).__name__}: {exc}"[:300],
                                         "retryIn": RETRY_SECONDS})
 
-    def _process_jobs(self) -> float | None:
+    def _process_jobs(self) -> float:
         """One pass: fire what is due, move each trigger on once its run is written."""
         if self.state == STATE_PAUSED:
-            return None
+            return MAX_WAIT
         now = datetime.now(self.timezone)
         retry = False
         with self._jobstores_lock:
@@ -149,7 +157,10 @@ class _ClockThread(BackgroundScheduler):  # type: ignore[misc]
             next_run = store.get_next_run_time()
         if retry:  # the fire that failed is still due: try again after a pause, not at once
             return RETRY_SECONDS
-        return None if next_run is None else max(0.0, (next_run - now).total_seconds())
+        if next_run is None:
+            return MAX_WAIT
+        wait: float = (next_run - now).total_seconds()
+        return min(MAX_WAIT, max(0.0, wait))
 
     def stop(self, timeout: float) -> bool:
         """Stop the thread, then close the store (never the other way round: the thread
@@ -174,20 +185,28 @@ class Scheduler:
         self._on_repeat = on_repeat
         self._signing_key = signing_key
         self._io = ThreadPoolExecutor(1, thread_name_prefix="mwapjobs-scheduler-io")
-        self._clock: _ClockThread | None = None
-        self._store: JobStore | None = None
+        self._writer: JobStore | None = None  # every instance's: set, remove, list
+        self._clock: _ClockThread | None = None  # the leader's
+        self._store: JobStore | None = None  # the clock's own
+        self._wanted = False  # this instance leads: the clock should run
         self._loop: asyncio.AbstractEventLoop | None = None
         self._round_trips = 0  # of stores replaced by a restart
         self.restarts = 0
 
     @property
     def running(self) -> bool:
-        """The clock was started and not stopped (it may be restarting)."""
+        """Started (repeats can be set and listed) and not shut down."""
+        return self._writer is not None
+
+    @property
+    def clock_running(self) -> bool:
         return self._clock is not None
 
     @property
     def healthy(self) -> bool:
-        """The clock's thread is alive and not stuck in one pass."""
+        """The clock's thread, if this instance should run one, is alive and not stuck."""
+        if not self._wanted:
+            return self.running
         clock = self._clock
         if clock is None or clock.state == STATE_STOPPED:
             return False
@@ -198,21 +217,46 @@ class Scheduler:
 
     @property
     def round_trips(self) -> int:
-        return self._round_trips + (self._store.round_trips if self._store else 0)
+        return self._round_trips + sum(s.round_trips for s in (self._writer, self._store) if s)
 
     async def _in_thread(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn)
 
+    def _new_store(self) -> JobStore:
+        return JobStore(key=self._signing_key, database=self._mongo.db_name,
+                        collection=SCHEDULER_JOBS, client=self._mongo.jobstore_client())
+
     async def start(self) -> None:
-        """Start the clock; raises (e.g. `ServerSelectionTimeoutError`) if MongoDB is down."""
+        """Open this instance's job store; raises (e.g. `ServerSelectionTimeoutError`) if
+        MongoDB is down. The clock starts only when this instance leads."""
         self._loop = asyncio.get_running_loop()
-        self._clock, self._store = await self._in_thread(self._start_sync)
+
+        def open_store() -> JobStore:
+            store = self._new_store()
+            # Delayed runs no longer have triggers; those of older versions go.
+            store.collection.delete_many({"_id": {"$regex": f"^{LEGACY_WAKE_PREFIX}"}})
+            return store
+
+        self._writer = await self._in_thread(open_store)
+
+    async def start_clock(self) -> None:
+        """This instance leads: run the clock (retried by `check_clock` if it fails)."""
+        self._wanted = True
+        if self._clock is None:
+            self._clock, self._store = await self._in_thread(self._start_sync)
+
+    async def stop_clock(self) -> None:
+        """This instance no longer leads: stop firing (the triggers stay)."""
+        self._wanted = False
+        clock, self._clock = self._clock, None
+        if clock is not None:
+            if self._store is not None:
+                self._round_trips += self._store.round_trips
+                self._store = None
+            await self._in_thread(lambda: clock.stop(HANDOFF_TIMEOUT + 5))
 
     def _start_sync(self) -> tuple[_ClockThread, JobStore]:
-        store = JobStore(key=self._signing_key, database=self._mongo.db_name,
-                         collection=SCHEDULER_JOBS, client=self._mongo.jobstore_client())
-        # Delayed runs no longer have triggers; those of older versions go.
-        store.collection.delete_many({"_id": {"$regex": f"^{LEGACY_WAKE_PREFIX}"}})
+        store = self._new_store()
         clock = _ClockThread(self._fire, jobstores={"default": store},
                              job_defaults={"coalesce": True, "misfire_grace_time": None,
                                            "max_instances": 1},
@@ -225,20 +269,26 @@ class Scheduler:
         return clock, store
 
     async def shutdown(self) -> None:
-        """Stop firing. Triggers stay in MongoDB and resume at the next start."""
-        clock, self._clock = self._clock, None
-        if clock is not None:
-            await self._in_thread(lambda: clock.stop(HANDOFF_TIMEOUT + 5))
+        """Stop firing and close the job store. Triggers stay in MongoDB."""
+        await self.stop_clock()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._round_trips += writer.round_trips
+            await self._in_thread(writer.shutdown)
 
     def close(self) -> None:
         self._io.shutdown(wait=False)
 
     async def check_clock(self) -> None:
-        """Restart the clock if its thread died or is stuck (the engine's supervisor runs
-        this every CHECK_SECONDS; a failed restart raises, and is tried again)."""
-        if self._clock is None or self.healthy:
+        """Start the clock if this instance leads and it is not running, restart it if its
+        thread died or is stuck (the engine's supervisor runs this every CHECK_SECONDS; a
+        failed start raises, and is tried again)."""
+        if not self._wanted or self.healthy:
             return
         old = self._clock
+        if old is None:
+            self._clock, self._store = await self._in_thread(self._start_sync)
+            return
         log.error("the clock thread died or is stuck; restarting it",
                   extra={"aliveThread": bool(old._thread and old._thread.is_alive()),
                          "busySeconds": round(time.monotonic() - old.busy_since, 1)
@@ -268,10 +318,10 @@ class Scheduler:
         handoff = self._on_repeat(kwargs["queue"], kwargs["job_id"], kwargs["data"], fire_time)
         asyncio.run_coroutine_threadsafe(_awaited(handoff), loop).result(HANDOFF_TIMEOUT)
 
-    def _require(self) -> _ClockThread:
-        if self._clock is None:
+    def _require(self) -> JobStore:
+        if self._writer is None:
             raise RuntimeError("the scheduler is not running")
-        return self._clock
+        return self._writer
 
     async def set_repeat(
         self, queue: str, job_id: str, data: dict[str, Any], *, cron: str | None = None,
@@ -279,29 +329,34 @@ class Scheduler:
     ) -> Repeat:
         """Create or replace a repeat schedule; an identical one is left as it is, so a
         restart does not push an interval's next fire further out."""
-        clock = self._require()
+        writer = self._require()
         trigger = make_trigger(cron, every, timezone)
         job_key = f"{REPEAT_PREFIX}{queue}:{job_id}"
         kwargs = {
             "kind": "repeat", "queue": queue, "job_id": job_id, "data": data,
             "schedule": cron if cron is not None else f"every {every:g}s", "timezone": timezone,
         }
+        clock = self._clock
 
         def upsert() -> ApsJob:
-            existing = clock.get_job(job_key)
-            if existing is not None and existing.kwargs == kwargs:
-                return existing
-            return clock.add_job(fire, trigger=trigger, id=job_key,
-                                 kwargs=kwargs, replace_existing=True)
+            if clock is not None:  # the leader: APScheduler writes it and wakes its clock
+                existing = clock.get_job(job_key)
+                if existing is not None and existing.kwargs == kwargs:
+                    return existing
+                return clock.add_job(fire, trigger=trigger, id=job_key,
+                                     kwargs=kwargs, replace_existing=True)
+            return _store_job(writer, job_key, trigger, kwargs)
 
         return _repeat_info(await self._in_thread(upsert))
 
     async def remove_repeat(self, queue: str, job_id: str) -> bool:
-        clock = self._require()
+        writer = self._require()
+        key = f"{REPEAT_PREFIX}{queue}:{job_id}"
+        clock = self._clock
 
         def remove() -> bool:
             try:
-                clock.remove_job(f"{REPEAT_PREFIX}{queue}:{job_id}")
+                (clock or writer).remove_job(key)
                 return True
             except JobLookupError:
                 return False
@@ -309,12 +364,32 @@ class Scheduler:
         return await self._in_thread(remove)
 
     async def repeats(self, queue: str | None = None) -> list[Repeat]:
-        store = self._store
-        if store is None or self._clock is None:
-            raise RuntimeError("the scheduler is not running")
+        writer = self._require()
         prefix = REPEAT_PREFIX + (f"{queue}:" if queue else "")
-        return [_repeat_info(job) for job in store.readable(await with_prefix(self._mongo,
-                                                                             prefix))]
+        return [_repeat_info(job) for job in writer.readable(await with_prefix(self._mongo,
+                                                                              prefix))]
+
+
+_UTC_ONLY = types.SimpleNamespace(timezone=UTC)  # all a Job asks of its scheduler here
+
+
+def _store_job(store: JobStore, job_key: str, trigger: BaseTrigger,
+               kwargs: dict[str, Any]) -> ApsJob:
+    """Write a repeat's trigger without a running clock (on an instance that does not
+    lead), as APScheduler's `add_job(replace_existing=True)` would; the leader's clock
+    reads it at its next pass."""
+    existing = store.lookup_job(job_key)
+    if existing is not None and existing.kwargs == kwargs:
+        return existing
+    job = ApsJob(_UTC_ONLY, id=job_key, func=fire, trigger=trigger, executor="default", args=(),
+                 kwargs=kwargs, name=job_key, misfire_grace_time=None, coalesce=True,
+                 max_instances=1,
+                 next_run_time=trigger.get_next_fire_time(None, datetime.now(UTC)))
+    try:
+        store.add_job(job)
+    except ConflictingIdError:
+        store.update_job(job)
+    return job
 
 
 async def _awaited(awaitable: Awaitable[T]) -> T:

@@ -35,7 +35,10 @@ async def test_healthz_and_readyz_answer_in_the_envelope(daemon: Daemon) -> None
             assert await r.json() == {"success": True, "data": {"status": "alive"}}
         async with http.get(url(daemon, "/readyz")) as r:
             assert r.status == 200
-            assert await r.json() == {"success": True, "data": {"status": "ready"}}
+            body = await r.json()
+            assert body["success"] is True and body["data"]["status"] == "ready"
+            assert body["data"]["leader"] is True  # alone on its database, it leads
+            assert body["data"]["instance"] == daemon.engine.owner
             assert r.headers["X-Correlation-Id"]
 
 

@@ -28,11 +28,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from ..config import Settings
 from ..logs import secrets
 from ..queues import QueueRegistry
 from ..storage.alert_history import AlertHistoryStore
+from ..storage.alert_state import AlertStateStore
 from ..storage.mongo import Mongo
 from ..storage.notifications import NotificationStore
 from ..storage.runs import RunStore
@@ -180,6 +182,27 @@ class Dispatcher:
             await asyncio.wait_for(self._hurry.wait(), delay)
 
 
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _changed(saved: dict[str, Any] | None, doc: dict[str, Any]) -> bool:
+    """Worth a write: anything but the details text and sub-second time drift."""
+    if saved is None:
+        return True
+    for field in ("rule", "label", "active", "announced"):
+        if saved.get(field) != doc.get(field):
+            return True
+    for field in ("since", "lastSentAt"):
+        a, b = saved.get(field), doc.get(field)
+        if (a is None) != (b is None):
+            return True
+        if isinstance(a, datetime) and isinstance(b, datetime) and \
+                abs((_aware(a) - _aware(b)).total_seconds()) > 1.0:
+            return True
+    return False
+
+
 def _describe(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"timed out after {timeout}s"
@@ -215,12 +238,15 @@ class AlertManager:
         mongo_down_since: Callable[[], float | None] = lambda: None,
         mongo_error: Callable[[], str | None] = lambda: None,
         is_paused: Callable[[str], bool] = lambda _queue: False,
+        term: Callable[[], int | None] = lambda: 0,
         channels: Sequence[Channel] | None = None,
         rules: Sequence[Rule] | None = None,
         channel_timeout: float = 30.0,
     ) -> None:
         """`rules`: the rules to check (default: the generic ones; jobs add theirs with
-        `add_rule`)."""
+        `add_rule`). Rules are checked only while `term()` is not None: the fence of this
+        instance's leadership (one instance of several evaluates); the alert state is
+        shared through `mwapjobs_alerts` and read again at each new term."""
         self.settings = settings
         self.enabled = settings.alerting_enabled
         self.mongo = mongo
@@ -233,6 +259,11 @@ class AlertManager:
         self._mongo_down_since = mongo_down_since
         self._mongo_error = mongo_error
         self._is_paused = is_paused
+        self._term = term
+        self.shared = AlertStateStore(mongo)
+        self._loaded: int | None = None  # the term for which the shared state was read
+        self._states_term: int | None = None  # the term `states` were last updated in
+        self._saved: dict[str, dict[str, Any]] = {}  # what `mwapjobs_alerts` holds
         self.channels: list[Channel] = (
             list(channels) if channels is not None
             else channels_from_settings(settings, channel_timeout) if self.enabled else []
@@ -301,6 +332,16 @@ class AlertManager:
         if not self.enabled:
             return []
         down_since = self._mongo_down_since()
+        term = self._term()
+        leading = term is not None
+        if not leading:
+            self._loaded = None
+            if down_since is None:
+                return []  # the leader evaluates
+            # MongoDB is down, so nobody can lead: each instance reports what needs no
+            # database (so an outage is announced by every instance that sees it).
+        elif self._loaded != term and down_since is None:
+            await self._load_shared(term)
         ctx = RuleContext(
             runs=self.runs, mongo=self.mongo, settings=self.settings,
             queues=self.registry.names(), is_paused=self._is_paused, now=self.clock(),
@@ -310,14 +351,20 @@ class AlertManager:
         )
         # While MongoDB is known to be down, rules that need it keep their state.
         runnable = [r for r in self.rules if not (r.needs_db and down_since is not None)]
+        if not leading:
+            runnable = [r for r in runnable if not r.needs_db]
         results = await asyncio.gather(*(self._check(rule, ctx) for rule in runnable))
         messages: list[Message] = []
         for rule, conditions in zip(runnable, results, strict=True):
             if conditions is not None:
                 messages.extend(self._update(rule.name, conditions, ctx))
+        if leading:
+            self._states_term = term
         for message in messages:
             self.dispatcher.submit(message)
         await self._keep(messages, ctx.now)
+        if down_since is None and leading:
+            await self._save_shared(ctx)
         return messages
 
     async def _keep(self, messages: list[Message], now: datetime) -> None:
@@ -332,6 +379,55 @@ class AlertManager:
         except Exception as exc:
             log.warning("alert history not recorded", extra={
                 "error": f"{type(exc).__name__}: {exc}"[:300], "messages": len(messages)})
+
+    async def _load_shared(self, term: int | None) -> None:
+        """Take over the alert state the previous leader left (or our own, after a
+        restart)."""
+        try:
+            saved = await self.shared.load()
+        except Exception as exc:
+            log.warning("could not read the shared alert state; starting afresh",
+                        extra={"error": _describe(exc, self.check_interval)})
+            return
+        now, mono = self.clock(), self.monotonic()
+        current = self._states_term == term  # else ours are from an earlier term
+        if not current:
+            self.states = {}  # the shared account wins
+        for key, doc in saved.items():
+            if current and key in self.states:
+                continue  # what we did in this term is newer than what was saved
+            sent = doc.get("lastSentAt")
+            since = doc.get("since")
+            self.states[key] = AlertState(
+                str(doc.get("rule")), str(doc.get("label")), str(doc.get("details")),
+                _aware(since) if isinstance(since, datetime) else now,
+                active=bool(doc.get("active")), announced=bool(doc.get("announced")),
+                last_sent=None if not isinstance(sent, datetime)
+                else mono - (now - _aware(sent)).total_seconds())
+        self._saved = saved
+        self._loaded = term
+
+    async def _save_shared(self, ctx: RuleContext) -> None:
+        """Write what changed since the last evaluation (usually nothing)."""
+        current: dict[str, dict[str, Any]] = {}
+        for key, state in self.states.items():
+            sent = (None if state.last_sent is None
+                    else ctx.now - timedelta(seconds=ctx.monotonic - state.last_sent))
+            current[key] = {"rule": state.rule, "label": state.label,
+                            "details": state.details, "since": state.since,
+                            "active": state.active, "announced": state.announced,
+                            "lastSentAt": sent}
+        try:
+            for key, doc in current.items():
+                if _changed(self._saved.get(key), doc):
+                    await self.shared.save(key, doc)
+                    self._saved[key] = doc
+            for key in [k for k in self._saved if k not in current]:
+                await self.shared.drop(key)
+                del self._saved[key]
+        except Exception as exc:
+            log.warning("could not write the shared alert state",
+                        extra={"error": _describe(exc, self.check_interval)})
 
     async def _check(self, rule: Rule, ctx: RuleContext) -> list[Condition] | None:
         timeout = max(self.check_interval, 5.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .envelope import error, ok
-from .keys import READINESS
+from .keys import ENGINE, READINESS
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -19,7 +19,9 @@ async def readyz(request: web.Request) -> web.Response:
     if reasons:
         response = error(503, "service/not-ready", "; ".join(reasons))
         return response
-    return ok({"status": "ready"})
+    engine = request.app[ENGINE]
+    return ok({"status": "ready", "instance": engine.owner,
+               "leader": engine.leadership.leading})
 
 
 def add_routes(app: web.Application) -> None:

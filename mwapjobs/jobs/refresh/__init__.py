@@ -51,10 +51,11 @@ def register(ctx: JobContext) -> RefreshJob | None:
 
     async def start() -> None:
         ctx.tasks.keep("refresh:cycle", cycle.run)
-        ctx.tasks.every("refresh:discovery", settings.sync_interval, discovery.step,
-                        first=0.0)
 
     ctx.when_ready("refresh:start", start)
+    # Discovery on the leader only: one instance of several reconciles the schedule.
+    ctx.engine.leadership.every("refresh:discovery", settings.sync_interval, discovery.step,
+                                first=0.0)
     return RefreshJob(refresher, cycle, discovery)
 
 

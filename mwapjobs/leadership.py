@@ -1,0 +1,136 @@
+"""One instance leads: it runs the clock of repeats and the leader-only loops (discovery,
+alert evaluation, ...); every instance runs workers and serves HTTP.
+
+The leader holds the `leader` lease (storage/leases.py) for `ttl` seconds and renews it
+every `ttl / 3`. It stops acting as the leader on its own monotonic clock, `ttl` after
+the last renewal it *sent* (not received), so a leader paused past its lease (SIGSTOP,
+a frozen VM) stops before doing anything when it wakes up, before the database tells it
+the lease is gone; and a new leader can only take the lease once `lockUntil` passed on
+the database's side. Failover therefore takes at most `ttl` plus one renew interval.
+
+Leader-only work is registered with `every`/`keep` (the names and arguments of
+`Supervisor`): it starts when this instance gains the lease and is cancelled when it
+loses it. `on_gain`/`on_lose` callbacks start and stop what is not a loop (the clock).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from .storage.leases import LeaseStore
+from .supervisor import FailureLog, Supervisor
+
+log = logging.getLogger(__name__)
+
+LEASE = "leader"
+
+
+class Leadership:
+    def __init__(self, store: LeaseStore, owner: str, ttl: float,
+                 clock: Callable[[], datetime]) -> None:
+        self.store = store
+        self.owner = owner
+        self.ttl = ttl
+        self.renew_every = ttl / 3
+        self.clock = clock
+        self.fence: int | None = None  # ours while we hold the lease
+        self._valid_until = 0.0  # monotonic: we act as leader until then, at most
+        self.tasks = Supervisor("mwapjobs:leader")
+        self._loops: list[tuple[str, str, tuple[Any, ...], dict[str, Any]]] = []
+        self._on_gain: list[Callable[[], Awaitable[None]]] = []
+        self._on_lose: list[Callable[[], Awaitable[None]]] = []
+        self._failures = FailureLog(log, "leader lease: MongoDB did not answer", lease=LEASE)
+        self.changes = 0  # times this instance gained or lost the lease
+
+    @property
+    def term(self) -> int | None:
+        """Our fence while we lead (each new leadership has a new one), else None."""
+        return self.fence if self.leading else None
+
+    @property
+    def leading(self) -> bool:
+        """We hold the lease and it has not run out by our own clock."""
+        return self.fence is not None and time.monotonic() < self._valid_until
+
+    def every(self, name: str, interval: float, step: Callable[[], Awaitable[Any]],
+              **options: Any) -> None:
+        """A loop that runs only while this instance leads (see `Supervisor.every`)."""
+        self._loops.append(("every", name, (interval, step), options))
+        if self.leading:
+            self.tasks.every(name, interval, step, **options)
+
+    def keep(self, name: str, factory: Callable[[], Awaitable[None]], **options: Any) -> None:
+        """A task kept running only while this instance leads (see `Supervisor.keep`)."""
+        self._loops.append(("keep", name, (factory,), options))
+        if self.leading:
+            self.tasks.keep(name, factory, **options)
+
+    def on_change(self, gain: Callable[[], Awaitable[None]],
+                  lose: Callable[[], Awaitable[None]]) -> None:
+        self._on_gain.append(gain)
+        self._on_lose.append(lose)
+
+    async def step(self) -> None:
+        """Take, renew or give up the lease (every `renew_every` s). Never raises."""
+        sent = time.monotonic()
+        try:
+            if self.fence is None:
+                fence = await self.store.acquire(LEASE, self.owner, self.clock(), self.ttl)
+                if fence is not None:
+                    self.fence, self._valid_until = fence, sent + self.ttl
+                    await self._gained()
+            elif not self.leading:  # ran out by our clock (we were paused, or cut off)
+                await self._lost("the lease ran out before it could be renewed")
+            elif await self.store.renew(LEASE, self.owner, self.fence, self.clock(),
+                                        self.ttl):
+                self._valid_until = sent + self.ttl
+            else:
+                await self._lost("another instance holds the lease")
+        except Exception as exc:
+            self._failures.failed(exc)
+            if self.fence is not None and not self.leading:
+                await self._lost("the lease ran out while MongoDB did not answer")
+            return
+        self._failures.succeeded()
+
+    async def resign(self) -> None:
+        """Stop leading and free the lease at once (a graceful stop)."""
+        fence = self.fence
+        if fence is None:
+            return
+        await self._lost("stopping")
+        try:
+            await self.store.release(LEASE, self.owner, fence)
+        except Exception as exc:  # it runs out by itself within `ttl`
+            log.warning("could not release the leader lease", extra={
+                "error": f"{type(exc).__name__}: {exc}"[:300]})
+
+    async def abandon(self) -> None:
+        """Stop leading without a word to the database, as a killed process would (tests
+        of failover): the lease stays taken until it runs out."""
+        self.fence = None
+        await self.tasks.stop()
+        for lose in self._on_lose:
+            await lose()
+
+    async def _gained(self) -> None:
+        self.changes += 1
+        log.info("this instance leads now", extra={"owner": self.owner, "fence": self.fence})
+        for kind, name, args, options in self._loops:
+            getattr(self.tasks, kind)(name, *args, **options)
+        for gain in self._on_gain:
+            await gain()
+
+    async def _lost(self, why: str) -> None:
+        self.changes += 1
+        log.log(logging.INFO if why == "stopping" else logging.WARNING,
+                "this instance no longer leads",
+                extra={"owner": self.owner, "fence": self.fence, "why": why})
+        self.fence = None
+        await self.tasks.stop()
+        for lose in self._on_lose:
+            await lose()
