@@ -168,8 +168,9 @@ async def scheduler_documents_rejected(ctx: RuleContext) -> list[Condition]:
     when = newest.isoformat(timespec="seconds") if newest else "unknown"
     return [Condition(
         "scheduler_documents_rejected",
-        f"{count} document{'s' if count != 1 else ''} in {SCHEDULER_JOBS} were not signed "
-        f"by mwapjobs and were never read (the latest at {when}); they are in "
+        f"{count} document{'s' if count != 1 else ''} in {SCHEDULER_JOBS} "
+        f"{'were' if count != 1 else 'was'} not signed by mwapjobs and never read (the "
+        f"latest at {when}); {'they are' if count != 1 else 'it is'} in "
         f"{SCHEDULER_QUARANTINE}: find out who wrote them, then delete them")]
 
 
