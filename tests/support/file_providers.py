@@ -13,14 +13,16 @@ provider `metadata` that points the daemon there (`filesApiBaseUrl`):
   change of the account); an unknown page token answers 404;
 - Graph: `GET /{tag}/graph/v1.0/me/drive/root:{path}` and `.../root:{path}:/delta`
   (`$top`, `token`): items with `parentReference.id` and no path (as Graph's delta),
-  `@odata.nextLink`, `@odata.deltaLink`; an expired token answers 410 `resyncRequired`.
+  `@odata.nextLink`, `@odata.deltaLink`; an expired token answers 410 `resyncRequired`;
+  a folder moved in from outside comes with its contents, one moved inside without.
 
 Pages hold at most `min(asked, max_page)` items. Faults: `stale(token)` refuses a token
 with each provider's own 401; `fail(tag, *faults)` answers the next requests of a tag
 with `Fault`s (`rate_limited(kind, retry_after)` builds each provider's rate limit:
 429 + `Retry-After`, Drive 403 `rateLimitExceeded`); `tree.expire()` expires cursors.
 Every request is recorded (`requests`), with peaks in flight per tag; `latency` delays
-each answer. `python -m tests.support.file_providers --port 0 --latency 0.05` serves it
+each answer. `hold(tag)` makes a tag's requests wait until `release(tag)`.
+`python -m tests.support.file_providers --port 0 --latency 0.05` serves it
 in its own process (prints `PORT <n>`), seeded over `POST /_seed` and read over
 `GET /_stats`, for the benchmark.
 """
@@ -95,6 +97,7 @@ class FileProviderServer:
         self.requests: list[Request] = []
         self.in_flight: dict[str, int] = {}
         self.peak: dict[str, int] = {}
+        self.gates: dict[str, asyncio.Event] = {}  # a tag whose requests wait (`hold`)
         self._runner: web.AppRunner | None = None
 
     # -- lifecycle and set-up ----------------------------------------------------------
@@ -139,6 +142,15 @@ class FileProviderServer:
     def fail(self, tag: str, *faults: Fault) -> None:
         self.faults.setdefault(tag, []).extend(faults)
 
+    def hold(self, tag: str) -> None:
+        """The tag's requests wait (counted as arrived) until `release(tag)`."""
+        self.gates[tag] = asyncio.Event()
+
+    def release(self, tag: str) -> None:
+        gate = self.gates.pop(tag, None)
+        if gate is not None:
+            gate.set()
+
     def count(self, tag: str | None = None, route: str | None = None) -> int:
         return sum(1 for r in self.requests if (tag is None or r.tag == tag)
                    and (route is None or r.route == route))
@@ -156,11 +168,16 @@ class FileProviderServer:
         token = auth[7:] if auth.startswith("Bearer ") else None
         record = Request(tag, kind, route, token)
         self.requests.append(record)
+        with contextlib.suppress(ConnectionError):
+            await request.read()  # before waiting: a client gone meanwhile is no error here
         self.in_flight[tag] = self.in_flight.get(tag, 0) + 1
         self.peak[tag] = max(self.peak.get(tag, 0), self.in_flight[tag])
         try:
             if self.latency:
                 await asyncio.sleep(self.latency)
+            gate = self.gates.get(tag)
+            if gate is not None:
+                await gate.wait()
         finally:
             self.in_flight[tag] -= 1
         if tag not in self.trees:
@@ -389,7 +406,12 @@ class FileProviderServer:
                 body["@odata.deltaLink"] = link + f"{snap}.{tree.epoch}"
             return self._json(record, 200, body)
         base = tree.path(folder.id)
-        changes = tree.changes(int(parts[0]), cascade=False)[:limit]
+        changes = tree.changes(int(parts[0]), cascade=True)
+        # A moved folder's descendants are reported only when they came in from outside
+        # the delta's folder (new to it); inside it, only the folder itself moved.
+        changes = [(c, i) for c, i in changes if not c.cascade or (
+            i is not None and tree.under(tree.path(i.id), base)
+            and not (c.old_path and tree.under(c.old_path, base)))][:limit]
         value = []
         for change, item in changes:
             now = tree.path(item.id) if item is not None else None

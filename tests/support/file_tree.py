@@ -116,15 +116,16 @@ class Tree:
     def changes(self, after: int, *, cascade: bool) -> list[tuple[Change, Item | None]]:
         """The changes after `seq`, one per item (its latest), with its state now (None
         when deleted), in the order of their last change."""
-        latest: dict[str, tuple[Change, str | None]] = {}
+        latest: dict[str, tuple[Change, str | None, bool]] = {}
         for change in self.log:
             if change.seq <= after or (change.cascade and not cascade):
                 continue
-            first_old = latest[change.id][1] if change.id in latest else change.old_path
-            latest.pop(change.id, None)
-            latest[change.id] = (change, first_old)
-        return [(Change(c.seq, c.id, old, c.cascade), self.items.get(c.id))
-                for c, old in latest.values()]
+            known = latest.pop(change.id, None)
+            first_old = known[1] if known else change.old_path
+            only_cascade = (known[2] if known else True) and change.cascade
+            latest[change.id] = (change, first_old, only_cascade)
+        return [(Change(c.seq, c.id, old, only), self.items.get(c.id))
+                for c, old, only in latest.values()]
 
     # -- changing --------------------------------------------------------------------
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -22,16 +23,19 @@ from typing import Any
 import aiohttp
 from bson import ObjectId
 
+from mwapjobs.api.auth import Authenticator
 from mwapjobs.daemon import Daemon
 from mwapjobs.jobs import DEFAULT_JOBS
 from mwapjobs.jobs import files as files_job
 from mwapjobs.jobs.files import FileIndexer
 from mwapjobs.jobs.files.schedule import QUEUE, job_id
+from mwapjobs.storage.identity import IdentityStore
 from mwapjobs.storage.mongo import Mongo
 from mwapjobs.storage.names import FILE_INDEX, PROJECTS, VIRTUAL_FILES
 from tests.conftest import make_mongo, make_settings
 from tests.support.file_providers import FileProviderServer
 from tests.support.file_tree import Tree
+from tests.support.jwks import JwksServer
 from tests.support.mwap_data import (
     SeededProvider,
     insert_integration,
@@ -67,6 +71,12 @@ class FilesWorld:
     sim: FileProviderServer
     tenant: str
     providers: dict[str, SeededProvider] = field(default_factory=dict)
+    idp: JwksServer | None = None
+
+    def user(self, sub: str = OWNER) -> str:
+        """An Auth0 access token of `sub` (the tenant's owner by default)."""
+        assert self.idp is not None, "module_world(users=True)"
+        return self.idp.token(sub)
 
     @property
     def indexer(self) -> FileIndexer:
@@ -137,7 +147,8 @@ class FilesWorld:
 
 @asynccontextmanager
 async def files_world(mongo: Mongo, oauth: OAuthServer, sim: FileProviderServer,
-                      **files: Any) -> AsyncIterator[FilesWorld]:
+                      idp: JwksServer | None = None, **files: Any
+                      ) -> AsyncIterator[FilesWorld]:
     """`files`: settings of `[files]` over the tests' defaults (pages of 3 items)."""
     oauth.add_client(CID, SECRET)
     tenant = await insert_tenant(mongo, OWNER)
@@ -155,21 +166,27 @@ async def files_world(mongo: Mongo, oauth: OAuthServer, sim: FileProviderServer,
         refresh={"lead": 60, "jitter": 0, "sync_interval": 3600, "wait_timeout": 10},
         queues={"file-index": {"backoff": {"delay": 0.05, "jitter": 0}}},
         admin={"tokens": [{"name": "ops",
-                           "sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()}]})
+                           "sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()}]},
+        **({"auth0_domain": "idp.test", "auth0_audience": idp.audience} if idp else {}))
     plugins = DEFAULT_JOBS if files_job.PLUGIN in DEFAULT_JOBS else (*DEFAULT_JOBS,
                                                                      files_job.PLUGIN)
     daemon = Daemon(settings, mongo=mongo, jobs=plugins)
+    jwks = idp.cache() if idp else None
+    if jwks is not None:
+        daemon.auth = Authenticator(settings, IdentityStore(mongo), jwks)
     await daemon.start()
     try:
         await daemon.wait_ready()
-        world = FilesWorld(daemon, mongo, oauth, sim, tenant, providers)
+        world = FilesWorld(daemon, mongo, oauth, sim, tenant, providers, idp)
         yield world
     finally:
         await daemon.stop()
+        if jwks is not None:
+            await jwks.close()
 
 
 @asynccontextmanager
-async def module_world(max_page: int = 3, latency: float = 0.0,
+async def module_world(max_page: int = 3, latency: float = 0.0, users: bool = False,
                        **files: Any) -> AsyncIterator[FilesWorld]:
     """A whole world of its own (database, token endpoint, simulators, daemon), for a
     module-scoped fixture: starting a daemon costs seconds on a real server, so a test
@@ -177,9 +194,12 @@ async def module_world(max_page: int = 3, latency: float = 0.0,
     mongo, drop = make_mongo()
     try:
         with OAuthServer() as oauth:
-            async with FileProviderServer(latency=latency, max_page=max_page) as sim, \
-                    files_world(mongo, oauth, sim, **files) as world:
-                yield world
+            async with contextlib.AsyncExitStack() as stack:
+                idp = await stack.enter_async_context(JwksServer()) if users else None
+                sim = await stack.enter_async_context(
+                    FileProviderServer(latency=latency, max_page=max_page))
+                yield await stack.enter_async_context(
+                    files_world(mongo, oauth, sim, idp, **files))
     finally:
         await mongo.aclose()
         drop()

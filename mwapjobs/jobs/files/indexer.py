@@ -297,11 +297,12 @@ class FileIndexer:
             if conn.kind == "google":
                 await frontier.clear()  # left by a pass that never finished
         current["runId"] = work.run_id
-        await store.save_state(pid, {
-            "pass": current, "state": "running", "runningSince": now,
-            "tenantId": str(work.project.get("tenantId")), "name": work.project.get("name"),
-            "folderpath": work.folder, "kind": conn.kind, "providerId": conn.key,
-            "integrationId": work.config["integrationId"]})
+        # Written with the first page (a pass that dies before has nothing to resume).
+        opening = {"pass": current, "state": "running", "runningSince": now,
+                   "tenantId": str(work.project.get("tenantId")),
+                   "name": work.project.get("name"), "folderpath": work.folder,
+                   "kind": conn.kind, "providerId": conn.key,
+                   "integrationId": work.config["integrationId"]}
         work.state["pass"] = None  # a second pass of this run (after an expiry) starts anew
         full = mode == "full"
         writer = IndexWriter(
@@ -317,9 +318,10 @@ class FileIndexer:
             writer.know_root(root, work.folder)
         last = current.get("resume")
         work.progress.update({"runId": work.run_id, "mode": mode, "startedAt": now, "pages": 0})
+        tail: dict[str, int] = {}  # the last page's counts, written with the summary
         if not current.get("done"):
-            last = await self._stream(work, writer, frontier, full, current.get("resume"),
-                                      cursor.get("value"))
+            last, tail = await self._stream(work, writer, frontier, full, current, opening,
+                                            cursor.get("value"))
         counts: dict[str, Any] = {}
         if full:
             swept = await writer.sweep()
@@ -339,16 +341,20 @@ class FileIndexer:
                    | {"runId": work.run_id, "at": done_at}}
         if full:
             summary["lastFullSync"] = done_at
-        await store.save_state(pid, summary, unset=("pass", "lastError", "failingSince",
-                                                    "skipReason", "runningSince"))
+        await store.save_state(pid, summary, inc=None if full else tail,
+                               unset=("pass", "lastError", "failingSince", "skipReason",
+                                      "runningSince"))
         if self.settings.write_project_metadata:
             await store.write_project_metadata(work.project, work.report.files,
                                                work.report.totalSize, done_at)
 
     async def _stream(self, work: _Pass, writer: IndexWriter, frontier: Frontier, full: bool,
-                      resume: dict[str, Any] | None, cursor: Any) -> dict[str, Any] | None:
-        """Every page of the listing into the index; returns the last page's `resume`."""
-        conn, size = work.conn, self.settings.page_size
+                      current: dict[str, Any], opening: dict[str, Any] | None, cursor: Any
+                      ) -> tuple[dict[str, Any] | None, dict[str, int]]:
+        """Every page of the listing into the index, the pass state saved after each but
+        the last (whose counts the summary's write carries); returns the last page's
+        `resume` and those counts."""
+        conn, size, resume = work.conn, self.settings.page_size, current.get("resume")
         lister: DropboxLister | DriveLister | GraphLister
 
         def pages(barrier: Callable[[], Awaitable[None]]) -> AsyncIterator[Page]:
@@ -365,7 +371,7 @@ class FileIndexer:
                 raise CursorExpired("no stored cursor")
             return lister.changes(cursor, resume)
 
-        last = resume
+        last, tail = resume, {}
         async with Feed(pages) as feed:
             while (page := await feed.next()) is not None:
                 if self.stopping:
@@ -374,19 +380,29 @@ class FileIndexer:
                                    "written page", 0.0)
                 written = await writer.apply(page)
                 work.report.take(written)
+                work.report.pages += 1
                 work.report.files += written.files
                 work.report.folders += written.folders
                 work.report.totalSize += written.size
-                work.report.pages += 1
                 work.progress["pages"] = work.report.pages
                 self._count(written)
-                await self.store.save_state(
-                    work.project_id, {"pass.resume": page.resume, "pass.done": page.done},
-                    inc={"pass.pages": 1, "fileCount": written.files,
-                         "folderCount": written.folders, "totalSize": written.size})
                 last = page.resume
+                inc = {"fileCount": written.files, "folderCount": written.folders,
+                       "totalSize": written.size}
+                if page.done:
+                    tail = inc
+                    feed.written()
+                    continue
+                fields: dict[str, Any] = {"pass.resume": page.resume, "pass.runId": work.run_id}
+                if opening is not None:  # the pass's first write: all of it
+                    fields = {**opening, "pass": {**current, "resume": page.resume,
+                                                  "pages": int(current.get("pages") or 0) + 1}}
+                    opening = None
+                else:
+                    inc["pass.pages"] = 1
+                await self.store.save_state(work.project_id, fields, inc=inc)
                 feed.written()
-        return last
+        return last, tail
 
     def _count(self, written: Written) -> None:
         if self.metrics is not None:

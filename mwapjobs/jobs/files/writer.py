@@ -133,11 +133,12 @@ class IndexWriter:
         new_folders: list[tuple[str, str]] = []
         written: set[str] = set()
         gone: list[str] = list(removed)
+        paths = self._paths(page.entries)
         for entry in page.entries:
             doc_id = doc_ids[entry.id]
             old = stored.get(doc_id)
             mine = old is not None and old.get("projectId") == self.project_id
-            path = entry.path or self._path_of(entry)
+            path = paths.get(entry.id)
             if path is None or len(path) > MAX_PATH:
                 if mine:
                     gone.append(doc_id)  # it moved out of the project's folder
@@ -186,8 +187,8 @@ class IndexWriter:
         await self.store.update(updates)
         if self.full:
             await self.store.mark_seen(seen, self.mark)
-        for old_path, new_path in renames:
-            await self._move_below(old_path, new_path, written, now)
+        for old_path, new_path in renames:  # this page's items too: a child written
+            await self._move_below(old_path, new_path, now)  # before its folder moved
         await self._remove(gone, stored, written, out)
         for path in page.removed_paths:
             await self._remove_below(path, written, out, case_insensitive=self.case_insensitive)
@@ -195,9 +196,33 @@ class IndexWriter:
             await self.expand.push(new_folders)
         return out
 
-    def _path_of(self, entry: Entry) -> str | None:
-        base = self._folders.get(entry.parent) if entry.parent else None
-        return join(base, entry.name) if base is not None else None
+    def _paths(self, entries: list[Entry]) -> dict[str, str]:
+        """Each item's path: its own, else its parent's (a folder of this page, in any
+        order, or one remembered or read) joined with its name."""
+        by_id = {e.id: e for e in entries}
+        found: dict[str, str] = {}
+
+        def resolve(entry: Entry, depth: int = 0) -> str | None:
+            if entry.id in found:
+                return found[entry.id]
+            if entry.path is not None:
+                path: str | None = entry.path
+            elif entry.parent is None or depth > 64:
+                path = None
+            elif entry.parent in self._folders:
+                path = join(self._folders[entry.parent], entry.name)
+            elif entry.parent in by_id and by_id[entry.parent].folder:
+                base = resolve(by_id[entry.parent], depth + 1)
+                path = join(base, entry.name) if base is not None else None
+            else:
+                path = None
+            if path is not None:
+                found[entry.id] = path
+            return path
+
+        for entry in entries:
+            resolve(entry)
+        return found
 
     @staticmethod
     def _fields(entry: Entry, path: str) -> dict[str, Any]:
@@ -209,13 +234,12 @@ class IndexWriter:
                                                           "application/octet-stream"),
                 "size": entry.size, "modifiedTime": entry.modified, "metadata": metadata}
 
-    async def _move_below(self, old: str, new: str, written: set[str], now: datetime) -> None:
+    async def _move_below(self, old: str, new: str, now: datetime) -> None:
         """Rewrite the paths of everything below a folder that moved from `old` to `new`."""
         self._forget()  # remembered paths below it are stale now
         after: str | None = None
         while True:
-            docs = await self.store.below(self.project_id, old, exclude=sorted(written),
-                                          after=after)
+            docs = await self.store.below(self.project_id, old, after=after)
             docs = [d for d in docs if d.get("path") != old]
             values = [(str(d["_id"]), {"path": new + str(d["path"])[len(old):],
                                        "updatedAt": now}) for d in docs]
