@@ -198,6 +198,28 @@ class FileIndexSettings(_Section):
     write_project_metadata: bool = False
 
 
+class OwnerEmailSettings(_Section):
+    """Emails to tenant owners (jobs/notifications/): the owner's address from the Auth0
+    Management API, one email per notification episode, digests within a window."""
+
+    enabled: bool = True
+    # The Auth0 tenant's base URL; default https://AUTH0_DOMAIN.
+    auth0_url: str | None = None
+    # The machine-to-machine client (read:users); default AUTH0_CLIENT_ID/_SECRET.
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    email_from: str | None = None
+    reconnect_url: str | None = Field(None, pattern=r"^https?://")
+    templates_dir: str | None = None
+    digest_window: float = Field(300.0, ge=0)
+    check_interval: float = Field(30.0, gt=0)
+    address_ttl: float = Field(86400.0, gt=0)
+    unusable_ttl: float = Field(3600.0, gt=0)
+    lookup_attempts: int = Field(5, ge=1)
+    request_timeout: float = Field(10.0, gt=0)
+    batch: int = Field(50, ge=1, le=1000)
+
+
 class AlertSettings(_Section):
     cooldown: float = Field(900.0, ge=0)
     check_interval: float = Field(30.0, gt=0)
@@ -245,6 +267,11 @@ class Settings(BaseSettings):
     )
     slack_webhook_url: SecretStr | None = Field(None, validation_alias=_mwap("SLACK_WEBHOOK_URL"))
     alert_webhook_url: SecretStr | None = Field(None, validation_alias=_mwap("ALERT_WEBHOOK_URL"))
+    # The backend's machine-to-machine Auth0 client (its example environment lists them):
+    # tenant owners' addresses come from the Management API with it.
+    auth0_client_id: str | None = Field(None, validation_alias=_mwap("AUTH0_CLIENT_ID"))
+    auth0_client_secret: SecretStr | None = Field(
+        None, validation_alias=_mwap("AUTH0_CLIENT_SECRET"))
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_timeout: float = Field(30.0, gt=0)
     http: HttpSettings = HttpSettings()
@@ -259,6 +286,7 @@ class Settings(BaseSettings):
     alerts: AlertSettings = AlertSettings()
     files: FileIndexSettings = FileIndexSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
+    notifications: OwnerEmailSettings = OwnerEmailSettings()
 
     @model_validator(mode="after")
     def _key_when_needed(self) -> Settings:

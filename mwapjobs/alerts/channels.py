@@ -13,6 +13,7 @@ import logging
 import smtplib
 import ssl
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -153,35 +154,28 @@ class SmtpConfig:
     ca_file: str | None = None  # trust these CAs instead of the system's (a private relay)
 
 
-class EmailChannel:
-    """Plain-text email over SMTP with the standard library, in a worker thread.
+class SmtpClient:
+    """Sends an email over SMTP with the standard library, in a worker thread: the one
+    SMTP client of mwapjobs (operator alerts and tenant-owner emails both use it).
 
     TLS: `SMTP_SECURE=true` is TLS from the first byte (SMTPS); otherwise STARTTLS
     whenever the server offers it. With credentials set, TLS is required: a server that
     offers no STARTTLS (or a man in the middle who strips it) gets no password, and the
     delivery fails with that reason, unless `alerts.smtp_allow_plaintext` says otherwise.
-    Certificates are verified against the system's trust store.
+    Certificates are verified against the system's trust store (or `ca_file`).
     """
-
-    name = "email"
 
     def __init__(self, config: SmtpConfig) -> None:
         self.config = config
 
-    async def send(self, message: Message) -> None:
-        email = EmailMessage()
-        email["From"] = self.config.sender
-        email["To"] = ", ".join(self.config.recipients)
-        email["Subject"] = message.subject
-        email["Date"] = formatdate(localtime=False)
-        email["Message-ID"] = make_msgid(domain="mwapjobs")
-        email.set_content(message.text + "\n")
+    async def send(self, email: EmailMessage, recipients: Sequence[str]) -> None:
+        """Deliver `email` to `recipients`; ChannelError (secrets scrubbed) if it fails."""
         try:
-            await asyncio.to_thread(self._deliver, email)
+            await asyncio.to_thread(self._deliver, email, list(recipients))
         except (OSError, smtplib.SMTPException) as exc:
             raise ChannelError(secrets.scrub(f"{type(exc).__name__}: {exc}")) from None
 
-    def _deliver(self, email: EmailMessage) -> None:
+    def _deliver(self, email: EmailMessage, recipients: list[str]) -> None:
         c = self.config
         smtp: smtplib.SMTP
         if c.secure:
@@ -204,10 +198,44 @@ class EmailChannel:
                         "password in clear; use SMTP_SECURE=true, a server with STARTTLS, "
                         "or alerts.smtp_allow_plaintext = true for a local relay")
                 smtp.login(c.user, c.password)
-            smtp.send_message(email, from_addr=c.sender, to_addrs=list(c.recipients))
+            smtp.send_message(email, from_addr=c.sender, to_addrs=recipients)
+
+
+class EmailChannel:
+    """Plain-text alert emails to ALERT_EMAIL_RECIPIENTS, through `SmtpClient`."""
+
+    name = "email"
+
+    def __init__(self, config: SmtpConfig) -> None:
+        self.config = config
+        self.client = SmtpClient(config)
+
+    async def send(self, message: Message) -> None:
+        email = EmailMessage()
+        email["From"] = self.config.sender
+        email["To"] = ", ".join(self.config.recipients)
+        email["Subject"] = message.subject
+        email["Date"] = formatdate(localtime=False)
+        email["Message-ID"] = make_msgid(domain="mwapjobs")
+        email.set_content(message.text + "\n")
+        await self.client.send(email, self.config.recipients)
 
     async def close(self) -> None:
         return None
+
+
+def smtp_config(settings: Settings, sender: str, recipients: tuple[str, ...] = (),
+                timeout: float = 30.0) -> SmtpConfig | None:
+    """The SMTP server MWAP's variables configure (None without SMTP_HOST)."""
+    if not settings.smtp_host:
+        return None
+    password = settings.smtp_pass.get_secret_value() if settings.smtp_pass else None
+    return SmtpConfig(
+        host=settings.smtp_host, port=settings.smtp_port, secure=settings.smtp_secure,
+        user=settings.smtp_user or None, password=password or None, sender=sender,
+        recipients=recipients, timeout=timeout,
+        allow_plaintext=settings.alerts.smtp_allow_plaintext,
+        ca_file=settings.alerts.smtp_ca_file)
 
 
 def parse_recipients(value: str | None) -> tuple[str, ...]:
@@ -227,15 +255,9 @@ def channels_from_settings(settings: Settings, timeout: float = 30.0) -> list[Ch
         channels.append(WebhookChannel("webhook", settings.alert_webhook_url.get_secret_value(),
                                        structured=True))
     recipients = parse_recipients(settings.alert_email_recipients)
-    if settings.smtp_host and recipients:
-        password = settings.smtp_pass.get_secret_value() if settings.smtp_pass else None
-        channels.append(EmailChannel(SmtpConfig(
-            host=settings.smtp_host, port=settings.smtp_port, secure=settings.smtp_secure,
-            user=settings.smtp_user or None, password=password or None,
-            sender=settings.alerts.email_from, recipients=recipients, timeout=timeout,
-            allow_plaintext=settings.alerts.smtp_allow_plaintext,
-            ca_file=settings.alerts.smtp_ca_file,
-        )))
+    config = smtp_config(settings, settings.alerts.email_from, recipients, timeout)
+    if config is not None and recipients:
+        channels.append(EmailChannel(config))
     elif settings.smtp_host or recipients:
         missing = "ALERT_EMAIL_RECIPIENTS" if settings.smtp_host else "SMTP_HOST"
         log.warning("email alerts are off: %s is not set", missing)

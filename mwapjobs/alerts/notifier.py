@@ -284,6 +284,7 @@ class AlertManager:
         self.started_at = clock()
         self._tasks = Supervisor("mwapjobs:alerts")
         self._started = False
+        self._routed_only = False  # True: a job delivers tenant notifications itself
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -480,6 +481,12 @@ class AlertManager:
 
     # -- tenant-owner notifications ----------------------------------------------
 
+    def leave_owner_notifications(self, to: str) -> None:
+        """Job `to` delivers tenant notifications to their owners itself: from now on the
+        operators' channels get only those it routes to them (no address to use)."""
+        self._routed_only = True
+        log.info("tenant notifications go to their owners first", extra={"by": to})
+
     async def deliver_notifications(self) -> int:
         """One pass: deliver due undelivered notifications to every channel that has
         not taken them yet. Returns how many were completely delivered."""
@@ -491,7 +498,7 @@ class AlertManager:
         waiting: dict[str, int] = {}
         delivered = 0
         for _ in range(self.notify_batch):
-            doc = await self.notifications.claim(now, hold)
+            doc = await self.notifications.claim(now, hold, routed_only=self._routed_only)
             if doc is None:
                 break
             message = notification(doc)

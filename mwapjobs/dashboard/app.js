@@ -497,6 +497,36 @@
     $('maintenance').replaceChildren(...parts);
   }
 
+  async function refreshOwnerEmails() {
+    const data = await optional('/api/v1/notifications/owner-emails');
+    $('owner-emails-section').hidden = data === null;
+    if (data === null || !changed('ownerEmails', data)) return;
+    const parts = [];
+    if (!data.enabled) {
+      parts.push(el('p', { class: 'muted' },
+        `Off: tenant notifications go to the operators' channels (${(data.offBecause || []).join('; ')}).`));
+    }
+    const week = data.lastWeek || {};
+    parts.push(stats([
+      ['waiting', week.pending ?? 0],
+      ['retrying', week.retrying ?? 0, (week.retrying || 0) > 0],
+      ['emailed (7 days)', week.emailed ?? 0],
+      ['to operators (7 days)', week.toOperators ?? 0],
+      ['owner addresses', (data.contacts || {}).addresses ?? 0],
+    ]));
+    if (data.auth0 && data.auth0.lastError) {
+      parts.push(el('p', { class: 'error-text' }, `Auth0: ${data.auth0.lastError}`));
+    }
+    const recent = data.recent || [];
+    if (recent.length) {
+      parts.push(el('ul', { class: 'findings', 'data-list': 'owner-emails' }, ...recent.slice(0, 10).map((n) =>
+        el('li', {}, `${fmtTime(n.createdAt)} ${n.kind}: ${n.route === 'owner'
+          ? (n.duplicate ? `already told ${n.to}` : `emailed ${n.to}${n.digest > 1 ? ` (digest of ${n.digest})` : ''}`)
+          : `operators (${n.routeReason || 'no address'})`}`))));
+    }
+    $('owner-emails').replaceChildren(...parts);
+  }
+
   // -- refresh loop ------------------------------------------------------------------------------
 
   async function refresh() {
@@ -533,6 +563,7 @@
       }
       await refreshHealth();
       await refreshMaintenance();
+      await refreshOwnerEmails();
       $('updated').textContent = `Updated ${fmtTime(new Date().toISOString()).slice(11)}`;
       document.body.dataset.loaded = 'true';
     } catch (err) {
