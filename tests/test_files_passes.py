@@ -192,6 +192,19 @@ async def test_a_stale_token_is_refreshed_once_and_the_request_sent_again(
     assert report["requests"] == len(mine)
 
 
+async def test_a_graph_delta_that_does_not_start_with_its_folder(w: FilesWorld) -> None:
+    tree = w.tree("microsoft")
+    tree.add("/NoRoot/Sub/a.txt")
+    project = await w.project("microsoft", "/NoRoot")
+    w.sim.graph_folder_first = False
+    try:
+        report = result(await w.index(project))
+    finally:
+        w.sim.graph_folder_first = True
+    assert set(await w.files(project)) == expected(tree, "/NoRoot")
+    assert report["requests"] == 2  # the folder is read for its id: one request more
+
+
 async def test_a_refused_refresh_fails_the_project_for_good(w: FilesWorld) -> None:
     tree, folder = w.tree("dropbox"), "/Refused"
     tree.add(f"{folder}/a.txt")

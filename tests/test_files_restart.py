@@ -57,7 +57,7 @@ async def test_a_killed_daemon_s_drive_walk_resumes_where_it_stopped() -> None:
                     await first.daemon.engine.kill()
                     written_first = first.indexer.running.get(project.id, {}).get("pages", 0)
                 before = routes(sim, tag)
-                assert before["files/root"] == 1 and before["changes/startPageToken"] == 1
+                assert before["changes/startPageToken"] == 1
 
                 async with files_world(mongo, oauth, sim, page_size=2) as second:
                     # The run is taken back once its lease expires, and resumes.
@@ -68,7 +68,7 @@ async def test_a_killed_daemon_s_drive_walk_resumes_where_it_stopped() -> None:
 
         assert set(docs) == {tree.path(i.id) for i in tree.below(tree.get("/Crash").id)}
         assert report["resumed"] is True and report["mode"] == "full"
-        assert after["files/root"] == 0 and after["changes/startPageToken"] == 0  # not anew
+        assert after["changes/startPageToken"] == 0  # the walk is not begun anew
         full_walk = 2 + 3 * 2  # the folder's two pages, then two for each subfolder
         assert after["files"] <= full_walk - written_first + 1, (after, written_first)
         assert report["files"] == 12 and report["folders"] == 3

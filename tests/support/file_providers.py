@@ -98,6 +98,7 @@ class FileProviderServer:
         self.in_flight: dict[str, int] = {}
         self.peak: dict[str, int] = {}
         self.gates: dict[str, asyncio.Event] = {}  # a tag whose requests wait (`hold`)
+        self.graph_folder_first = True  # a Graph delta starts with the folder itself
         self._runner: web.AppRunner | None = None
 
     # -- lifecycle and set-up ----------------------------------------------------------
@@ -397,7 +398,7 @@ class FileProviderServer:
                                                       "message": "Resync required."}})
         if parts[0] == "init":
             off, snap = int(parts[1]), int(parts[2])
-            items = [folder, *tree.below(folder.id)]
+            items = [*([folder] if self.graph_folder_first else []), *tree.below(folder.id)]
             chunk = items[off:off + limit]
             body: dict[str, Any] = {"value": [self._graph_item(tree, i) for i in chunk]}
             if off + limit < len(items):

@@ -206,11 +206,16 @@ class DriveLister:
             yield page
 
     async def _resolve(self) -> str:
-        """The id of the project's folder, from the root by folder names."""
-        answer = await self._get("files/root", {"fields": "id"})
-        current = text(answer.get("id"), MAX_ID)
-        if current is None:
-            raise ProjectProblem("provider/bad-answer", "Drive gave no id for the root")
+        """The id of the project's folder, from the root by folder names (the root's own
+        id is asked for only when the project is the whole drive: `root` names it in a
+        query, but changes name a file's parents by their real ids)."""
+        current = "root"
+        if not segments(self.folder):
+            answer = await self._get("files/root", {"fields": "id"})
+            found = text(answer.get("id"), MAX_ID)
+            if found is None:
+                raise ProjectProblem("provider/bad-answer", "Drive gave no id for the root")
+            current = found
         walked = ""
         for name in segments(self.folder):
             answer = await self._get("files", {

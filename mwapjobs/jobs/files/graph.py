@@ -1,9 +1,9 @@
 """Microsoft Graph (OneDrive, SharePoint): `GET /me/drive/root:{path}:/delta`, following
 `@odata.nextLink` page by page; the last page's `@odata.deltaLink` is the next
 incremental pass's starting point. `410 Gone` (`resyncRequired`) means the delta link
-expired: a full pass. A full pass first reads the folder itself
-(`/me/drive/root:{path}`) for its id, which is what its children name as their parent:
-Graph's delta leaves `parentReference.path` out, so paths are built from parent ids.
+expired: a full pass. Graph's delta leaves `parentReference.path` out, so paths are
+built from parent ids, starting from the folder's own id: a folder's delta begins with
+the folder itself; failing that, a full pass reads it (`/me/drive/root:{path}`).
 
 A link the answer hands back is followed only on the host of the base URL (and through
 the outbound policy): a provider answer must not be able to send the bearer token
@@ -41,11 +41,10 @@ class GraphLister:
     async def full(self, resume: dict[str, Any] | None) -> AsyncIterator[Page]:
         state = resume or {}
         root, link = state.get("rootId"), state.get("link")
-        if not isinstance(root, str) or not isinstance(link, str):
-            root = await self._root_id()
+        if not isinstance(link, str):
             delta = f"{self._item}:/delta" if segments(self.folder) else f"{self._item}/delta"
             link = f"{delta}?$top={self.page_size}"
-        async for page in self._follow(root, link):
+        async for page in self._follow(root if isinstance(root, str) else None, link):
             yield page
 
     async def changes(self, cursor: dict[str, Any], resume: dict[str, Any] | None
@@ -68,13 +67,16 @@ class GraphLister:
             raise ProjectProblem("files/not-a-folder", f"{self.folder} is not a folder")
         return root
 
-    async def _follow(self, root: str, link: str) -> AsyncIterator[Page]:
+    async def _follow(self, root: str | None, link: str) -> AsyncIterator[Page]:
+        """The pages from `link`. Without the folder's id (a full pass), the first page
+        names it: a folder's delta starts with the folder itself; if it does not, the
+        folder is read for it (one request)."""
         while True:
             try:
                 answer = await self.client.call(self.conn, "GET", link)
             except Missing:
                 raise ProjectProblem("files/folder-not-found",
-                                     f"the folder {self.folder} is gone from this drive") from None
+                                     f"there is no folder {self.folder} in this drive") from None
             items = answer.get("value")
             if not isinstance(items, list) or len(items) > MAX_ENTRIES:
                 raise ProjectProblem("provider/bad-answer",
@@ -85,6 +87,8 @@ class GraphLister:
                 raise ProjectProblem("provider/bad-answer", "Graph answered without a next or "
                                      "delta link on the API's own host")
             done = not following
+            if root is None:
+                root = self._root_among(items) or await self._root_id()
             page = Page(resume={"rootId": root, "link": nxt}, done=done,
                         root=(root, self.folder))
             for raw in items:
@@ -100,6 +104,21 @@ class GraphLister:
             if done:
                 return
             link = nxt
+
+    def _root_among(self, items: list[Any]) -> str | None:
+        """The project's folder in a delta page: the drive's root item (for `/`), or the
+        folder of the folder's name whose parent is not in the page."""
+        parts = segments(self.folder)
+        ids = {i.get("id") for i in items if isinstance(i, dict)}
+        for raw in items[:5]:
+            if not isinstance(raw, dict) or not isinstance(raw.get("folder"), dict):
+                continue
+            reference = raw.get("parentReference")
+            parent = reference.get("id") if isinstance(reference, dict) else None
+            if (not parts and isinstance(raw.get("root"), dict)) or (
+                    parts and raw.get("name") == parts[-1] and parent not in ids):
+                return text(raw.get("id"), MAX_ID)
+        return None
 
     def _link(self, value: Any) -> str | None:
         link = text(value, 8192)
