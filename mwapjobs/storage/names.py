@@ -19,9 +19,12 @@ FILE_INDEX = "mwapjobs_file_index"  # per project: index summary, cursor, a pass
 FILE_WALK = "mwapjobs_file_walk"  # folders a Google Drive walk has still to list
 ALERT_HISTORY = "mwapjobs_alert_history"  # every FIRING and RESOLVED sent, for the record
 MAINTENANCE_STATE = "mwapjobs_maintenance"  # upkeep's notes (what it said once, where it stopped)
-OWNER_CONTACTS = "mwapjobs_owner_contacts"  # tenant owners' addresses from Auth0, until they expire
 LEASES = "mwapjobs_leases"  # who leads (one document per lease name)
 ALERT_STATE = "mwapjobs_alerts"  # what operators were told, shared by every instance
+CHANGE_STREAMS = "mwapjobs_change_streams"  # where discovery's change streams resume
+OWNER_CONTACTS = "mwapjobs_owner_contacts"  # tenant owners' addresses from Auth0, until they expire
+ANALYTICS_DAILY = "mwapjobs_analytics_daily"  # a snapshot per tenant and day, and the platform's
+ANALYTICS_ACTIVITY = "mwapjobs_analytics_activity"  # refreshes per tenant and day, as they happen
 
 # The MWAP backend's
 INTEGRATIONS = "cloudProviderIntegrations"
