@@ -220,6 +220,28 @@ class OwnerEmailSettings(_Section):
     batch: int = Field(50, ge=1, le=1000)
 
 
+class AnalyticsSettings(_Section):
+    """Analytics (jobs/analytics/): a daily snapshot per tenant and of the platform, with
+    each connected integration's storage quota."""
+
+    enabled: bool = True
+    cron: str = "55 23 * * *"
+    timezone: str = "UTC"
+    quota: bool = True
+    quota_concurrency: int = Field(10, ge=1, le=200)
+    quota_provider_concurrency: int = Field(4, ge=1, le=100)
+    quota_provider_rate: float = Field(10.0, gt=0)
+    request_timeout: float = Field(15.0, gt=0)
+    write_batch: int = Field(1000, ge=1, le=10_000)
+    run_timeout: float = Field(6 * 3600.0, gt=0)
+    max_days: int = Field(366, ge=1, le=3660)
+
+    @model_validator(mode="after")
+    def _valid_schedule(self) -> AnalyticsSettings:
+        make_trigger(self.cron, None, self.timezone)
+        return self
+
+
 class AlertSettings(_Section):
     cooldown: float = Field(900.0, ge=0)
     check_interval: float = Field(30.0, gt=0)
@@ -287,6 +309,7 @@ class Settings(BaseSettings):
     files: FileIndexSettings = FileIndexSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
     notifications: OwnerEmailSettings = OwnerEmailSettings()
+    analytics: AnalyticsSettings = AnalyticsSettings()
 
     @model_validator(mode="after")
     def _key_when_needed(self) -> Settings:

@@ -527,6 +527,60 @@
     $('owner-emails').replaceChildren(...parts);
   }
 
+  // -- analytics: the platform's trend, drawn as SVG sparklines (no library) ---------------------
+
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+
+  function svg(tag, attrs, ...children) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, String(value));
+    for (const child of children) node.append(child);
+    return node;
+  }
+
+  function sparkline(label, points, format) {
+    const w = 220, h = 48, pad = 4;
+    const values = points.map((p) => p[1]);
+    const max = Math.max(1, ...values), min = Math.min(0, ...values);
+    const x = (i) => pad + (points.length < 2 ? (w - 2 * pad) / 2 : i * (w - 2 * pad) / (points.length - 1));
+    const y = (v) => h - pad - ((v - min) * (h - 2 * pad)) / (max - min || 1);
+    const line = points.map((p, i) => `${i ? 'L' : 'M'}${x(i).toFixed(1)},${y(p[1]).toFixed(1)}`).join(' ');
+    const chart = svg('svg', { viewBox: `0 0 ${w} ${h}`, width: w, height: h, class: 'spark', role: 'img',
+      'aria-label': `${label}, ${points.length} day${points.length === 1 ? '' : 's'}` },
+    svg('path', { d: line || 'M0,0', class: 'spark-line' }),
+    ...points.map((p, i) => svg('circle', { cx: x(i).toFixed(1), cy: y(p[1]).toFixed(1), r: 2, class: 'spark-dot' },
+      svg('title', {}, `${p[0]}: ${format(p[1])}`))));
+    const last = points.length ? format(points[points.length - 1][1]) : '—';
+    return el('div', { class: 'trend', 'data-trend': label }, el('span', {}, label), el('b', {}, last), chart);
+  }
+
+  function gib(bytes) {
+    return `${(Number(bytes || 0) / 2 ** 30).toFixed(1)} GiB`;
+  }
+
+  async function refreshAnalytics() {
+    const data = await optional('/api/v1/analytics');
+    $('analytics-section').hidden = data === null;
+    if (data === null || !changed('analytics', data)) return;
+    const days = data.days || [];
+    if (!days.length) {
+      $('analytics').replaceChildren(el('p', { class: 'muted' },
+        data.enabled ? 'No daily snapshot yet.' : 'Analytics is off on this daemon.'));
+      return;
+    }
+    const series = (pick) => days.map((d) => [d.day, Number(pick(d) || 0)]);
+    const count = (n) => String(n);
+    const failures = (d) => (d.refresh || {}).transientFailure + (d.refresh || {}).permanentFailure;
+    $('analytics').replaceChildren(el('div', { class: 'trends' },
+      sparkline('tenants', series((d) => d.tenants), count),
+      sparkline('projects', series((d) => (d.projects || {}).total), count),
+      sparkline('connected integrations', series((d) => (d.integrations || {}).connected), count),
+      sparkline('refreshes', series((d) => (d.refresh || {}).refreshed), count),
+      sparkline('refresh failures', series(failures), count),
+      sparkline('storage used', series((d) => (d.quota || {}).used), gib)),
+    el('p', { class: 'muted' }, `${data.from} to ${data.to}, ${days.length} daily snapshot${days.length === 1 ? '' : 's'}`));
+  }
+
   // -- refresh loop ------------------------------------------------------------------------------
 
   async function refresh() {
@@ -564,6 +618,7 @@
       await refreshHealth();
       await refreshMaintenance();
       await refreshOwnerEmails();
+      await refreshAnalytics();
       $('updated').textContent = `Updated ${fmtTime(new Date().toISOString()).slice(11)}`;
       document.body.dataset.loaded = 'true';
     } catch (err) {

@@ -5,10 +5,10 @@ Order matters only where a job uses another's handle (health uses refresh's)."""
 
 from __future__ import annotations
 
-from . import health, maintenance, notifications, refresh
+from . import analytics, health, maintenance, notifications, refresh
 from .context import JobContext, JobPlugin
 
 DEFAULT_JOBS: tuple[JobPlugin, ...] = (refresh.PLUGIN, health.PLUGIN, maintenance.PLUGIN,
-                                       notifications.PLUGIN)
+                                       notifications.PLUGIN, analytics.PLUGIN)
 
 __all__ = ["DEFAULT_JOBS", "JobContext", "JobPlugin"]
