@@ -86,7 +86,9 @@ FIRES: dict[int, list[datetime]] = {}
 
 async def ticking(engine: Engine) -> None:
     """Start `engine` with the repeat, recording every fire handed to it."""
-    fires = FIRES.setdefault(id(engine), [])
+    # A fresh list: an engine of an earlier test may have had the same id().
+    fires: list[datetime] = []
+    FIRES[id(engine)] = fires
     hand_off = engine.scheduler._on_repeat
 
     async def record(queue: str, job_id: str, data: dict[str, Any], fire_time: datetime) -> None:
