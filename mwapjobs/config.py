@@ -255,6 +255,8 @@ class AlertSettings(_Section):
     email_from: str = "mwapjobs@localhost"
     smtp_allow_plaintext: bool = False
     smtp_ca_file: str | None = None
+    # Where each FIRING message points for what to do: "<runbook_url>/<rule>.md".
+    runbook_url: str = Field("docs/runbooks", max_length=500)
 
 
 def _mwap(name: str) -> AliasChoices:

@@ -37,7 +37,8 @@ async def test_webhooks_receive_slack_compatible_json(mongo: Mongo) -> None:
             await m.evaluate()
             [body] = await slack.wait_for(1)
             assert body == {"text": "[mwapjobs] FIRING: failed_runs (queue q): 2 runs failed "
-                                    "in the last 15m (threshold: more than 1)"}
+                                    "in the last 15m (threshold: more than 1)"
+                                    "\nRunbook: docs/runbooks/failed_runs.md"}
             [event] = await generic.wait_for(1)
             assert event["text"] == body["text"]
             assert event["event"]["status"] == "firing"
@@ -65,8 +66,8 @@ async def test_email_goes_to_every_recipient_over_smtp(mongo: Mongo) -> None:
     assert mail.mail_from == "mwapjobs@example.org"
     assert mail.rcpt_tos == ["ops@example.org", "oncall@example.org"]
     assert mail.email["To"] == "ops@example.org, oncall@example.org"
-    assert mail.email["Subject"] == fired.text
-    assert fired.text in mail.email.get_content()
+    assert mail.email["Subject"] == fired.text.splitlines()[0]  # the runbook line follows
+    assert fired.text in mail.email.get_content().replace("\r\n", "\n")  # SMTP line ends
 
 
 @pytest.mark.parametrize("tls", ["starttls", "implicit"])

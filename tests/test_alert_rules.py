@@ -45,7 +45,8 @@ async def test_fires_once_then_quiet_during_cooldown_then_again_and_resolves(
     first = await m.evaluate()
     assert [x.text for x in first] == [
         "[mwapjobs] FIRING: failed_runs (queue q): 3 runs failed in the last 15m "
-        "(threshold: more than 2)"]
+        "(threshold: more than 2)\nRunbook: docs/runbooks/failed_runs.md"]
+    assert first[0].event["runbook"] == "docs/runbooks/failed_runs.md"
     assert first[0].event["alert"] == "failed_runs" and first[0].event["subject"] == "queue q"
     tick.t += 30
     assert await m.evaluate() == []  # still true, but within the cool-down
@@ -103,7 +104,7 @@ async def test_failed_runs_counts_each_queue_within_the_window_only(mongo: Mongo
     await add_runs(mongo, "b", "completed", 10)
     texts = [x.text for x in await m.evaluate()]
     assert texts == ["[mwapjobs] FIRING: failed_runs (queue b): 3 runs failed in the last 1m "
-                     "(threshold: more than 2)"]
+                     "(threshold: more than 2)\nRunbook: docs/runbooks/failed_runs.md"]
     await add_runs(mongo, "a", "failed", 1)
     assert [x.event["subject"] for x in await m.evaluate()] == ["queue a"]
 
@@ -122,7 +123,8 @@ async def test_refresh_failure_rate_needs_the_minimum_and_the_rate(mongo: Mongo)
     fired = await m.evaluate()  # 6 of 26 = 23 %
     assert [x.text for x in fired] == [
         "[mwapjobs] FIRING: refresh_failures: 6 of 26 token refreshes failed in the last 15m "
-        "(23%; threshold: above 20% with at least 5 failures)"]
+        "(23%; threshold: above 20% with at least 5 failures)"
+        "\nRunbook: docs/runbooks/refresh_failures.md"]
     await add_runs(mongo, REFRESH_QUEUE, "completed", 10)
     assert [x.text for x in await m.evaluate()] == ["[mwapjobs] RESOLVED: refresh_failures"]
 
@@ -140,7 +142,7 @@ async def test_backlog_fires_for_an_old_waiting_run_but_not_in_a_paused_queue(
     paused.add("held")
     texts = [x.text for x in await m.evaluate()]
     assert texts == ["[mwapjobs] FIRING: backlog (queue busy): the oldest waiting run has "
-                     "waited 5m (threshold: 1m)"]
+                     "waited 5m (threshold: 1m)\nRunbook: docs/runbooks/backlog.md"]
     await clear_runs(mongo, "busy", "waiting")
     assert [x.text for x in await m.evaluate()] == ["[mwapjobs] RESOLVED: backlog (queue busy)"]
 
@@ -213,7 +215,7 @@ async def test_mongodb_down_rule_needs_no_database_and_db_rules_keep_their_state
         fired = await m.evaluate()
         assert [x.text for x in fired] == [
             "[mwapjobs] FIRING: mongodb_down: MongoDB unreachable for 1m 1s: "
-            "ServerSelectionTimeoutError: injected"]
+            "ServerSelectionTimeoutError: injected\nRunbook: docs/runbooks/mongodb_down.md"]
         assert {s.rule for s in m.firing()} == {"mongodb_down", "failed_runs"}  # kept
         mongo.down = False
         down_since[0] = None

@@ -145,7 +145,8 @@ async def test_the_next_leader_carries_the_alert_state_on(mongo: Mongo, cooldown
                             term=lambda: terms[name])
 
     a, b = manager("a"), manager("b")
-    assert [m.text for m in await a.evaluate()] == ["[mwapjobs] FIRING: demo_rule: it is on"]
+    assert [m.text for m in await a.evaluate()] == ["[mwapjobs] FIRING: demo_rule: it is on"
+                                                      "\nRunbook: docs/runbooks/demo_rule.md"]
     assert await b.evaluate() == []  # a follower checks nothing
     terms.update(a=None, b=2)  # a dies; b leads
     assert await b.evaluate() == []  # already announced, within the cool-down: quiet

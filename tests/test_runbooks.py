@@ -75,6 +75,15 @@ async def test_every_alert_rule_has_a_runbook(daemon: Daemon) -> None:
     assert not stale, f"runbooks named after no registered rule: {stale}"
 
 
+async def test_every_firing_message_links_its_runbook(daemon: Daemon) -> None:
+    """The link a FIRING carries (default base: docs/runbooks, relative to the source
+    tree) names the rule's page, which exists."""
+    for rule in daemon.alerts.rules:
+        link = daemon.alerts._runbook(rule.name)
+        assert link == f"docs/runbooks/{rule.name}.md"
+        assert (ROOT / link).is_file(), link
+
+
 def test_rule_pages_answer_the_four_questions() -> None:
     assert rule_pages(), "no rule pages found"
     for page in rule_pages():

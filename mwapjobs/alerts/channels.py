@@ -47,10 +47,13 @@ class Message:
         return self.text.splitlines()[0][:200] if self.text else PREFIX
 
 
-def firing(rule: str, details: str, **event: Any) -> Message:
-    text = secrets.scrub(f"{PREFIX} FIRING: {rule}: {details}")
+def firing(rule: str, details: str, runbook: str | None = None, **event: Any) -> Message:
+    """The first line says what is wrong (an email's subject); the second, where the
+    runbook says what to do about it."""
+    text = secrets.scrub(f"{PREFIX} FIRING: {rule}: {details}"
+                         + (f"\nRunbook: {runbook}" if runbook else ""))
     return Message("firing", text, {"status": "firing", "rule": rule, "details": details,
-                                    **event})
+                                    "runbook": runbook, **event})
 
 
 def resolved(rule: str, **event: Any) -> Message:

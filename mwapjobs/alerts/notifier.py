@@ -447,6 +447,11 @@ class AlertManager:
             log.info("alert rule checked again", extra={"rule": rule.name})
         return conditions
 
+    def _runbook(self, rule: str) -> str | None:
+        """The rule's page (docs/runbooks/<rule>.md under the configured base)."""
+        base = self.settings.alerts.runbook_url.rstrip("/")
+        return f"{base}/{rule}.md" if base else None
+
     def _update(self, rule: str, conditions: list[Condition],
                 ctx: RuleContext) -> list[Message]:
         now = ctx.monotonic
@@ -463,8 +468,8 @@ class AlertManager:
             state.details = cond.details
             if state.last_sent is not None and now - state.last_sent < self.cooldown:
                 continue  # quiet: fired recently
-            out.append(firing(cond.label, cond.details, subject=cond.subject,
-                              alert=rule, since=state.since.isoformat(),
+            out.append(firing(cond.label, cond.details, self._runbook(rule),
+                              subject=cond.subject, alert=rule, since=state.since.isoformat(),
                               repeat=state.announced))
             state.announced, state.last_sent = True, now
         for key, state in list(self.states.items()):
