@@ -98,7 +98,8 @@ class Operations:
         if page < 1 or not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page must be >= 1 and pageSize between 1 and {MAX_PAGE_SIZE}")
         docs, total = await asyncio.gather(
-            self.runs.page(queue, state, (page - 1) * page_size, page_size),
+            self.runs.page(queue, state, (page - 1) * page_size, page_size,
+                           now=self.engine.clock()),
             self._count(queue, state),
         )
         return {"items": [run_view(d) for d in docs], "page": page, "pageSize": page_size,

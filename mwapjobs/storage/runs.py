@@ -37,6 +37,8 @@ STATES: tuple[State, ...] = ("delayed", "waiting", "active", "completed", "faile
 PENDING: tuple[State, ...] = ("delayed", "waiting", "active")
 FINISHED: tuple[State, ...] = ("completed", "failed")
 LEASE_FIELDS = ("leaseOwner", "leaseUntil", "claimToken")
+# Seconds of history a page of finished runs is looked for in first (`RunStore.page`).
+HISTORY_WINDOWS = (300.0, 3600.0, 86400.0, 7 * 86400.0, 30 * 86400.0)
 
 
 class JobIdTaken(Exception):
@@ -453,22 +455,38 @@ class RunStore:
         return int(n)
 
     async def page(
-        self, queue: str, state: State, skip: int, limit: int
+        self, queue: str, state: State, skip: int, limit: int, now: datetime | None = None
     ) -> list[dict[str, Any]]:
         """Runs of one queue and state, in the order an operator expects:
-        finished ones newest first, pending ones in the order they will run."""
-        if state in FINISHED:
-            order = [("finishedAt", DESCENDING)]
-        else:
+        finished ones newest first, pending ones in the order they will run.
+
+        A page of finished runs is looked for among those finished in the last
+        `HISTORY_WINDOWS[0]` seconds before `now`, then in wider windows, and in the
+        whole history only if no window holds the page: a store that cannot walk the
+        history index in order (the embedded store, some wire servers) sorts what the
+        range holds, so without the window the first page would cost the whole history.
+        The newest `skip + limit` runs of a window are those of any wider one, so a full
+        page from a window is the page. One query for a page of recent runs; each
+        window tried costs one more."""
+        if state not in FINISHED:
             order = [("priority", DESCENDING), ("runAt", ASCENDING)]
+            return await self._find_page({"queue": queue, "state": state}, order, skip, limit)
+        order = [("finishedAt", DESCENDING), ("_id", DESCENDING)]
+        windows: list[float | None] = [*HISTORY_WINDOWS, None] if now is not None else [None]
+        docs: list[dict[str, Any]] = []
+        for window in windows:
+            query: dict[str, Any] = {"queue": queue, "state": state}
+            if window is not None and now is not None:
+                query["finishedAt"] = {"$gte": now - timedelta(seconds=window)}
+            docs = await self._find_page(query, order, skip, limit)
+            if len(docs) >= limit:
+                break
+        return docs
+
+    async def _find_page(self, query: dict[str, Any], order: list[tuple[str, int]],
+                         skip: int, limit: int) -> list[dict[str, Any]]:
         return await self._mongo.call(
-            lambda db: db[RUNS]
-            .find({"queue": queue, "state": state})
-            .sort(order)
-            .skip(skip)
-            .limit(limit)
-            .to_list(limit)
-        )
+            lambda db: db[RUNS].find(query).sort(order).skip(skip).limit(limit).to_list(limit))
 
     async def requeue(
         self, run_id: ObjectId, from_states: tuple[State, ...], key: str | None, now: datetime,
