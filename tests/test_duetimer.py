@@ -124,13 +124,13 @@ async def test_adding_a_delayed_run_is_one_insert_and_no_trigger(mongo: Mongo) -
     engine = Engine(mongo, reg, EngineSettings(lease_seconds=2, sweep_interval=60))
     await engine.start()
     try:
-        clock_trips = engine.scheduler.round_trips
         calls: list[int] = []
         counting.set(calls)
         added = [await engine.add("q", {"i": i}, delay=0.3 + i * 0.05) for i in range(20)]
         counting.set(None)
         assert len(calls) == 20
-        assert engine.scheduler.round_trips == clock_trips
+        # No trigger either (APScheduler's store is not reached through `mongo.call`; the
+        # clock's own passes may read it meanwhile, so its round trips prove nothing).
         assert await mongo.call(lambda db: db[SCHEDULER_JOBS].count_documents({})) == 0
         await wait_for(lambda: len(started) == 20, timeout=10, message="all runs")
         assert started == [a.run_id for a in added]  # each when it fell due, in order
