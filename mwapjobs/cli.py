@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     text = "make a new admin API token and print the config entry that enables it"
     cmd = sub.add_parser("admin-token", help=text, description=text)
     cmd.add_argument("name", help="what the token is for, e.g. ops-laptop (shown in audit lines)")
+    cmd.add_argument("--viewer", action="store_true",
+                     help="a read-only token: sees everything, changes nothing")
     return parser
 
 
@@ -76,7 +78,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "admin-token":  # needs no configuration: it only prints
-        return _admin_token(args.name)
+        return _admin_token(args.name, "viewer" if args.viewer else "admin")
     if args.command == "demo":
         os.environ.setdefault("MONGODB_URI", "memory://")
         os.environ.setdefault("ENCRYPTION_KEY", "mwapjobs-demo-key-not-for-production")
@@ -104,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 ADMIN_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-def _admin_token(name: str) -> int:
+def _admin_token(name: str, role: str = "admin") -> int:
     """Print a new token once, with its SHA-256 entry for config.toml or the environment.
 
     Only the hash goes into the configuration, so the token itself exists
@@ -116,11 +118,14 @@ def _admin_token(name: str) -> int:
         return EXIT_CONFIG
     token = "mwj_" + secrets.token_urlsafe(32)
     digest = hashlib.sha256(token.encode()).hexdigest()
-    env = json.dumps([{"name": name, "sha256": digest}])
-    print(f"Admin token {name!r} (shown only now; keep it somewhere safe):\n\n"
+    entry = {"name": name, "sha256": digest, **({"role": role} if role != "admin" else {})}
+    env = json.dumps([entry])
+    role_line = f'role = "{role}"\n' if role != "admin" else ""
+    kind = "Viewer (read-only) token" if role == "viewer" else "Admin token"
+    print(f"{kind} {name!r} (shown only now; keep it somewhere safe):\n\n"
           f"    {token}\n\n"
           f"Add to config.toml:\n\n"
-          f'[[admin.tokens]]\nname = "{name}"\nsha256 = "{digest}"\n\n'
+          f'[[admin.tokens]]\nname = "{name}"\nsha256 = "{digest}"\n{role_line}\n'
           f"Or in the environment (this replaces the whole list, so include every token):\n\n"
           f"MWAPJOBS_ADMIN__TOKENS='{env}'")
     return 0

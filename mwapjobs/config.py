@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, quote, unquote
 
 from pydantic import (
@@ -93,6 +93,12 @@ class EngineSettings(_Section):
     sweep_interval: float = Field(15.0, gt=0)
     retention_interval: float = Field(60.0, gt=0)
     claim_batch: int = Field(100, ge=1)
+    # The data fields runs can be searched by (API `field=`, the dashboard's "Find a
+    # run"); each gets a partial index on the runs collection, so a search reads only
+    # the runs that match. Plain names only (letters, digits, _).
+    search_fields: list[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$")]] = Field(
+        default_factory=lambda: ["integrationId", "tenantId", "providerId", "projectId"],
+        max_length=20)
 
 
 class AdminToken(_Section):
@@ -100,6 +106,10 @@ class AdminToken(_Section):
 
     name: str = Field(min_length=1, max_length=100)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # "viewer": sees everything an admin sees and changes nothing (every mutating route
+    # answers 403). Absent means "admin", so configurations written before roles keep
+    # working as they were.
+    role: Literal["admin", "viewer"] = "admin"
 
 
 class AdminSettings(_Section):
@@ -429,7 +439,7 @@ def masked(settings: Settings) -> dict[str, Any]:
         if isinstance(value, SecretStr):
             secret = value.get_secret_value()
             data[key] = mask_uri(secret) if key == "mongodb_uri" else SECRET_MASK
-    data["admin"]["tokens"] = [{"name": t.name, "sha256": SECRET_MASK}
+    data["admin"]["tokens"] = [{"name": t.name, "sha256": SECRET_MASK, "role": t.role}
                                for t in settings.admin.tokens]
     return data
 

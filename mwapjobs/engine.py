@@ -146,7 +146,7 @@ class Engine:
         self.registry = registry
         self.settings = settings or EngineSettings()
         self.clock = clock
-        self.runs = RunStore(mongo)
+        self.runs = RunStore(mongo, self.settings.search_fields)
         self._ephemeral_key = signing_key is None
         self.scheduler = Scheduler(mongo, self._on_repeat, signing_key or os.urandom(32))
         self.owner = owners.process_owner()

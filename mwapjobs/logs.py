@@ -41,6 +41,10 @@ from typing import Any
 from .redaction import REDACTED, is_secret_key
 
 correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
+# The role of the caller the current request authenticated as ("admin", "viewer",
+# "user"), set by the authenticator, so that every audit line says who acted in what
+# capacity without each call site passing it.
+actor_role: ContextVar[str | None] = ContextVar("actor_role", default=None)
 
 _STANDARD_ATTRS = frozenset(
     [*vars(logging.makeLogRecord({})), "message", "asctime", "taskName", "correlationId"]
@@ -221,6 +225,7 @@ def audit(action: str, actor: str, target: str, **fields: Any) -> None:
         "target": target,
         "timestamp": datetime.now(UTC).isoformat(),
         "correlationId": correlation_id.get() or str(uuid.uuid4()),
+        **({"role": role} if (role := actor_role.get()) else {}),
         **fields,
     }
     _audit.warning("audit", extra={"audit_event": event})

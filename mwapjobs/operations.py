@@ -8,15 +8,23 @@ the state the operator saw or reports a conflict; it never half-applies.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from .engine import Engine
 from .redaction import REDACTED, redact
 from .scheduler import Repeat
-from .storage.runs import FINISHED, STATES, JobIdTaken, State, parse_run_id
+from .storage.runs import (
+    FINISHED,
+    STATES,
+    JobIdTaken,
+    RunSearch,
+    State,
+    parse_run_id,
+)
 
 MAX_PAGE_SIZE = 200
+MAX_BULK = 10_000  # runs one bulk call changes at most; the answer says if more are left
 
 
 class NotFoundError(LookupError):
@@ -104,6 +112,58 @@ class Operations:
         )
         return {"items": [run_view(d) for d in docs], "page": page, "pageSize": page_size,
                 "total": total}
+
+    async def search(self, search: RunSearch, page: int = 1,
+                     page_size: int = 20) -> dict[str, Any]:
+        """Runs by job id or data field, in every state or one, in one queue or all."""
+        if search.queue is not None:
+            self._queue(search.queue)
+        if page < 1 or not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page must be >= 1 and pageSize between 1 and {MAX_PAGE_SIZE}")
+        docs, total = await self.runs.search(search, (page - 1) * page_size, page_size)
+        return {"items": [run_view(d) for d in docs], "page": page, "pageSize": page_size,
+                "total": total}
+
+    # -- bulk actions: a count first (what the operator confirms), then the action ------
+
+    async def failed_summary(self, queue: str, error_type: str | None) -> dict[str, Any]:
+        """How many failed runs a bulk retry would take now, by error type, and `asOf`:
+        pass it back to `retry_failed` so that runs failing after the count are left."""
+        self._queue(queue)
+        now = self.engine.clock()
+        by_type = await self.runs.failed_by_type(queue, now)
+        count = sum(by_type.values()) if error_type is None else by_type.get(error_type, 0)
+        return {"queue": queue, "errorType": error_type, "count": count, "asOf": now,
+                "byErrorType": by_type}
+
+    async def retry_failed(self, queue: str, error_type: str | None,
+                           as_of: datetime | None) -> dict[str, Any]:
+        """Retry every failed run of `queue` (of `error_type`) that had failed by `as_of`,
+        in bounded batches; each update is conditional on the run still being failed.
+        A run whose job id is pending again (or is a second failed run of the same job id)
+        is skipped: retrying it would make two pending runs of one job."""
+        self._queue(queue)
+        result = await self.runs.retry_failed(queue, error_type, as_of or self.engine.clock(),
+                                              self.engine.clock(), MAX_BULK)
+        self.engine.count_finished(queue, "failed", -result["retried"])
+        if result["retried"]:
+            self.engine.wake(queue)
+        return {"queue": queue, "errorType": error_type, **result}
+
+    async def delayed_summary(self, queue: str) -> dict[str, Any]:
+        self._queue(queue)
+        now = self.engine.clock()
+        return {"queue": queue, "count": await self.runs.count(queue, "delayed"), "asOf": now}
+
+    async def promote_delayed(self, queue: str, as_of: datetime | None) -> dict[str, Any]:
+        """Make every delayed run of `queue` added by `as_of` waiting now, in bounded
+        batches, each conditional on the run still being delayed."""
+        self._queue(queue)
+        now = self.engine.clock()
+        result = await self.runs.promote_all(queue, as_of or now, now, MAX_BULK)
+        if result["promoted"]:
+            self.engine.wake(queue)
+        return {"queue": queue, **result}
 
     async def _count(self, queue: str, state: State) -> int:
         return (await self.engine.counts(queue))[state]

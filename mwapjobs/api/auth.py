@@ -8,7 +8,12 @@ Two kinds of credential arrive as `Authorization: Bearer <value>`:
   them. Only `sub` is used; roles come from MongoDB (`storage/identity.py`).
 
 A value with three dot-separated parts is a JWT; anything else is an admin
-token. Failures answer 401 (`auth/unauthorized`) or 403 (`auth/forbidden`)
+token. An admin token has a role (`admin.tokens[].role`): "admin", or "viewer",
+which sees everything an admin sees and changes nothing: `require_admin` and
+`require_tenant_access` refuse a viewer every method but GET, HEAD and OPTIONS,
+so every mutating route (the jobs' too) answers 403 without a check of its own.
+
+Failures answer 401 (`auth/unauthorized`) or 403 (`auth/forbidden`)
 with a message that never echoes the credential, and are logged at info with
 the reason and remote address only.
 
@@ -33,6 +38,7 @@ import jwt
 from aiohttp import web
 
 from ..config import Settings
+from ..logs import actor_role
 from ..storage.identity import IdentityStore
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,7 @@ LEEWAY = 30.0  # seconds of clock skew tolerated between us and Auth0
 REQUIRED_CLAIMS = ["exp", "sub", "iss", "aud"]
 UNAUTHORIZED = "auth/unauthorized"
 FORBIDDEN = "auth/forbidden"
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -49,13 +56,22 @@ class Caller:
     """An authenticated caller.
 
     `name` is the admin token's configured name, or the user's JWT `sub`.
-    `superadmin` means "holds every admin right": always true for an admin
-    token, and true for a user listed in `superadmins`.
+    `superadmin` means "sees everything an admin sees": always true for an admin
+    token, and true for a user listed in `superadmins`. `viewer` (a token with
+    role "viewer") takes every right to change anything away again.
     """
 
     kind: Literal["token", "user"]
     name: str
     superadmin: bool
+    viewer: bool = False
+
+    @property
+    def role(self) -> str:
+        """What audit and access lines call this caller's capacity."""
+        if self.viewer:
+            return "viewer"
+        return "admin" if self.superadmin else "user"
 
     @property
     def actor(self) -> str:
@@ -231,7 +247,7 @@ class Authenticator:
         self._identity = identity
         self._jwks = jwks
         self._audience = settings.auth0_audience
-        self._admin_tokens = tuple((t.name, t.sha256) for t in settings.admin.tokens)
+        self._admin_tokens = tuple((t.name, t.sha256, t.role) for t in settings.admin.tokens)
         if bool(settings.auth0_domain) != bool(settings.auth0_audience):
             log.warning("user tokens are off: set both AUTH0_DOMAIN and AUTH0_AUDIENCE")
 
@@ -239,19 +255,23 @@ class Authenticator:
         """The caller, from a session middleware's `CALLER_KEY` or the bearer token; else 401."""
         ready = request.get(CALLER_KEY)
         if isinstance(ready, Caller):
+            actor_role.set(ready.role)
             return ready
         try:
             token = _bearer(request)
         except _Denied as denied:
             raise _unauthorized(denied, request.remote) from None
-        return await self.authenticate_token(token, request.remote)
+        caller = await self.authenticate_token(token, request.remote)
+        actor_role.set(caller.role)
+        return caller
 
     async def authenticate_token(self, token: str, remote: str | None = None) -> Caller:
         """The caller for a bearer value (admin token or JWT), e.g. from a login form; else 401."""
         try:
             if token.count(".") == 2:
                 return await self.user_caller(await self._verify_jwt(token))
-            return Caller("token", self._match_admin_token(token), superadmin=True)
+            name, role = self._match_admin_token(token)
+            return Caller("token", name, superadmin=True, viewer=role == "viewer")
         except _Denied as denied:
             raise _unauthorized(denied, remote) from None
 
@@ -260,30 +280,34 @@ class Authenticator:
         return Caller("user", sub, superadmin=await self._identity.is_superadmin(sub))
 
     async def require_admin(self, request: web.Request) -> Caller:
-        """An admin token or a superadmin; anyone else authenticated gets 403."""
+        """An admin token or a superadmin; anyone else authenticated gets 403, and so does
+        a viewer for anything but a read."""
         caller = await self.authenticate(request)
         if not caller.superadmin:
             raise _forbidden(caller, request, "This needs an admin token or a superadmin account.")
+        _check_writable(caller, request)
         return caller
 
     async def require_tenant_access(self, request: web.Request, tenant_id: str) -> Caller:
-        """An admin token, a superadmin, or the owner of `tenant_id`; anyone else gets 403."""
+        """An admin token, a superadmin, or the owner of `tenant_id`; anyone else gets 403,
+        and so does a viewer for anything but a read."""
         caller = await self.authenticate(request)
         if caller.superadmin or await self._identity.is_tenant_owner(tenant_id, caller.name):
+            _check_writable(caller, request)
             return caller
         raise _forbidden(caller, request, "Only the tenant's owner or a superadmin may do this.")
 
-    def _match_admin_token(self, token: str) -> str:
-        """The name of the configured token `token` is, compared in constant time.
+    def _match_admin_token(self, token: str) -> tuple[str, str]:
+        """The name and role of the configured token `token` is, compared in constant time.
 
         Every entry is compared, match or not, so the time taken says nothing
         about which entry (if any) matched.
         """
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
-        matched: str | None = None
-        for name, expected in self._admin_tokens:
+        matched: tuple[str, str] | None = None
+        for name, expected, role in self._admin_tokens:
             if hmac.compare_digest(digest, expected) and matched is None:
-                matched = name
+                matched = (name, role)
         if matched is None:
             raise _Denied("unknown admin token", _INVALID)
         return matched
@@ -361,7 +385,15 @@ def _unauthorized(denied: _Denied, remote: str | None) -> AuthError:
     return AuthError(401, UNAUTHORIZED, denied.message)
 
 
+def _check_writable(caller: Caller, request: web.Request) -> None:
+    """A viewer may read (GET, HEAD, OPTIONS) and nothing else."""
+    if caller.viewer and request.method not in READ_METHODS:
+        raise _forbidden(caller, request, "This token is read-only (role viewer): it can see "
+                                          "everything and change nothing.")
+
+
 def _forbidden(caller: Caller, request: web.Request, message: str) -> AuthError:
-    log.info("access denied", extra={"actor": caller.actor, "path": request.path,
+    log.info("access denied", extra={"actor": caller.actor, "role": caller.role,
+                                     "method": request.method, "path": request.path,
                                      "remote": request.remote})
     return AuthError(403, FORBIDDEN, message)

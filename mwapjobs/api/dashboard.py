@@ -274,7 +274,7 @@ async def login(request: web.Request) -> web.Response:
     if old:
         store.drop(old)  # a fresh id at every login: no session fixation
     sid, session = store.create(caller, _jwt_lifetime(token))
-    audit("admin.login", caller.actor, "dashboard", remote=request.remote)
+    audit("admin.login", caller.actor, "dashboard", remote=request.remote, role=caller.role)
     response = _redirect(HOME_PATH)
     response.set_cookie(COOKIE, sid, max_age=int(session.lifetime), path="/", httponly=True,
                         secure=request.app[SETTINGS].admin.cookie_secure, samesite="Strict")
@@ -294,7 +294,8 @@ async def logout(request: web.Request) -> web.Response:
     session = _session(request)  # the middleware has checked its CSRF token
     if sid and session is not None:
         request.app[SESSIONS].drop(sid)
-        audit("admin.logout", session.caller.actor, "dashboard", remote=request.remote)
+        audit("admin.logout", session.caller.actor, "dashboard", remote=request.remote,
+              role=session.caller.role)
     response = ok({"loggedOut": True})
     response.del_cookie(COOKIE, path="/", secure=request.app[SETTINGS].admin.cookie_secure,
                         httponly=True, samesite="Strict")
@@ -311,6 +312,8 @@ async def session_info(request: web.Request) -> web.Response:
     response = ok({
         "actor": caller.actor,
         "isAdmin": caller.superadmin,
+        "role": caller.role,
+        "readOnly": caller.viewer,
         "csrfToken": session.csrf,
         "expiresAt": session.expires_at,
         "refreshSeconds": REFRESH_SECONDS,

@@ -114,7 +114,22 @@ def document(job_paths: dict[str, Any] | None = None) -> dict[str, Any]:
     counts = {"type": "object", "properties": {
         s: {"type": "integer"} for s in ["waiting", "active", "delayed", "completed",
                                          "failed", "paused"]}}
-    run_state = {"name": "state", "in": "query", "schema": {"type": "string", "enum": STATES}}
+    run_state = {"name": "state", "in": "query", "schema": {"type": "string",
+                                                           "enum": [*STATES, "all"]},
+                 "description": "default: failed, or all with a search; all needs a search"}
+    search = [
+        {"name": "jobId", "in": "query", "schema": {"type": "string", "maxLength": 201},
+         "description": "exact job id, or a prefix ending in * (index mwapjobs_job)"},
+        {"name": "field", "in": "query", "schema": {"type": "string",
+                                                    "pattern": "^[A-Za-z][A-Za-z0-9_]{0,63}$"},
+         "description": "a data field listed in engine.search_fields (e.g. integrationId)"},
+        {"name": "value", "in": "query", "schema": {"type": "string", "maxLength": 200},
+         "description": "the field's value (digits also match the number)"},
+    ]
+    run_page = {"type": "object", "properties": {"items": {"type": "array", "items": RUN},
+                                                 "page": {"type": "integer"},
+                                                 "pageSize": {"type": "integer"},
+                                                 "total": {"type": "integer"}}}
     paging = PAGING
     paths: dict[str, Any] = {
         "/healthz": {"get": operation("The process is alive", auth=False)},
@@ -167,12 +182,32 @@ def document(job_paths: dict[str, Any] | None = None) -> dict[str, Any]:
         "/api/v1/queues/runs/{runId}/promote": {"post": operation(
             "Run a delayed run now", RUN, params=[RUN_ID], errors=("404", "409", "503"))},
         "/api/v1/queues/{queue}/runs": {"get": operation(
-            "Runs of a queue in one state, paginated",
-            {"type": "object", "properties": {"items": {"type": "array", "items": RUN},
-                                              "page": {"type": "integer"},
-                                              "pageSize": {"type": "integer"},
-                                              "total": {"type": "integer"}}},
-            params=[QUEUE, run_state, *paging], errors=("404", "503"))},
+            "Runs of a queue in one state, or found by job id or data field, paginated",
+            run_page, params=[QUEUE, run_state, *search, *paging], errors=("404", "503"))},
+        "/api/v1/queues/runs": {"get": operation(
+            "Find runs of every queue (or `queue`) by job id or data field, newest first",
+            run_page, params=[{"name": "queue", "in": "query", "schema": {"type": "string"}},
+                              run_state, *search, *paging], errors=("404", "503"))},
+        "/api/v1/queues/{queue}/retry-failed": {"post": operation(
+            "Retry every failed run (of errorType): dryRun counts them and answers asOf; "
+            "the action with that asOf leaves runs that failed after the count",
+            {"type": "object", "properties": {
+                "count": {"type": "integer"}, "asOf": TIME,
+                "byErrorType": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "retried": {"type": "integer"}, "skipped": {"type": "integer"},
+                "more": {"type": "boolean"}}},
+            params=[QUEUE], errors=("404", "415", "503"),
+            body={"type": "object", "additionalProperties": False, "properties": {
+                "dryRun": {"type": "boolean"}, "errorType": {"type": "string"},
+                "asOf": {"type": "string"}}})},
+        "/api/v1/queues/{queue}/promote-delayed": {"post": operation(
+            "Run every delayed run now: dryRun counts them and answers asOf",
+            {"type": "object", "properties": {
+                "count": {"type": "integer"}, "asOf": TIME, "promoted": {"type": "integer"},
+                "more": {"type": "boolean"}}},
+            params=[QUEUE], errors=("404", "415", "503"),
+            body={"type": "object", "additionalProperties": False, "properties": {
+                "dryRun": {"type": "boolean"}, "asOf": {"type": "string"}}})},
         "/api/v1/queues/{queue}/jobs": {"post": operation(
             "Add a job by hand", params=[QUEUE], ok_status="201", errors=("404", "503"),
             body={"type": "object", "additionalProperties": False, "properties": {

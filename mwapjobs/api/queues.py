@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 from aiohttp import web
 
 from ..logs import audit
 from ..operations import MAX_PAGE_SIZE, ConflictError, NotFoundError, Operations
-from ..storage.runs import FINISHED, STATES
+from ..storage.runs import FINISHED, MAX_SEARCH_VALUE, SEARCH_FIELD, STATES, RunSearch
 from .auth import Caller
 from .envelope import ApiError, json_body, ok
 from .keys import AUTH, ENGINE, OPERATIONS
@@ -77,17 +78,132 @@ async def stats(request: web.Request) -> web.Response:
     return ok({stats_key(name): counts for name, counts in by_queue.items()})
 
 
+def _bad(message: str) -> ApiError:
+    return ApiError(400, "validation/invalid-parameter", message)
+
+
+def _search(request: web.Request, queue: str | None) -> RunSearch | None:
+    """The search the query asks for (`jobId`, `field` + `value`, `state`), or None for
+    a plain list. `jobId=abc*` finds the job ids starting with `abc`."""
+    query = request.query
+    unknown = set(query) - {"state", "jobId", "field", "value", "page", "pageSize", "queue"}
+    if unknown:
+        raise _bad(f"unknown parameter(s): {', '.join(sorted(unknown))[:200]}")
+    job_id = query.get("jobId")
+    field = query.get("field")
+    value = query.get("value")
+    prefix = False
+    if job_id is not None:
+        prefix = job_id.endswith("*")
+        job_id = job_id[:-1] if prefix else job_id
+        if not 0 < len(job_id) <= 200 or "*" in job_id:
+            raise _bad("jobId must be 1-200 characters, with at most one * at the end")
+    if (field is None) != (value is None):
+        raise _bad("field and value go together: field=integrationId&value=…")
+    if field is not None and value is not None:
+        fields = request.app[ENGINE].runs.search_fields
+        if not SEARCH_FIELD.fullmatch(field) or field not in fields:
+            raise _bad(f"field must be one of {', '.join(fields) or '(none configured)'}")
+        if not 0 < len(value) <= MAX_SEARCH_VALUE:
+            raise _bad(f"value must be 1-{MAX_SEARCH_VALUE} characters")
+    searching = job_id is not None or field is not None
+    state = query.get("state", "all" if searching else "failed")
+    if state not in (*STATES, "all"):
+        raise _bad(f"state must be one of {', '.join(STATES)} or all")
+    if not searching:
+        if state == "all":
+            raise _bad("state=all needs a search: jobId, or field and value")
+        return None
+    return RunSearch(queue=queue, state=None if state == "all" else state,  # type: ignore[arg-type]
+                     job_id=job_id, job_id_prefix=prefix, field=field, value=value)
+
+
 @_translate
 async def list_runs(request: web.Request) -> web.Response:
     await _admin(request)
     queue = _queue(request)
-    state = request.query.get("state", "failed")
-    if state not in STATES:
-        raise ApiError(400, "validation/invalid-parameter",
-                       f"state must be one of {', '.join(STATES)}")
+    search = _search(request, queue)
     page = query_int(request, "page", 1, 1, 1_000_000)
     size = query_int(request, "pageSize", 20, 1, MAX_PAGE_SIZE)
-    return ok(await _ops(request).list_runs(queue, state, page, size))
+    if search is not None:
+        return ok(await _ops(request).search(search, page, size))
+    state = request.query.get("state", "failed")
+    return ok(await _ops(request).list_runs(queue, state, page, size))  # type: ignore[arg-type]
+
+
+@_translate
+async def find_runs(request: web.Request) -> web.Response:
+    """Runs of every queue (or `queue`) by job id or data field: "Find a run"."""
+    await _admin(request)
+    queue = request.query.get("queue")
+    if queue is not None and queue not in request.app[ENGINE].registry:
+        raise ApiError(404, "queue/not-found", f"No queue named {queue[:64]!r}.")
+    search = _search(request, queue)
+    if search is None:
+        raise _bad("give jobId, or field and value")
+    page = query_int(request, "page", 1, 1, 1_000_000)
+    size = query_int(request, "pageSize", 20, 1, MAX_PAGE_SIZE)
+    return ok(await _ops(request).search(search, page, size))
+
+
+def _as_of(body: dict[str, object]) -> datetime | None:
+    raw = body.get("asOf")
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or len(raw) > 40:
+        raise _bad("asOf must be an ISO 8601 time, as the dry run answered it")
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise _bad("asOf must be an ISO 8601 time, as the dry run answered it") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _dry_run(body: dict[str, object]) -> bool:
+    dry = body.get("dryRun", False)
+    if not isinstance(dry, bool):
+        raise _bad("dryRun must be true or false")
+    return dry
+
+
+@_translate
+async def retry_failed(request: web.Request) -> web.Response:
+    """Retry every failed run of a queue (of one error type): `dryRun` counts them and
+    answers `asOf`; the action with that `asOf` leaves runs that failed after the count."""
+    caller = await _admin(request)
+    queue = _queue(request)
+    body = await json_body(request)
+    unknown = set(body) - {"dryRun", "errorType", "asOf"}
+    if unknown:
+        raise _bad(f"unknown field(s): {', '.join(sorted(unknown))[:200]}")
+    error_type = body.get("errorType")
+    if error_type is not None and (not isinstance(error_type, str)
+                                   or not 0 < len(error_type) <= 200):
+        raise _bad("errorType must be a string of 1-200 characters")
+    ops = _ops(request)
+    if _dry_run(body):
+        return ok(await ops.failed_summary(queue, error_type))
+    result = await ops.retry_failed(queue, error_type, _as_of(body))
+    audit("queue.bulk.retry", caller.actor, f"queue:{queue}", errorType=error_type,
+          retried=result["retried"], skipped=result["skipped"])
+    return ok(result)
+
+
+@_translate
+async def promote_delayed(request: web.Request) -> web.Response:
+    """Run every delayed run of a queue now: `dryRun` counts them, as for retry-failed."""
+    caller = await _admin(request)
+    queue = _queue(request)
+    body = await json_body(request)
+    unknown = set(body) - {"dryRun", "asOf"}
+    if unknown:
+        raise _bad(f"unknown field(s): {', '.join(sorted(unknown))[:200]}")
+    ops = _ops(request)
+    if _dry_run(body):
+        return ok(await ops.delayed_summary(queue))
+    result = await ops.promote_delayed(queue, _as_of(body))
+    audit("queue.bulk.promote", caller.actor, f"queue:{queue}", promoted=result["promoted"])
+    return ok(result)
 
 
 @_translate
@@ -189,6 +305,7 @@ def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/api/v1/queues/stats", stats)
     r.add_get("/api/v1/queues/repeats", repeats)
+    r.add_get("/api/v1/queues/runs", find_runs)
     r.add_get("/api/v1/queues/runs/{runId}", get_run)
     r.add_post("/api/v1/queues/runs/{runId}/retry", _run_action("retry"))
     r.add_post("/api/v1/queues/runs/{runId}/promote", _run_action("promote"))
@@ -196,5 +313,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/v1/queues/{queue}/runs", list_runs)
     r.add_post("/api/v1/queues/{queue}/jobs", add_job)
     r.add_post("/api/v1/queues/{queue}/clean", clean)
+    r.add_post("/api/v1/queues/{queue}/retry-failed", retry_failed)
+    r.add_post("/api/v1/queues/{queue}/promote-delayed", promote_delayed)
     r.add_post("/api/v1/queues/{queue}/pause", _pause_action(True))
     r.add_post("/api/v1/queues/{queue}/resume", _pause_action(False))

@@ -16,7 +16,9 @@ here scans run history.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,61 @@ FINISHED: tuple[State, ...] = ("completed", "failed")
 LEASE_FIELDS = ("leaseOwner", "leaseUntil", "claimToken")
 # Seconds of history a page of finished runs is looked for in first (`RunStore.page`).
 HISTORY_WINDOWS = (300.0, 3600.0, 86400.0, 7 * 86400.0, 30 * 86400.0)
+# A data field a search may name: one plain key of `data`, never an operator (`$where`)
+# or a dotted path into the run's internals. Searches also need the field to be indexed
+# (`RunStore(search_fields=...)`), so this is the second wall.
+SEARCH_FIELD = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+MAX_SEARCH_VALUE = 200
+BULK_BATCH = 500  # runs read and updated per round trip by a bulk action
+NO_ERROR_TYPE = "(none)"  # how a failed run without an error type is counted
+
+
+def search_index_name(field: str) -> str:
+    return f"mwapjobs_data_{field}"
+
+
+@dataclass(frozen=True)
+class RunSearch:
+    """What to look for among the runs: a job id (exact, or a prefix) and/or one data
+    field's value, optionally in one queue and one state. Every search is served by an
+    index: `mwapjobs_job` (jobId, _id) or `mwapjobs_data_<field>` (data.<field>, _id)."""
+
+    queue: str | None = None
+    state: State | None = None
+    job_id: str | None = None
+    job_id_prefix: bool = False
+    field: str | None = None
+    value: str | int | None = None
+
+    def query(self) -> dict[str, Any]:
+        query: dict[str, Any] = {}
+        if self.job_id is not None:
+            query["jobId"] = ({"$regex": "^" + re.escape(self.job_id)} if self.job_id_prefix
+                              else self.job_id)
+        if self.field is not None:
+            if not SEARCH_FIELD.fullmatch(self.field):
+                raise ValueError(f"not a searchable field name: {self.field[:64]!r}")
+            value = self.value
+            query[f"data.{self.field}"] = (
+                {"$in": [value, int(value)]} if isinstance(value, str)
+                and re.fullmatch(r"-?[0-9]{1,18}", value) else value)
+        if self.queue is not None:
+            query["queue"] = self.queue
+        if self.state is not None:
+            query["state"] = self.state
+        return query
+
+    def index(self) -> str:
+        """The index the search walks, named to the server: a planner may not see on its
+        own that a partial index fits, or prefer a (queue, ...) one that reads history."""
+        return "mwapjobs_job" if self.job_id is not None else search_index_name(
+            str(self.field))
+
+    def order(self) -> list[tuple[str, int]]:
+        """The order of the index the search walks: newest first within a job id or value."""
+        if self.job_id is not None:
+            return [("jobId", ASCENDING), ("_id", DESCENDING)]
+        return [(f"data.{self.field}", ASCENDING), ("_id", DESCENDING)]
 
 
 class JobIdTaken(Exception):
@@ -92,6 +149,11 @@ def _find_ids(query: dict[str, Any]) -> Callable[[Any], Awaitable[list[dict[str,
     return lambda db: db[RUNS].find(query, {"_id": 1}).to_list(None)
 
 
+def _page_of(query: dict[str, Any], projection: dict[str, Any], order: list[tuple[str, int]],
+             limit: int) -> Callable[[Any], Awaitable[list[dict[str, Any]]]]:
+    return lambda db: db[RUNS].find(query, projection).sort(order).limit(limit).to_list(limit)
+
+
 def _update_many(query: dict[str, Any], update: Any) -> Callable[[Any], Awaitable[Any]]:
     return lambda db: db[RUNS].update_many(query, update)
 
@@ -121,8 +183,14 @@ class RunStore:
     """All queries on runs and queue state. Methods map one-to-one to round trips
     unless their docstring says otherwise."""
 
-    def __init__(self, mongo: Mongo) -> None:
+    def __init__(self, mongo: Mongo, search_fields: Sequence[str] = ()) -> None:
+        """`search_fields`: the data fields runs can be searched by (`search`), each with
+        its own partial index."""
+        for field in search_fields:
+            if not SEARCH_FIELD.fullmatch(field):
+                raise ValueError(f"not a searchable field name: {field!r}")
         self._mongo = mongo
+        self.search_fields = tuple(search_fields)
 
     async def ensure_indexes(self) -> None:
         specs: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
@@ -143,6 +211,12 @@ class RunStore:
             ([("key", ASCENDING)], {"name": "mwapjobs_dedupe", "unique": True, "sparse": True}),
             # One run per repeat occurrence, however often its fire is retried.
             ([("slot", ASCENDING)], {"name": "mwapjobs_slot", "unique": True, "sparse": True}),
+            # Finding runs by job id in every state (the dedupe key is gone once finished).
+            ([("jobId", ASCENDING), ("_id", DESCENDING)], {"name": "mwapjobs_job"}),
+            *(([(f"data.{f}", ASCENDING), ("_id", DESCENDING)],
+               {"name": search_index_name(f),
+                "partialFilterExpression": {f"data.{f}": {"$exists": True}}})
+              for f in self.search_fields),
         ]
         for keys, options in specs:
             await self._mongo.call(_create_index(RUNS, keys, options))
@@ -488,6 +562,22 @@ class RunStore:
         return await self._mongo.call(
             lambda db: db[RUNS].find(query).sort(order).skip(skip).limit(limit).to_list(limit))
 
+    async def search(self, search: RunSearch, skip: int,
+                     limit: int) -> tuple[list[dict[str, Any]], int]:
+        """A page of the runs `search` finds, in its index's order, and how many it finds
+        in all (two round trips, both on the index: no scan of the history)."""
+        if search.job_id is None and search.field is None:
+            raise ValueError("a search needs a job id or a data field")
+        if search.field is not None and search.field not in self.search_fields:
+            raise ValueError(f"field must be one of {', '.join(self.search_fields) or '(none)'}")
+        query = search.query()
+        index = search.index()
+        docs, total = await asyncio.gather(
+            self._mongo.call(lambda db: db[RUNS].find(query).sort(search.order()).hint(index)
+                             .skip(skip).limit(limit).to_list(limit)),
+            self._mongo.call(lambda db: db[RUNS].count_documents(query, hint=index)))
+        return docs, int(total)
+
     async def requeue(
         self, run_id: ObjectId, from_states: tuple[State, ...], key: str | None, now: datetime,
         reset: dict[str, Any],
@@ -510,6 +600,121 @@ class RunStore:
             )
         except DuplicateKeyError:
             raise JobIdTaken(key) from None
+
+    # -- bulk actions ------------------------------------------------------------
+
+    async def failed_by_type(self, queue: str, as_of: datetime) -> dict[str, int]:
+        """error type → failed runs of `queue` finished by `as_of` (one aggregation over
+        the queue's failed range of the history index; failed history is bounded by
+        `keep_failed`). Runs without an error type count under NO_ERROR_TYPE."""
+        docs = await self._mongo.call(lambda db: db[RUNS].aggregate([
+            {"$match": {"queue": queue, "state": "failed", "finishedAt": {"$lte": as_of}}},
+            {"$group": {"_id": "$error.type", "n": {"$sum": 1}}},
+        ]).to_list(None))
+        out: dict[str, int] = {}
+        for d in docs:
+            name = d["_id"] if isinstance(d["_id"], str) and d["_id"] else NO_ERROR_TYPE
+            out[name] = out.get(name, 0) + int(d["n"])
+        return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    async def retry_failed(self, queue: str, error_type: str | None, as_of: datetime,
+                           now: datetime, cap: int) -> dict[str, Any]:
+        """Requeue the failed runs of `queue` (of `error_type`) finished by `as_of`, newest
+        first, BULK_BATCH at a time: read a page of ids on the history index (after the
+        previous page: no run is read twice), then flip them with updates that repeat
+        `state: failed`, so a run retried or removed meanwhile is not touched.
+
+        A run is skipped when its job id already has a pending run, or when a newer
+        failed run of the same job id is retried in this call (one pending run per job
+        id). Returns {retried, skipped, more}; `more` when `cap` runs were looked at and
+        some may be left."""
+        base: dict[str, Any] = {"queue": queue, "state": "failed",
+                                "finishedAt": {"$lte": as_of}}
+        if error_type is not None:
+            base["error.type"] = None if error_type == NO_ERROR_TYPE else error_type
+        reset = {"state": "waiting", "runAt": now, "attemptsMade": 0, "error": None,
+                 "finishedAt": None, "stalledCount": 0}
+        retried = skipped = seen = 0
+        after: tuple[datetime, ObjectId] | None = None
+        job_ids_done: set[str] = set()
+        while seen < cap:
+            query = dict(base)
+            if after is not None:
+                query["$or"] = [{"finishedAt": {"$lt": after[0]}},
+                                {"finishedAt": after[0], "_id": {"$lt": after[1]}}]
+            size = min(BULK_BATCH, cap - seen)
+            page = await self._mongo.call(_page_of(
+                query, {"jobId": 1, "finishedAt": 1},
+                [("finishedAt", DESCENDING), ("_id", DESCENDING)], size))
+            if not page:
+                break
+            seen += len(page)
+            after = (page[-1]["finishedAt"], page[-1]["_id"])
+            keyed = {d["_id"]: d["jobId"] for d in page if isinstance(d.get("jobId"), str)}
+            keys = sorted({dedupe_key(queue, j) for j in keyed.values()})
+            taken = set()
+            if keys:
+                held = await self._mongo.call(_page_of(
+                    {"key": {"$in": keys}}, {"key": 1}, [("key", ASCENDING)], len(keys)))
+                taken = {str(d["key"]).split(":", 1)[1] for d in held}
+            plain = [d["_id"] for d in page if d["_id"] not in keyed]
+            with_key: list[ObjectId] = []
+            for run_id, job_id in keyed.items():
+                if job_id in taken or job_id in job_ids_done:
+                    skipped += 1
+                    continue
+                job_ids_done.add(job_id)
+                with_key.append(run_id)
+            if plain:
+                retried += await self._modified(
+                    {"_id": {"$in": plain}, "state": "failed"}, {"$set": reset})
+            if with_key:
+                try:
+                    retried += await self._modified(
+                        {"_id": {"$in": with_key}, "state": "failed"},
+                        [{"$set": {**{k: {"$literal": v} for k, v in reset.items()},
+                                   "key": {"$concat": [f"{queue}:", "$jobId"]}}}])
+                except DuplicateKeyError:  # a run of one of these job ids was added meanwhile
+                    for run_id in with_key:
+                        try:
+                            done = await self.requeue(run_id, ("failed",),
+                                                      dedupe_key(queue, keyed[run_id]), now,
+                                                      {k: v for k, v in reset.items()
+                                                       if k not in ("state", "runAt")})
+                        except JobIdTaken:
+                            done = None
+                        if done is None:
+                            skipped += 1
+                        else:
+                            retried += 1
+        more = seen >= cap and bool(await self._mongo.call(
+            lambda db: db[RUNS].find_one(base, {"_id": 1})))
+        return {"retried": retried, "skipped": skipped, "more": more}
+
+    async def promote_all(self, queue: str, as_of: datetime, now: datetime,
+                          cap: int) -> dict[str, Any]:
+        """Make the delayed runs of `queue` created by `as_of` waiting now, BULK_BATCH at a
+        time (ids read on the claim index, then flipped under `state: delayed`, so a run
+        claimed or removed meanwhile is not touched). Returns {promoted, more}."""
+        base = {"queue": queue, "state": "delayed", "createdAt": {"$lte": as_of}}
+        promoted = seen = 0
+        while seen < cap:
+            size = min(BULK_BATCH, cap - seen)
+            page = await self._mongo.call(_page_of(
+                base, {"_id": 1}, [("priority", DESCENDING), ("runAt", ASCENDING)], size))
+            if not page:
+                break
+            seen += len(page)
+            promoted += await self._modified(
+                {"_id": {"$in": [d["_id"] for d in page]}, "state": "delayed"},
+                {"$set": {"state": "waiting", "runAt": now}})
+        more = seen >= cap and bool(await self._mongo.call(
+            lambda db: db[RUNS].find_one(base, {"_id": 1})))
+        return {"promoted": promoted, "more": more}
+
+    async def _modified(self, query: dict[str, Any], update: Any) -> int:
+        result = await self._mongo.call(_update_many(query, update))
+        return int(result.modified_count)
 
     async def delete(self, run_id: ObjectId, states: tuple[State, ...]) -> dict[str, Any] | None:
         """Delete a run if it is in one of `states`; returns what was deleted."""
