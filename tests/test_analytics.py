@@ -15,6 +15,7 @@ from bson import ObjectId
 from mwapjobs.api.auth import Authenticator
 from mwapjobs.daemon import Daemon
 from mwapjobs.jobs.analytics.daily import Analytics
+from mwapjobs.storage.files import FileIndexStore
 from mwapjobs.storage.identity import IdentityStore
 from mwapjobs.storage.mongo import Mongo
 from mwapjobs.storage.names import (
@@ -24,10 +25,16 @@ from mwapjobs.storage.names import (
     PROJECTS,
     VIRTUAL_FILES,
 )
-from tests.conftest import make_settings
+from tests.conftest import make_settings, wait_for
 from tests.support.admin import call, with_admin
 from tests.support.jwks import JwksServer
-from tests.support.mwap_data import insert_integration, insert_provider, insert_tenant, test_cipher
+from tests.support.mwap_data import (
+    insert_integration,
+    insert_provider,
+    insert_superadmin,
+    insert_tenant,
+    test_cipher,
+)
 from tests.support.quota_providers import QuotaServer
 from tests.support.refresh_world import World
 
@@ -102,9 +109,15 @@ async def seed(mongo: Mongo) -> dict[str, str]:
         {"_id": "p2", "tenantId": acme, "name": "Old", "archived": True,
          "members": [{"userId": "u1", "role": "OWNER"}]},
         {"_id": "p3", "tenantId": globex, "name": "Docs", "members": []}]))
-    await mongo.call(lambda db: db[VIRTUAL_FILES].insert_many([
-        {"projectId": "p1", "integrationId": ids["a1"], "providerFileId": f"f{i}",
-         "size": 1000 * i} for i in range(1, 4)]))
+    # The file index's summaries, as jobs/files/ writes them (a full pass, then an
+    # incremental page); virtualFiles' own documents are not what is counted.
+    files = FileIndexStore(mongo)
+    await files.save_state("p1", {"state": "synced", "tenantId": acme, "fileCount": 3,
+                                  "folderCount": 1, "totalSize": 6000})
+    await files.save_state("p1", {"state": "synced"}, inc={"fileCount": 1, "totalSize": 500})
+    await files.save_state("p3", {"state": "skipped", "tenantId": globex})
+    await mongo.call(lambda db: db[VIRTUAL_FILES].insert_one(
+        {"projectId": "p1", "integrationId": ids["a1"], "providerFileId": "f1", "size": 9}))
     await mongo.call(lambda db: db[INTEGRATION_STATE].insert_many([
         {"_id": ids["a1"], "health": {"tenantId": acme, "lastResult": {"outcome": "healthy"}}},
         {"_id": ids["a2"], "health": {"tenantId": acme, "lastResult": {"outcome": "expired"}}}]))
@@ -140,13 +153,14 @@ async def test_snapshots_count_every_tenant_and_a_rerun_replaces(
     assert acme["refresh"] == {"refreshed": 3, "skipped": 0, "transientFailure": 0,
                                "permanentFailure": 1}
     assert acme["health"]["healthy"] == 1 and acme["health"]["expired"] == 1
-    assert acme["files"] == {"files": 3, "bytes": 6000}
+    assert acme["files"] == {"files": 4, "bytes": 6500}
     _, body = await call(daemon, "GET", "/api/v1/analytics")
     [platform] = body["data"]["days"]
     assert platform["scope"] == "platform" and platform["tenants"] == 2
     assert platform["integrations"]["total"] == 4  # the gone tenant's is not counted
     assert platform["integrations"]["byStatus"]["revoked"] == 1
-    assert platform["projects"]["total"] == 3 and platform["files"]["bytes"] == 6000
+    assert platform["projects"]["total"] == 3 and platform["files"] == {"files": 4,
+                                                                       "bytes": 6500}
 
     await insert_integration(mongo, test_cipher(), provider=str(ObjectId()),
                              tenant_id=ids["globex"])
@@ -177,6 +191,11 @@ async def test_storage_quota_through_the_limits_and_a_refresh_on_401(
         quota.stale.add("at-before")  # every seeded access token needs a refresh
         daemon = await make_daemon(refresh=True, quota=True, quota_provider_concurrency=2,
                                    quota_provider_rate=50.0)
+        # Discovery's first pass first: one that read the pending runs before a "refresh
+        # now" was added puts that run back to its scheduled time (a race of the refresh
+        # job's, not of the quota's), and this test is about the quota.
+        discovery = daemon.jobs["refresh"].discovery
+        await wait_for(lambda: discovery.last_sync is not None, message="the first pass")
         report = await analytics(daemon).run()
         assert report["quota"]["integrations"] == 7
         assert report["quota"]["byState"] == {"ok": 7}
@@ -195,6 +214,17 @@ async def test_storage_quota_through_the_limits_and_a_refresh_on_401(
         assert all(i["state"] == "ok" for i in items.values())
         assert day["refresh"]["refreshed"] == 7  # counted from the engine's events
 
+        gone = extra.pop()  # deleted since: its old reading is no quota of the day
+        await mongo.call(lambda db: db[INTEGRATIONS].delete_one({"_id": gone}))
+        report = await analytics(daemon).run()
+        assert report["quota"]["byState"] == {"ok": 6} and report["quota"]["refreshed"] == 0
+        assert len(quota.requests) == 14 + 6  # the refreshed tokens are good now
+        _, body = await call(daemon, "GET", f"/api/v1/analytics?tenantId={tenant}")
+        [day] = body["data"]["days"]
+        assert day["quota"]["readings"] == 6 and day["quota"]["used"] == 6 * 3 * GB
+        assert {i["integrationId"] for i in day["quota"]["items"]} == {
+            *integrations.values(), *extra}
+
 
 async def test_who_sees_what(make_daemon: MakeDaemon, mongo: Mongo, idp: JwksServer) -> None:
     ids = await seed(mongo)
@@ -212,9 +242,22 @@ async def test_who_sees_what(make_daemon: MakeDaemon, mongo: Mongo, idp: JwksSer
                            ("?to=yesterday", "to must be a date"),
                            ("?from=2026-12-02&to=2026-12-01", "from must not be after to"),
                            ("?from=2020-01-01&to=2026-12-01", "at most 366 days"),
+                           ("?from=20261201", "from must be a date"),  # ISO, not this form
+                           ("?to=2026-W49-2", "to must be a date"),
+                           ("?to=2026-12-01%0A", "to must be a date"),
+                           ("?from=0001-01-01&to=9999-12-31", "at most 366 days"),
                            ("?tenantId=not-hex", "tenantId must be a 24-hex id")):
         status, body = await call(daemon, "GET", f"/api/v1/analytics{query}")
         assert status == 400 and message in body["error"]["message"], query
+    status, body = await call(daemon, "GET", "/api/v1/analytics?to=0001-01-05")  # no overflow
+    assert status == 200 and body["data"]["from"] == "0001-01-01"
+    status, _ = await call(daemon, "GET", "/api/v1/analytics?from=nope", token=None)
+    assert status == 401  # who asks comes first
+    await insert_superadmin(mongo, "auth0|staff")
+    staff = idp.token("auth0|staff")
+    for path in ("/api/v1/analytics", f"/api/v1/analytics?tenantId={ids['globex']}"):
+        status, body = await call(daemon, "GET", path, token=staff)
+        assert status == 200 and len(body["data"]["days"]) == 1, path
     week = (datetime.now(UTC).date() - timedelta(days=6)).isoformat()
     status, body = await call(daemon, "GET", f"/api/v1/analytics?from={week}&to={DAY}")
     assert status == 200 and [d["day"] for d in body["data"]["days"]] == [DAY]

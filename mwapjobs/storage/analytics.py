@@ -7,13 +7,14 @@ and a status...), never the documents: a daily run over 10,000 tenants and 100,0
 integrations costs the same dozen aggregations as over ten. Snapshots are written by
 `_id` (`tenant:<tenantId>:<day>`, `platform:<day>`), a thousand per round trip, so a
 rerun of a day replaces its documents (a unique index on `{tenantId, day}` besides);
-activity counters are added by `{tenantId, day}`, two round trips per flush.
+activity counters are `$inc`s by `{tenantId, day}`, one round trip per tenant touched.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
@@ -24,11 +25,11 @@ from .mongo import Mongo
 from .names import (
     ANALYTICS_ACTIVITY,
     ANALYTICS_DAILY,
+    FILE_INDEX,
     INTEGRATION_STATE,
     INTEGRATIONS,
     PROJECTS,
     TENANTS,
-    VIRTUAL_FILES,
 )
 
 Rows = list[dict[str, Any]]
@@ -38,6 +39,12 @@ _CONNECTED = {"$cond": [{"$in": [{"$ifNull": ["$accessToken", ""]}, ["", None]]}
 def _aggregate(collection: str, pipeline: list[dict[str, Any]]
                ) -> Callable[[Any], Awaitable[Rows]]:
     return lambda db: db[collection].aggregate(pipeline, allowDiskUse=True).to_list(None)
+
+
+def _bump(tenant_id: str, day: str, inc: dict[str, int]) -> Callable[[Any], Awaitable[Any]]:
+    return lambda db: db[ANALYTICS_ACTIVITY].update_one(
+        {"_id": f"{tenant_id}|{day}"},
+        {"$inc": inc, "$setOnInsert": {"tenantId": tenant_id, "day": day}}, upsert=True)
 
 
 class AnalyticsStore:
@@ -82,10 +89,11 @@ class AnalyticsStore:
             {"$group": {"_id": {"t": "$health.tenantId", "o": "$health.lastResult.outcome"},
                         "n": {"$sum": 1}}}]))
 
-    async def quota_by_tenant(self) -> Rows:
-        """`{_id: tenantId, used, allocated, readings, items}` from the latest readings."""
+    async def quota_by_tenant(self, since: datetime) -> Rows:
+        """`{_id: tenantId, used, allocated, readings, items}` from the readings taken at
+        `since` or later (a run's own: an integration gone since keeps an old one)."""
         return await self._mongo.call(_aggregate(INTEGRATION_STATE, [
-            {"$match": {"quota.tenantId": {"$exists": True}}},
+            {"$match": {"quota.tenantId": {"$exists": True}, "quota.at": {"$gte": since}}},
             {"$group": {"_id": "$quota.tenantId",
                         "used": {"$sum": {"$ifNull": ["$quota.used", 0]}},
                         "allocated": {"$sum": {"$ifNull": ["$quota.allocated", 0]}},
@@ -97,48 +105,30 @@ class AnalyticsStore:
                                             "at": "$quota.at"}}}}]))
 
     async def files_by_tenant(self) -> Rows | None:
-        """`{_id: tenantId, files, bytes}` from `virtualFiles` (through its projects), or
-        None when file indexing never wrote that collection."""
+        """`{_id: tenantId, files, bytes}` from the file index's per-project summaries in
+        `mwapjobs_file_index` (jobs/files/ keeps `fileCount` and `totalSize` exact after
+        every page, and forgets the project it no longer indexes), or None when file
+        indexing never ran here. One row per project is grouped, never `virtualFiles`'
+        millions of documents."""
         names = await self._mongo.call(
-            lambda db: db.list_collection_names(filter={"name": VIRTUAL_FILES}))
-        if VIRTUAL_FILES not in names:
+            lambda db: db.list_collection_names(filter={"name": FILE_INDEX}))
+        if FILE_INDEX not in names:
             return None
-        return await self._mongo.call(_aggregate(VIRTUAL_FILES, [
-            {"$group": {"_id": "$projectId", "files": {"$sum": 1},
-                        "bytes": {"$sum": {"$ifNull": ["$size", 0]}}}},
-            {"$lookup": {"from": PROJECTS, "localField": "_id", "foreignField": "_id",
-                         "as": "project"}},
-            {"$unwind": "$project"},
-            {"$group": {"_id": "$project.tenantId", "files": {"$sum": "$files"},
-                        "bytes": {"$sum": "$bytes"}}}]))
+        return await self._mongo.call(_aggregate(FILE_INDEX, [
+            {"$match": {"tenantId": {"$exists": True}}},
+            {"$group": {"_id": "$tenantId",
+                        "files": {"$sum": {"$ifNull": ["$fileCount", 0]}},
+                        "bytes": {"$sum": {"$ifNull": ["$totalSize", 0]}}}}]))
 
     # -- the day's activity -----------------------------------------------------------------
 
     async def bump_activity(self, deltas: dict[tuple[str, str], dict[str, int]]) -> None:
-        """Add counts to each `(tenantId, day)`'s counters in two round trips whatever
-        the number of keys: the missing documents are made (one insert), then one update
-        adds each document its own counts. One upsert per key cost a write per refresh in
-        a fleet of one integration per tenant (issue 11: <= 4 round trips per refresh)."""
-        rows = sorted((f"{tenant_id}|{day}", tenant_id, day, inc)
-                      for (tenant_id, day), counts in deltas.items()
-                      if (inc := {k: v for k, v in counts.items() if v}))
-        if not rows:
-            return
-        try:
-            await self._mongo.call(lambda db: db[ANALYTICS_ACTIVITY].insert_many(
-                [{"_id": key, "tenantId": tenant_id, "day": day}
-                 for key, tenant_id, day, _ in rows], ordered=False))
-        except BulkWriteError as exc:  # documents there already are what we want
-            if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])):
-                raise
-        names = sorted({name for *_, inc in rows for name in inc})
-        added = {f"refresh.{name}": {"$add": [
-            {"$ifNull": [f"$refresh.{name}", 0]},
-            {"$ifNull": [by_id([(key, inc.get(name, 0)) for key, _, _, inc in rows]), 0]}]}
-            for name in names}
-        keys = [key for key, *_ in rows]
-        await self._mongo.call(lambda db: db[ANALYTICS_ACTIVITY].update_many(
-            {"_id": {"$in": keys}}, [{"$set": added}]))
+        """Add counts to each `(tenantId, day)`'s counters (one upsert per key)."""
+        for (tenant_id, day), counts in deltas.items():
+            inc = {f"refresh.{k}": v for k, v in counts.items() if v}
+            if not inc:
+                continue
+            await self._mongo.call(_bump(tenant_id, day, inc))
 
     async def activity(self, day: str) -> Rows:
         return await self._mongo.call(lambda db: db[ANALYTICS_ACTIVITY].find(

@@ -43,6 +43,7 @@ OPENAPI = {
         params=[{"name": "day", "in": "query", "schema": DAY}], errors=("503",))},
 }
 _HEX24 = re.compile(r"^[0-9a-fA-F]{24}$")
+_DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 DEFAULT_DAYS = 30
 
 
@@ -58,16 +59,26 @@ ANALYTICS_API: web.AppKey[AnalyticsApi] = web.AppKey("analytics_api")
 
 
 def _day(request: web.Request, name: str, default: date) -> date:
+    """A YYYY-MM-DD query parameter. Only that form: `date.fromisoformat` also takes
+    `20261201` and week dates (`2026-W49-2`), which no caller means."""
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
     try:
-        if len(raw) != 10:
+        if not _DATE.fullmatch(raw):
             raise ValueError
         return date.fromisoformat(raw)
     except ValueError:
         raise ApiError(400, "validation/invalid-parameter",
                        f"{name} must be a date as YYYY-MM-DD") from None
+
+
+def _days_before(last: date, days: int) -> date:
+    """`days` before `last`, or the first day there is (a `to` in year 1: no 500)."""
+    try:
+        return last - timedelta(days=days)
+    except OverflowError:
+        return date.min
 
 
 def view(doc: dict[str, Any]) -> dict[str, Any]:
@@ -80,21 +91,21 @@ def view(doc: dict[str, Any]) -> dict[str, Any]:
 async def snapshots(request: web.Request) -> web.Response:
     api = request.app[ANALYTICS_API]
     tenant_id = request.query.get("tenantId")
-    if tenant_id is not None and not _HEX24.match(tenant_id):
+    if tenant_id is not None and not _HEX24.fullmatch(tenant_id):
         raise ApiError(400, "validation/invalid-id", "tenantId must be a 24-hex id")
+    auth = request.app[AUTH]  # who asks first: a stranger learns nothing from a 400
+    if tenant_id is None:
+        await auth.require_admin(request)
+    else:
+        await auth.require_tenant_access(request, tenant_id)
     today = date.fromisoformat(day_of(api.clock(), api.settings.timezone))
     last = _day(request, "to", today)
-    first = _day(request, "from", last - timedelta(days=DEFAULT_DAYS - 1))
+    first = _day(request, "from", _days_before(last, DEFAULT_DAYS - 1))
     if first > last:
         raise ApiError(400, "validation/invalid-parameter", "from must not be after to")
     if (last - first).days + 1 > api.settings.max_days:
         raise ApiError(400, "validation/invalid-parameter",
                        f"at most {api.settings.max_days} days at a time")
-    auth = request.app[AUTH]
-    if tenant_id is None:
-        await auth.require_admin(request)
-    else:
-        await auth.require_tenant_access(request, tenant_id)
     docs = await api.store.snapshots(tenant_id, first.isoformat(), last.isoformat())
     return ok({"from": first.isoformat(), "to": last.isoformat(), "tenantId": tenant_id,
                "scope": "tenant" if tenant_id else "platform",

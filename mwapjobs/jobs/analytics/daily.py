@@ -148,12 +148,16 @@ class Analytics:
         now = self.clock()
         day = day or day_of(now, self.settings.timezone)
         quota = QuotaReport()
+        # This run's readings only: one of an integration deleted or disconnected since
+        # an earlier run is no quota of the day (ms: what the store keeps of a date).
+        since: datetime | None = None
         if self.settings.quota and self.cipher is not None:
+            since = now.replace(microsecond=now.microsecond // 1000 * 1000)
             await self.collect_quota(quota)
         quota_seconds = time.monotonic() - started
         with contextlib.suppress(Exception):  # the counts so far belong in the snapshot
             await self.activity.flush()
-        written = await self.snapshots(day, now)
+        written = await self.snapshots(day, now, quota_since=since)
         report = {
             "day": day, "tenants": written["tenants"], "replaced": written["replaced"],
             "quota": {"integrations": quota.integrations, "byState": dict(quota.by_state),
@@ -169,14 +173,17 @@ class Analytics:
 
     # -- 2. snapshots ---------------------------------------------------------------------
 
-    async def snapshots(self, day: str, now: datetime) -> dict[str, Any]:
+    async def snapshots(self, day: str, now: datetime, *,
+                        quota_since: datetime | None = None) -> dict[str, Any]:
+        """Write the day's snapshots; quota readings taken at `quota_since` or later go
+        in (None: no quota was read, none goes in)."""
         started = time.monotonic()
         s = self.store
         tenant_ids = await s.tenant_ids()
         projects, members = await s.projects_by_tenant(), await s.members_by_tenant()
         integrations, health = await s.integrations_by_tenant(), await s.health_by_tenant()
-        quota, files, activity = (await s.quota_by_tenant(), await s.files_by_tenant(),
-                                  await s.activity(day))
+        quota = [] if quota_since is None else await s.quota_by_tenant(quota_since)
+        files, activity = await s.files_by_tenant(), await s.activity(day)
         providers = await self.integrations.providers_by_id()
         docs = await asyncio.to_thread(lambda: assemble(
             day=day, at=now, tenant_ids=tenant_ids, projects=projects, members=members,

@@ -31,7 +31,7 @@ def families(doc: dict[str, Any] | None) -> list[Metric]:
                                     "Storage used in connected integrations (last snapshot)."),
         "storage_allocated_bytes": gauge("storage_allocated_bytes",
                                          "Storage allocated to them (last snapshot)."),
-        "indexed_files": gauge("indexed_files", "Files in virtualFiles (last snapshot)."),
+        "indexed_files": gauge("indexed_files", "Files in the file index (last snapshot)."),
         "indexed_bytes": gauge("indexed_bytes", "Their bytes (last snapshot)."),
         "snapshot_timestamp_seconds": gauge("snapshot_timestamp_seconds",
                                             "When the last platform snapshot was computed."),
