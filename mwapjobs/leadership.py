@@ -8,6 +8,11 @@ a frozen VM) stops before doing anything when it wakes up, before the database t
 the lease is gone; and a new leader can only take the lease once `lockUntil` passed on
 the database's side. Failover therefore takes at most `ttl` plus one renew interval.
 
+A graceful stop (`resign`) is for good: the renewal loop may still tick while the
+process drains its running jobs, and a step after (or during) `resign` neither takes the
+lease again nor renews it, so a stopping instance never leads again and the lease it
+freed stays free for the next one.
+
 Leader-only work is registered with `every`/`keep` (the names and arguments of
 `Supervisor`): it starts when this instance gains the lease and is cancelled when it
 loses it. `on_gain`/`on_lose` callbacks start and stop what is not a loop (the clock).
@@ -45,6 +50,7 @@ class Leadership:
         self._on_lose: list[Callable[[], Awaitable[None]]] = []
         self._failures = FailureLog(log, "leader lease: MongoDB did not answer", lease=LEASE)
         self.changes = 0  # times this instance gained or lost the lease
+        self._closed = False  # resigned or abandoned: never lead again
 
     @property
     def term(self) -> int | None:
@@ -76,11 +82,15 @@ class Leadership:
 
     async def step(self) -> None:
         """Take, renew or give up the lease (every `renew_every` s). Never raises."""
+        if self._closed:
+            return
         sent = time.monotonic()
         try:
             if self.fence is None:
                 fence = await self.store.acquire(LEASE, self.owner, self.clock(), self.ttl)
-                if fence is not None:
+                if fence is not None and self._closed:  # resigned while we asked
+                    await self.store.release(LEASE, self.owner, fence)
+                elif fence is not None:
                     self.fence, self._valid_until = fence, sent + self.ttl
                     await self._gained()
             elif not self.leading:  # ran out by our clock (we were paused, or cut off)
@@ -98,7 +108,8 @@ class Leadership:
         self._failures.succeeded()
 
     async def resign(self) -> None:
-        """Stop leading and free the lease at once (a graceful stop)."""
+        """Stop leading for good and free the lease at once (a graceful stop)."""
+        self._closed = True
         fence = self.fence
         if fence is None:
             return

@@ -189,6 +189,10 @@ class Scheduler:
         self._clock: _ClockThread | None = None  # the leader's
         self._store: JobStore | None = None  # the clock's own
         self._wanted = False  # this instance leads: the clock should run
+        # Starting, stopping and restarting the clock, one at a time: each waits on the
+        # I/O thread, and a check during a slow start would otherwise start a second
+        # clock (two threads firing every occurrence, one of them never stopped).
+        self._clock_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._round_trips = 0  # of stores replaced by a restart
         self.restarts = 0
@@ -242,18 +246,20 @@ class Scheduler:
     async def start_clock(self) -> None:
         """This instance leads: run the clock (retried by `check_clock` if it fails)."""
         self._wanted = True
-        if self._clock is None:
-            self._clock, self._store = await self._in_thread(self._start_sync)
+        async with self._clock_lock:
+            if self._clock is None and self._wanted:
+                self._clock, self._store = await self._in_thread(self._start_sync)
 
     async def stop_clock(self) -> None:
         """This instance no longer leads: stop firing (the triggers stay)."""
         self._wanted = False
-        clock, self._clock = self._clock, None
-        if clock is not None:
-            if self._store is not None:
-                self._round_trips += self._store.round_trips
-                self._store = None
-            await self._in_thread(lambda: clock.stop(HANDOFF_TIMEOUT + 5))
+        async with self._clock_lock:
+            clock, self._clock = self._clock, None
+            if clock is not None:
+                if self._store is not None:
+                    self._round_trips += self._store.round_trips
+                    self._store = None
+                await self._in_thread(lambda: clock.stop(HANDOFF_TIMEOUT + 5))
 
     def _start_sync(self) -> tuple[_ClockThread, JobStore]:
         store = self._new_store()
@@ -285,6 +291,11 @@ class Scheduler:
         failed start raises, and is tried again)."""
         if not self._wanted or self.healthy:
             return
+        async with self._clock_lock:
+            if self._wanted and not self.healthy:  # still so once a start or stop ended
+                await self._restart_clock()
+
+    async def _restart_clock(self) -> None:
         old = self._clock
         if old is None:
             self._clock, self._store = await self._in_thread(self._start_sync)

@@ -21,6 +21,7 @@ import pytest
 from apscheduler.jobstores.base import JobLookupError
 from pymongo.errors import AutoReconnect
 
+from mwapjobs import engine as engine_module
 from mwapjobs import scheduler as scheduler_module
 from mwapjobs.config import EngineSettings
 from mwapjobs.engine import Engine, as_utc
@@ -290,3 +291,28 @@ async def test_stopping_never_uses_a_closed_client(
         await engine.stop(1)
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not [m for m in messages if "after close" in m or "job store" in m], messages
+
+
+async def test_a_slow_clock_start_is_not_doubled_by_the_check(
+        engines: Callable[[], Engine], mongo: Mongo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gaining the lease starts the clock; the check (every CHECK_SECONDS) must not start
+    a second one while that start is still on its way (a slow server), or two clock
+    threads fire every occurrence in one process, and the one no longer referenced is
+    never stopped when the lease is lost."""
+    original_start = scheduler_module.Scheduler._start_sync
+    started: list[Any] = []
+
+    def slow_start(self: Any) -> Any:
+        threading.Event().wait(0.5)  # on the scheduler's I/O thread: 5 checks meanwhile
+        clock, store = original_start(self)
+        started.append(clock)
+        return clock, store
+
+    monkeypatch.setattr(scheduler_module.Scheduler, "_start_sync", slow_start)
+    monkeypatch.setattr(engine_module, "CHECK_SECONDS", 0.1)  # the engine's own import
+    engine = engines()
+    await ticking(engine)
+    await more_runs(mongo, 1)
+    assert len(started) == 1, f"{len(started)} clocks started"
+    await engine.leadership.resign()  # the lease lost: the clock stops
+    assert not any(c._thread.is_alive() for c in started), "a clock thread still runs"

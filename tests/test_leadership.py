@@ -48,6 +48,35 @@ async def test_a_graceful_stop_hands_the_lease_over_at_once(mongo: Mongo) -> Non
     assert b.leading and b.fence == 2  # a new holder, a new fence
 
 
+async def test_a_stopping_instance_never_takes_the_lease_again_while_it_drains(
+        mongo: Mongo) -> None:
+    """The renewal loop keeps ticking during a drain: after `resign` its steps must not
+    take the freed lease back (the next instance would wait a whole lease for a process
+    that is exiting), not even a step that was asking when `resign` came."""
+    a, b = leader(mongo, "a"), leader(mongo, "b")
+    await a.step()
+    await a.resign()
+    await a.step()  # the loop ticks once more while running jobs drain
+    assert not a.leading
+    held = await LeaseStore(mongo).holder(LEASE)
+    assert held is not None and held["lockUntil"].timestamp() == 0  # still free
+    await b.step()
+    assert b.leading and b.fence == 2
+    await b.resign()
+
+    class Slow(LeaseStore):
+        async def acquire(self, name: str, owner: str, now: Any, ttl: float) -> int | None:
+            fence = await super().acquire(name, owner, now, ttl)
+            await c.resign()  # the stop comes while the acquire is on its way
+            return fence
+
+    c = Leadership(Slow(mongo), "c", 30.0, utcnow)
+    await c.step()
+    assert not c.leading and c.changes == 0
+    held = await LeaseStore(mongo).holder(LEASE)
+    assert held is not None and held["lockedBy"] == "c" and held["lockUntil"].timestamp() == 0
+
+
 async def test_a_paused_leader_stops_by_its_own_clock_and_cannot_renew_after_a_takeover(
         mongo: Mongo) -> None:
     a, b = leader(mongo, "a", ttl=1.0), leader(mongo, "b", ttl=1.0)
