@@ -136,6 +136,8 @@ class RefreshSettings(_Section):
     lead: float = Field(300.0, ge=0)
     jitter: float = Field(30.0, ge=0)
     sync_interval: float = Field(60.0, gt=0)
+    # Follow the backend's writes with change streams where the server has them.
+    follow_changes: bool = True
     request_timeout: float = Field(30.0, gt=0)
     user_agent: str = "MWAP-OAuth-Client/1.0"
     provider_concurrency: int = Field(4, ge=1)

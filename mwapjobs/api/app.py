@@ -15,7 +15,16 @@ from ..operations import Operations
 from . import dashboard, health, metrics, openapi, queues
 from .auth import Authenticator
 from .envelope import envelope_middleware
-from .keys import AUTH, ENGINE, METRICS, OPENAPI_PATHS, OPERATIONS, READINESS, SETTINGS
+from .keys import (
+    AUTH,
+    ENGINE,
+    METRICS,
+    OPENAPI_PATHS,
+    OPERATIONS,
+    READINESS,
+    READY_DETAILS,
+    SETTINGS,
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ def build_app(resources: Resources,
     app[ENGINE] = resources.engine
     app[OPERATIONS] = resources.operations
     app[READINESS] = resources.readiness
+    app[READY_DETAILS] = []
     app[METRICS] = resources.metrics
     app[OPENAPI_PATHS] = dict(openapi_paths or {})
     health.add_routes(app)

@@ -23,6 +23,8 @@ ENGINE: web.AppKey[Engine] = web.AppKey("engine")
 OPERATIONS: web.AppKey[Operations] = web.AppKey("operations")
 # Why the daemon is not ready to work (empty when it is): /readyz.
 READINESS: web.AppKey[Callable[[], list[str]]] = web.AppKey("readiness")
+# What jobs add to /readyz's data when ready (fields; the generic ones are never replaced).
+READY_DETAILS: web.AppKey[list[Callable[[], dict[str, Any]]]] = web.AppKey("ready_details")
 METRICS: web.AppKey[DaemonMetrics] = web.AppKey("metrics")
 # OpenAPI path items the jobs' routes add to the document (api/openapi.py).
 OPENAPI_PATHS: web.AppKey[dict[str, Any]] = web.AppKey("openapi_paths")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -95,6 +96,17 @@ class IntegrationStore:
         )
         return docs
 
+    async def by_ids(self, keys: Sequence[Any]) -> list[dict[str, Any]]:
+        """These integrations (by `_id` exactly as stored: a change event's documentKey),
+        with what discovery reads; those that no longer exist are missing."""
+        if not keys:
+            return []
+        docs: list[dict[str, Any]] = await self._mongo.call(
+            lambda db: db[INTEGRATIONS].find({"_id": {"$in": list(keys)}}, SYNC_FIELDS)
+            .to_list(None)
+        )
+        return docs
+
     async def save_tokens(self, current: dict[str, Any], fields: dict[str, Any]) -> bool:
         """Write refreshed tokens unless the backend changed the tokens meanwhile.
 
@@ -153,6 +165,10 @@ class IntegrationStore:
             self._providers.clear()
         self._providers[provider_id] = (now, doc)
         return doc
+
+    def forget_provider(self, provider_id: str) -> None:
+        """The provider changed: the next `provider()` reads it again."""
+        self._providers.pop(provider_id, None)
 
     # -- our own state per integration ------------------------------------------
 
@@ -218,10 +234,15 @@ class IntegrationStore:
             doc["connected"] = str(doc["_id"]) in ids
         return docs
 
-    async def providers_by_id(self) -> dict[str, dict[str, Any]]:
-        """Every provider by hex id, without its client secret."""
+    async def providers_by_id(self, only: Collection[str] | None = None
+                              ) -> dict[str, dict[str, Any]]:
+        """Every provider (of the hex ids `only`, when given) by hex id, without its
+        client secret."""
+        query: dict[str, Any] = {}
+        if only is not None:
+            query = {"_id": {"$in": [v for i in only for v in id_variants(i)]}}
         docs = await self._mongo.call(
-            lambda db: db[PROVIDERS].find({}, {"clientSecret": 0}).to_list(None)
+            lambda db: db[PROVIDERS].find(query, {"clientSecret": 0}).to_list(None)
         )
         return {str(d["_id"]): d for d in docs}
 

@@ -5,6 +5,8 @@ expires, without anyone asking.
 - `handler.py`: the `token-refresh` job (one request to the provider's token endpoint);
 - `cycle.py`: the policy: when the next refresh is due, what follows a failure;
 - `discovery.py`: the safety net that finds integrations the backend added or changed;
+- `follow.py`: the backend's writes followed within a second, where there are change
+  streams (discovery's own code applied to each change);
 - `now.py`: refresh one integration now (the manual endpoint, health checks);
 - `api.py`, `rules.py`, `metrics.py`: its HTTP route, alert rules and metrics.
 """
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...storage.changes import ChangeFeeds
 from ..context import JobContext, JobPlugin
-from .api import OPENAPI, RefreshApi, routes
+from .api import OPENAPI, RefreshApi, discovery_mode, routes
 from .cycle import RefreshCycle
 from .discovery import RefreshSync
+from .follow import ChangeFollower
 from .handler import TokenRefresher
 from .metrics import add_metrics
 from .rules import rules
@@ -29,6 +33,7 @@ class RefreshJob:
     refresher: TokenRefresher
     cycle: RefreshCycle
     discovery: RefreshSync
+    follower: ChangeFollower
 
 
 def register(ctx: JobContext) -> RefreshJob | None:
@@ -37,6 +42,7 @@ def register(ctx: JobContext) -> RefreshJob | None:
     add_metrics(ctx.metrics, ctx.integrations, refreshing=enabled)
     ctx.add_routes(routes(RefreshApi(enabled, ctx.integrations, settings, ctx.clock)), OPENAPI)
     if not enabled:
+        ctx.add_routes(discovery_mode(lambda: "off"), {})
         return None
     assert ctx.cipher is not None
     refresher = TokenRefresher(ctx.integrations, ctx.cipher, ctx.http, settings, ctx.clock,
@@ -53,10 +59,15 @@ def register(ctx: JobContext) -> RefreshJob | None:
         ctx.tasks.keep("refresh:cycle", cycle.run)
 
     ctx.when_ready("refresh:start", start)
-    # Discovery on the leader only: one instance of several reconciles the schedule.
-    ctx.engine.leadership.every("refresh:discovery", settings.sync_interval, discovery.step,
-                                first=0.0)
-    return RefreshJob(refresher, cycle, discovery)
+    # Discovery on the leader only: one instance of several reconciles the schedule. It
+    # polls everywhere, and follows changes where the server has change streams.
+    leadership = ctx.engine.leadership
+    leadership.every("refresh:discovery", settings.sync_interval, discovery.step, first=0.0)
+    follower = ChangeFollower(discovery, ChangeFeeds(ctx.mongo), ctx.clock,
+                              lambda: leadership.leading)
+    follower.register(leadership)
+    ctx.add_routes(discovery_mode(lambda: follower.mode), {})
+    return RefreshJob(refresher, cycle, discovery, follower)
 
 
 PLUGIN = JobPlugin("refresh", register)

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ...api.envelope import ApiError, error, ok
-from ...api.keys import AUTH, ENGINE
+from ...api.keys import AUTH, ENGINE, READY_DETAILS
 from ...api.openapi import INTEGRATION_ID, TENANT_ID, operation
 from ...api.throttle import Throttle
 from ...api.validation import path_id, query_bool
@@ -114,6 +114,14 @@ def tenant_error(error: dict[str, Any]) -> dict[str, Any]:
     code, message = _TENANT_MESSAGES.get(str(error.get("type")), (
         "refresh/failed", "The token could not be refreshed; the operators have the details."))
     return {"code": code, "message": message, "permanent": bool(error.get("permanent"))}
+
+
+def discovery_mode(mode: Callable[[], str]) -> Callable[[web.Application], None]:
+    """`/readyz` says how discovery follows the backend's writes: `"discovery"` is
+    "change-stream", "polling", or "off" (not the leader, or refresh is off)."""
+    def add(app: web.Application) -> None:
+        app[READY_DETAILS].append(lambda: {"discovery": mode()})
+    return add
 
 
 def routes(api: RefreshApi) -> Callable[[web.Application], None]:

@@ -24,15 +24,20 @@ What discovery decides, and nothing more:
   token to renew it (so the tenant can reconnect), with a notification;
 - it lifts the hold of a provider whose document changed since it was held
   (the operator fixed it), and promotes that provider's postponed runs.
+
+The same decisions apply to a few integrations or providers named by a change stream
+(`sync_integrations`, `sync_providers`; follow.py): one code path, whoever asks. Passes
+take turns (a lock), so a pass and a change never reconcile the same run at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from ...config import RefreshSettings
@@ -60,6 +65,12 @@ class SyncReport:
     dropped: int = 0
     expired: int = 0  # access token expired without a refresh token: marked expired
     lifted: int = 0  # provider holds ended because the provider's document changed
+    source: str = "poll"  # "poll": a pass of the loop; "change-stream": changes followed
+
+    @property
+    def changed(self) -> bool:
+        """Did it change the schedule (or an integration's status)?"""
+        return bool(self.added or self.moved or self.dropped or self.expired)
 
 
 class RefreshSync:
@@ -73,70 +84,94 @@ class RefreshSync:
         self._watermark: datetime | None = None
         self._passes = 0
         self.tasks = tasks or Supervisor()  # where promotions after a lifted hold run
+        self._turn = asyncio.Lock()  # one pass (or batch of changes) at a time
 
     async def step(self) -> None:
         """One pass, logged when it changed something (a background loop runs it every
         `refresh.sync_interval` seconds)."""
-        report = await self.sync_once()
-        if report.added or report.moved or report.dropped or report.expired:
-            log.info("refresh schedule updated", extra=vars(report))
+        log_report(await self.sync_once())
 
     def due_time(self, doc: dict[str, Any], dead_tokens: dict[str, str]) -> datetime | None:
         """When this integration's refresh is due, or None if it must not be refreshed."""
-        if doc.get("status") == "revoked" or not doc.get("refreshToken"):
-            return None
-        if not isinstance(doc.get("tokenExpiresAt"), datetime):
-            return None
-        integration_id = str(doc["_id"])
-        if dead_tokens.get(integration_id) == fingerprint(doc["refreshToken"]):
-            return None  # refused for good; waits for the tenant to reconnect
-        return due_time(integration_id, doc["tokenExpiresAt"], self.settings)
+        return refresh_due(doc, dead_tokens, self.settings)
 
     async def sync_once(self, full: bool | None = None) -> SyncReport:
-        full = self._passes % FULL_EVERY == 0 if full is None else full
-        started = self.clock()
-        docs = await self.store.changed_since(None if full else self._watermark)
+        async with self._turn:
+            full = self._passes % FULL_EVERY == 0 if full is None else full
+            started = self.clock()
+            docs = await self.store.changed_since(None if full else self._watermark)
+            report = SyncReport(full=full, seen=len(docs))
+            await self._lift_changed_providers(report)
+            if full:
+                await self._watch_provider_urls()
+            job_ids = None if full else [job_id(str(d["_id"])) for d in docs]
+            # After a full pass, what is left pending belongs to integrations that no
+            # longer exist.
+            await self._reconcile(docs, job_ids, report, drop_rest=full)
+            stamps = [as_utc(d["updatedAt"]) for d in docs
+                      if isinstance(d.get("updatedAt"), datetime)]
+            if stamps:
+                self._watermark = max(stamps + ([self._watermark] if self._watermark else []))
+            self._passes += 1
+            self.last_sync = started
+            return report
+
+    async def sync_integrations(self, keys: Sequence[Any],
+                                untouched: Collection[str] = ()) -> SyncReport:
+        """Reconcile these integrations (their `_id`s as stored), as a pass would: the
+        job of one that no longer exists is dropped. For a change stream's changes;
+        `untouched` (hex ids): those whose changes left the tokens alone, which gain no
+        run here (see `decide`)."""
+        async with self._turn:
+            docs = await self.store.by_ids(keys)
+            report = SyncReport(full=False, seen=len(docs), source="change-stream")
+            await self._reconcile(docs, [job_id(str(k)) for k in keys], report,
+                                  drop_rest=True, untouched=untouched)
+            return report
+
+    async def sync_providers(self, provider_ids: Collection[str] | None) -> SyncReport:
+        """What a full pass does for these providers (all when None): forget the copy the
+        refresher keeps, lift a hold whose provider changed, notice a new token or API
+        URL. For a change stream's changes to `cloudProviders`."""
+        async with self._turn:
+            report = SyncReport(full=provider_ids is None, source="change-stream")
+            for provider_id in provider_ids or ():
+                self.store.forget_provider(provider_id)
+            await self._lift_changed_providers(report, provider_ids)
+            await self._watch_provider_urls(provider_ids)
+            return report
+
+    async def _reconcile(self, docs: list[dict[str, Any]], job_ids: list[str] | None,
+                         report: SyncReport, *, drop_rest: bool,
+                         untouched: Collection[str] = ()) -> None:
+        """Add, move or drop the runs of `docs` (with the pending runs of `job_ids`, all
+        when None); with `drop_rest`, drop what is pending for none of `docs`."""
         dead_tokens = await self.store.states_with_refresh_failure()
-        job_ids = None if full else [job_id(str(d["_id"])) for d in docs]
         pending = await self.engine.runs.pending_by_job(QUEUE, job_ids)
-        report = SyncReport(full=full, seen=len(docs))
-        await self._lift_changed_providers(report)
-        if full:
-            await self._watch_provider_urls()
         now = self.clock()
         for doc in docs:
             jid = job_id(str(doc["_id"]))
-            due = self.due_time(doc, dead_tokens)
             have = pending.pop(jid, None)
-            if due is None:
-                if have is not None and await self.engine.cancel(QUEUE, jid):
-                    report.dropped += 1
-                if _dead_without_refresh_token(doc, now) and await self._expire(doc, now):
-                    report.expired += 1
-                continue
-            if have is not None and (have["state"] == "active"
-                                     or not _tokens_changed(have, doc)):
-                continue  # scheduled for these tokens: the engine's run, as it is
-            await self.engine.add(
-                QUEUE, run_data(doc, refused_before=str(doc["_id"]) in dead_tokens),
-                job_id=jid, run_at=max(due, now),
-                deadline=as_utc(doc["tokenExpiresAt"]), replace=True,
-            )
-            if have is None:
-                report.added += 1
-            else:
-                report.moved += 1
-        if full:  # what is left pending belongs to integrations that no longer exist
+            step = decide(doc, have, dead_tokens, now, self.settings,
+                          may_add=str(doc["_id"]) not in untouched)
+            if step.run == "drop" and await self.engine.cancel(QUEUE, jid):
+                report.dropped += 1
+            if step.expire and await self._expire(doc, now):
+                report.expired += 1
+            if step.run in ("add", "move") and step.run_at is not None:
+                await self.engine.add(
+                    QUEUE, run_data(doc, refused_before=str(doc["_id"]) in dead_tokens),
+                    job_id=jid, run_at=step.run_at,
+                    deadline=as_utc(doc["tokenExpiresAt"]), replace=True,
+                )
+                if step.run == "add":
+                    report.added += 1
+                else:
+                    report.moved += 1
+        if drop_rest:  # pending for an integration that no longer exists: decide(None, ...)
             for jid in pending:
                 if await self.engine.cancel(QUEUE, jid):
                     report.dropped += 1
-        stamps = [d["updatedAt"] for d in docs if isinstance(d.get("updatedAt"), datetime)]
-        if stamps:
-            self._watermark = max([as_utc(s) for s in stamps] + ([self._watermark]
-                                                                if self._watermark else []))
-        self._passes += 1
-        self.last_sync = started
-        return report
 
     async def _expire(self, doc: dict[str, Any], now: datetime) -> bool:
         """Mark an integration whose access token expired with no refresh token `expired`
@@ -158,14 +193,14 @@ class RefreshSync:
                            "providerId": current.get("providerId")})
         return True
 
-    async def _watch_provider_urls(self) -> None:
+    async def _watch_provider_urls(self, only: Collection[str] | None = None) -> None:
         """Log (and, through the `provider_url_changed` alert, tell operators) when a
         provider's token or API URL points somewhere new: whoever can change those
         receives its secrets. Two queries per full pass, a write only on a change."""
         holds = self.store.holds
         known = await holds.known_urls()
         now = self.clock()
-        for provider_id, provider in (await self.store.providers_by_id()).items():
+        for provider_id, provider in (await self.store.providers_by_id(only)).items():
             urls = outbound_urls(provider)
             before = known.get(provider_id)
             if before == urls:
@@ -180,12 +215,16 @@ class RefreshSync:
                                    **change})
             await holds.record_urls(provider, urls, changes, now)
 
-    async def _lift_changed_providers(self, report: SyncReport) -> None:
-        """A held provider whose document changed (or went away) since it was held: lift
-        the hold and promote its postponed runs. One query when nothing is held."""
+    async def _lift_changed_providers(self, report: SyncReport,
+                                      only: Collection[str] | None = None) -> None:
+        """A held provider (of `only`, when given) whose document changed (or went away)
+        since it was held: lift the hold and promote its postponed runs. One query when
+        nothing is held."""
         holds = self.store.holds
         for doc in await holds.all():
             provider_id = str(doc["_id"])
+            if only is not None and provider_id not in only:
+                continue
             hold = doc.get("hold") or {}
             provider = await self.store.provider(provider_id, fresh=True)
             if provider is not None and config_fingerprint(provider) == hold.get("config"):
@@ -201,6 +240,57 @@ class RefreshSync:
                             "because": because, "heldSince": lifted.get("since"),
                             "error": lifted.get("error")})
             self.tasks.spawn(f"promote:{provider_id}", resume_postponed(self.engine, provider_id))
+
+
+@dataclass(frozen=True)
+class Step:
+    """What an integration's document (as it is now) means for its refresh run."""
+
+    run: Literal["add", "move", "drop", "keep"]  # keep: leave the run (or its absence) be
+    run_at: datetime | None = None  # for add and move
+    expire: bool = False  # mark the integration expired (no refresh token, token expired)
+
+
+def refresh_due(doc: dict[str, Any], dead_tokens: dict[str, str],
+                settings: RefreshSettings) -> datetime | None:
+    """When this integration's refresh is due, or None if it must not be refreshed."""
+    if doc.get("status") == "revoked" or not doc.get("refreshToken"):
+        return None
+    if not isinstance(doc.get("tokenExpiresAt"), datetime):
+        return None
+    integration_id = str(doc["_id"])
+    if dead_tokens.get(integration_id) == fingerprint(doc["refreshToken"]):
+        return None  # refused for good; waits for the tenant to reconnect
+    return due_time(integration_id, doc["tokenExpiresAt"], settings)
+
+
+def decide(doc: dict[str, Any] | None, have: dict[str, Any] | None,
+           dead_tokens: dict[str, str], now: datetime, settings: RefreshSettings, *,
+           may_add: bool = True) -> Step:
+    """Discovery's decision for one integration, whoever asks (a pass, or a change
+    stream's insert, update, replace or delete): `doc` is its document now (None when
+    it was deleted), `have` its pending refresh run (None when it has none). I/O-free.
+
+    A pending run is moved only when the tokens changed since it was scheduled (a
+    reconnect); its time otherwise belongs to the engine (a retry's backoff, a hold).
+    `may_add=False`: a change that left the tokens alone (a status write, often our
+    own after a failed refresh) adds no run; a pass does, at its own pace, so a
+    refresh that keeps failing is not retried at the speed of a change stream."""
+    due = None if doc is None else refresh_due(doc, dead_tokens, settings)
+    if doc is None or due is None:
+        expire = doc is not None and _dead_without_refresh_token(doc, now)
+        return Step("drop" if have is not None else "keep", expire=expire)
+    if have is not None and (have["state"] == "active" or not _tokens_changed(have, doc)):
+        return Step("keep")  # scheduled for these tokens: the engine's run, as it is
+    if have is None and not may_add:
+        return Step("keep")
+    return Step("add" if have is None else "move", run_at=max(due, now))
+
+
+def log_report(report: SyncReport) -> None:
+    """The one line a pass (or a batch of changes) writes when it changed the schedule."""
+    if report.changed:
+        log.info("refresh schedule updated", extra=vars(report))
 
 
 def _tokens_changed(run: dict[str, Any], doc: dict[str, Any]) -> bool:
