@@ -56,7 +56,16 @@ from .redaction import redact
 from .scheduler import CHECK_SECONDS, Repeat, Scheduler
 from .storage.leases import LeaseStore
 from .storage.mongo import Mongo
-from .storage.runs import FINISHED, PENDING, Outcome, RunId, RunStore, State, parse_run_id
+from .storage.runs import (
+    FINISHED,
+    PENDING,
+    THROUGHPUT_KEEP,
+    Outcome,
+    RunId,
+    RunStore,
+    State,
+    parse_run_id,
+)
 from .supervisor import FailureLog, Supervisor
 from .triggers import make_trigger
 
@@ -177,8 +186,11 @@ class Engine:
         self._listeners: list[Listener] = []
         self._waiters: dict[RunId, set[asyncio.Future[None]]] = {}  # wait_settled
         self.retention_owner: str | None = None  # who deletes finished runs, if not us
-        # Finished runs counted here since the last flush into the queues' counters.
+        # Finished runs counted here since the last flush into the queues' counters, and
+        # the same transitions by the minute they happened in (the throughput counters).
         self._count_deltas: Counter[tuple[str, State]] = Counter()
+        self._minute_deltas: Counter[tuple[datetime, str, State]] = Counter()
+        self._throughput_pruned: datetime | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -781,17 +793,46 @@ class Engine:
 
     def count_finished(self, queue: str, state: str, n: int) -> None:
         """Runs of `queue` entered (n > 0) or left (n < 0) finished state `state`; the
-        counters in MongoDB follow within COUNT_FLUSH_SECONDS."""
+        counters in MongoDB follow within COUNT_FLUSH_SECONDS. Entering is also counted
+        for the minute it happens in (throughput); leaving (a retry, retention) is not:
+        a minute's counts say what finished then."""
         if n and state in FINISHED:
             self._count_deltas[(queue, state)] += n
+            if n > 0:
+                minute = as_utc(self.clock()).replace(second=0, microsecond=0)
+                self._minute_deltas[(minute, queue, state)] += n
 
     async def _flush_counts(self) -> None:
+        """Write the counters gathered since the last flush: one update per queue that
+        changed, plus one per minute touched for the throughput (usually one), on the
+        counter task's own beat rather than on each completion's write."""
         deltas, self._count_deltas = self._count_deltas, Counter()
         try:
             await self.runs.bump(dict(deltas))
         except BaseException:
             self._count_deltas.update(deltas)  # kept for the next flush
             raise
+        minutes, self._minute_deltas = self._minute_deltas, Counter()
+        try:
+            await self.runs.bump_minutes(dict(minutes))
+        except BaseException:
+            self._minute_deltas.update(minutes)
+            raise
+        now = as_utc(self.clock())
+        if self._throughput_pruned is None or now - self._throughput_pruned > timedelta(hours=1):
+            self._throughput_pruned = now  # TTL does it on a server; this bounds the rest
+            await self.runs.prune_throughput(now - THROUGHPUT_KEEP)
+
+    async def throughput(self, since: datetime) -> dict[datetime, dict[str, dict[str, int]]]:
+        """minute → queue → {completed, failed} from `since`, as written by every instance,
+        with what this one has not flushed yet."""
+        found = await self.runs.throughput(since)
+        for (minute, queue, state), n in self._minute_deltas.items():
+            if minute >= since:
+                counts = found.setdefault(minute, {}).setdefault(
+                    queue, dict.fromkeys(FINISHED, 0))
+                counts[state] = counts.get(state, 0) + n
+        return found
 
     async def counts(self, queue: str) -> dict[State, int]:
         """Runs of `queue` by state. Pending states are counted (their number is the

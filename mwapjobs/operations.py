@@ -8,7 +8,7 @@ the state the operator saw or reports a conflict; it never half-applies.
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .engine import Engine
@@ -24,6 +24,7 @@ from .storage.runs import (
 )
 
 MAX_PAGE_SIZE = 200
+MAX_THROUGHPUT_MINUTES = 1440  # what the per-minute counters are read for: a day
 MAX_BULK = 10_000  # runs one bulk call changes at most; the answer says if more are left
 
 
@@ -61,13 +62,21 @@ def run_view(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def repeat_view(repeat: Repeat) -> dict[str, Any]:
+def repeat_view(repeat: Repeat, last: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A repeat as the API shows it; `lastRun` is the newest run of its job id (a fire,
+    or one run by hand: `fired` says which), None before the first."""
+    last_run = None if last is None else {
+        "runId": str(last["_id"]), "state": last.get("state"),
+        "createdAt": last.get("createdAt"), "finishedAt": last.get("finishedAt"),
+        "fired": last.get("slot") is not None}
     return {
         "queue": repeat.queue,
         "jobId": repeat.job_id,
         "schedule": repeat.schedule,
         "timezone": repeat.timezone,
         "nextRunAt": repeat.next_run_at,
+        "paused": repeat.paused,
+        "lastRun": last_run,
         "data": redact(repeat.data),
     }
 
@@ -165,6 +174,28 @@ class Operations:
             self.engine.wake(queue)
         return {"queue": queue, **result}
 
+    async def throughput(self, minutes: int = 1440, queue: str | None = None) -> dict[str, Any]:
+        """Runs completed and failed per minute for the last `minutes` minutes (the current
+        one included, oldest first), per queue: dense series, a zero where none finished."""
+        if not 1 <= minutes <= MAX_THROUGHPUT_MINUTES:
+            raise ValueError(f"minutes must be between 1 and {MAX_THROUGHPUT_MINUTES}")
+        names = [self._queue(queue)] if queue is not None else self.engine.registry.names()
+        now = self.engine.clock().astimezone(UTC).replace(second=0, microsecond=0)
+        start = now - timedelta(minutes=minutes - 1)
+        found = await self.engine.throughput(start)
+        series = {name: {state: [0] * minutes for state in FINISHED} for name in names}
+        for minute, by_queue in found.items():
+            index = int((minute - start).total_seconds() // 60)
+            if not 0 <= index < minutes:
+                continue
+            for name, counts in by_queue.items():
+                if name in series:
+                    for state in FINISHED:
+                        series[name][state][index] += counts.get(state, 0)
+        return {"from": start, "to": now, "minutes": minutes, "stepSeconds": 60,
+                "queues": {name: {**values, "total": {s: sum(values[s]) for s in FINISHED}}
+                           for name, values in series.items()}}
+
     async def _count(self, queue: str, state: State) -> int:
         return (await self.engine.counts(queue))[state]
 
@@ -241,7 +272,31 @@ class Operations:
     async def repeats(self, queue: str | None = None) -> list[dict[str, Any]]:
         if queue is not None:
             self._queue(queue)
-        return [repeat_view(r) for r in await self.engine.scheduler.repeats(queue)]
+        found = await self.engine.scheduler.repeats(queue)
+        last = await asyncio.gather(*(self.runs.latest_of(r.queue, r.job_id) for r in found))
+        return [repeat_view(r, doc) for r, doc in zip(found, last, strict=True)]
+
+    async def _repeat(self, queue: str, job_id: str) -> Repeat:
+        self._queue(queue)
+        for repeat in await self.engine.scheduler.repeats(queue):
+            if repeat.job_id == job_id:
+                return repeat
+        raise NotFoundError(f"no repeat {job_id!r} in queue {queue!r}")
+
+    async def run_repeat(self, queue: str, job_id: str) -> dict[str, Any]:
+        """A run of the repeat now, with its data and job id, outside its schedule (the
+        next fire stays where it is). If a run of that job id is pending already, that
+        run is the answer (`created: false`), as for any job id."""
+        repeat = await self._repeat(queue, job_id)
+        added = await self.engine.add(queue, repeat.data, job_id=job_id)
+        return {"runId": added.run_id, "state": added.state, "created": added.created}
+
+    async def pause_repeat(self, queue: str, job_id: str, paused: bool) -> dict[str, Any]:
+        await self._repeat(queue, job_id)
+        changed = await self.engine.scheduler.pause_repeat(queue, job_id, paused)
+        if changed is None:
+            raise NotFoundError(f"no repeat {job_id!r} in queue {queue!r}")
+        return repeat_view(changed, await self.runs.latest_of(queue, job_id))
 
 
 __all__ = ["REDACTED", "ConflictError", "NotFoundError", "Operations", "redact", "run_view"]

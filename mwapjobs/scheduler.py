@@ -26,6 +26,12 @@ repeat set on another instance fires at most that late.
 
 Misfires never drop work: a late trigger fires however late, and a downtime's worth of
 missed occurrences is coalesced into one fire (the latest).
+
+A repeat can be paused (`pause_repeat`): its trigger stays, with no next fire time, in
+the shared job store, so every instance sees the pause and the leader's clock skips it;
+declaring the repeat again (every start does) keeps it paused, and resuming computes its
+next fire from now. The clock moves a trigger on only if it still fires when it did as
+read (`JobStore.update_job_if`), so a pause landing during a fire is not undone.
 """
 
 from __future__ import annotations
@@ -87,6 +93,10 @@ class Repeat:
     timezone: str
     next_run_at: datetime | None
 
+    @property
+    def paused(self) -> bool:
+        return self.next_run_at is None
+
 
 class _ClockThread(BackgroundScheduler):  # type: ignore[misc]
     """A BackgroundScheduler whose thread survives store errors and never drops a fire."""
@@ -139,6 +149,7 @@ class _ClockThread(BackgroundScheduler):  # type: ignore[misc]
                 if not run_times:
                     continue
                 fire_time = run_times[-1]  # a downtime's worth of fires coalesces into one
+                read_as = job.next_run_time
                 try:
                     self._fire(job, fire_time)
                 except Exception as exc:
@@ -149,7 +160,8 @@ class _ClockThread(BackgroundScheduler):  # type: ignore[misc]
                 try:
                     if following is not None:
                         job._modify(next_run_time=following)
-                        store.update_job(job)
+                        # Not if it was paused, replaced or moved meanwhile.
+                        store.update_job_if(job, read_as)
                     else:
                         store.remove_job(job.id)
                 except JobLookupError:
@@ -354,8 +366,10 @@ class Scheduler:
                 existing = clock.get_job(job_key)
                 if existing is not None and existing.kwargs == kwargs:
                     return existing
-                return clock.add_job(fire, trigger=trigger, id=job_key,
-                                     kwargs=kwargs, replace_existing=True)
+                paused = existing is not None and existing.next_run_time is None
+                return clock.add_job(fire, trigger=trigger, id=job_key, kwargs=kwargs,
+                                     replace_existing=True,
+                                     **({"next_run_time": None} if paused else {}))
             return _store_job(writer, job_key, trigger, kwargs)
 
         return _repeat_info(await self._in_thread(upsert))
@@ -373,6 +387,33 @@ class Scheduler:
                 return False
 
         return await self._in_thread(remove)
+
+    async def pause_repeat(self, queue: str, job_id: str, paused: bool) -> Repeat | None:
+        """Pause (no next fire) or resume (the next fire from now) a repeat, in the shared
+        job store; None if there is no such repeat. The leader's clock is woken so that a
+        resumed repeat due soon is not waited for MAX_WAIT."""
+        writer = self._require()
+        key = f"{REPEAT_PREFIX}{queue}:{job_id}"
+        clock = self._clock
+
+        def change() -> ApsJob | None:
+            for _ in range(3):
+                job = writer.lookup_job(key)
+                if job is None:
+                    return None
+                before = job.next_run_time
+                if (before is None) == paused:
+                    return job  # already so
+                job.next_run_time = (None if paused else
+                                     job.trigger.get_next_fire_time(None, datetime.now(UTC)))
+                if writer.update_job_if(job, before):
+                    if clock is not None:
+                        clock.wakeup()
+                    return job
+            raise RuntimeError("the repeat kept changing meanwhile; try again")
+
+        job = await self._in_thread(change)
+        return None if job is None else _repeat_info(job)
 
     async def repeats(self, queue: str | None = None) -> list[Repeat]:
         writer = self._require()
@@ -392,10 +433,12 @@ def _store_job(store: JobStore, job_key: str, trigger: BaseTrigger,
     existing = store.lookup_job(job_key)
     if existing is not None and existing.kwargs == kwargs:
         return existing
+    paused = existing is not None and existing.next_run_time is None
     job = ApsJob(_UTC_ONLY, id=job_key, func=fire, trigger=trigger, executor="default", args=(),
                  kwargs=kwargs, name=job_key, misfire_grace_time=None, coalesce=True,
                  max_instances=1,
-                 next_run_time=trigger.get_next_fire_time(None, datetime.now(UTC)))
+                 next_run_time=None if paused else trigger.get_next_fire_time(
+                     None, datetime.now(UTC)))
     try:
         store.add_job(job)
     except ConflictingIdError:

@@ -125,7 +125,8 @@ def failing(monkeypatch: pytest.MonkeyPatch, method: str, error: BaseException,
     return raised
 
 
-@pytest.mark.parametrize("method", ["update_job", "get_next_run_time", "get_due_jobs"])
+# update_job_if: how the clock moves a trigger on after a fire.
+@pytest.mark.parametrize("method", ["update_job_if", "get_next_run_time", "get_due_jobs"])
 async def test_a_store_error_mid_pass_does_not_end_the_clock(
         engines: Callable[[], Engine], mongo: Mongo, monkeypatch: pytest.MonkeyPatch,
         method: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -151,7 +152,7 @@ async def test_a_trigger_moved_by_another_instance_is_not_an_error(
     engine = engines()
     await ticking(engine)
     runs = await more_runs(mongo, 0)
-    raised = failing(monkeypatch, "update_job", JobLookupError("repeat:q:tick"), 1)
+    raised = failing(monkeypatch, "update_job_if", JobLookupError("repeat:q:tick"), 1)
     await wait_for(lambda: bool(raised), timeout=10, message="the lookup error")
     runs = await more_runs(mongo, len(runs) + 2)
     assert engine.scheduler.healthy and engine.scheduler.restarts == 0

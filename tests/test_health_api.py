@@ -9,6 +9,7 @@ import logging
 import pytest
 from bson import ObjectId
 
+from mwapjobs.jobs.health.api import failing_since
 from mwapjobs.jobs.health.schedule import QUEUE, SWEEP_JOB_ID
 from mwapjobs.storage.names import RUNS
 from tests.conftest import wait_for
@@ -112,6 +113,49 @@ async def test_health_summary_puts_failing_integrations_first(api: World) -> Non
     assert [i["integrationId"] for i in body["data"]["items"]] == [healthy]
     assert body["data"]["sweep"]["last"]["healthy"] == 1
     assert body["data"]["sweep"]["schedule"]["cron"] == "0 */4 * * *"
+
+
+async def test_the_failing_list_says_since_when_and_how_many_more(api: World) -> None:
+    await api.integration("google")
+    flaky, flaky_token = await api.integration("dropbox")
+    down, down_token = await api.integration("dropbox")
+    api.api.reply(down_token, Reply.error(500))
+    await api.sweep()  # down fails once; flaky is healthy
+    api.api.reply(flaky_token, Reply.error(503))
+    await api.sweep()  # down fails again; flaky's streak begins
+    status, body = await api.http("GET", "/api/v1/integrations/health")
+    history = {i["integrationId"]: i for i in body["data"]["items"]}
+    status, one = await api.http(
+        "GET", f"/api/v1/tenants/{history[flaky]['tenantId']}/integrations/{flaky}/health")
+    flaky_first_failure = one["data"]["history"][0]["at"]  # newest first: the only failure
+    status, body = await api.http(
+        "GET", "/api/v1/integrations/health?outcome=failing,error&pageSize=1")
+    assert status == 200, body
+    data = body["data"]
+    assert data["matched"] == 2 and data["total"] == 3
+    [first] = data["items"]
+    assert first["integrationId"] == down and first["consecutiveFailures"] == 2
+    # Its whole kept history is failures: the streak may be older than the first entry.
+    assert first["failingSinceAtLeast"] is True and first["failingSince"]
+    status, body = await api.http(
+        "GET", "/api/v1/integrations/health?outcome=failing,error&pageSize=1&page=2")
+    [second] = body["data"]["items"]
+    assert second["integrationId"] == flaky and second["consecutiveFailures"] == 1
+    assert second["failingSince"] == flaky_first_failure
+    assert second["failingSinceAtLeast"] is False
+    status, body = await api.http("GET", "/api/v1/integrations/health?outcome=broken")
+    assert status == 400 and body["error"]["code"] == "validation/invalid-parameter"
+
+
+def test_failing_since_is_the_first_failure_of_the_current_streak() -> None:
+    def h(*outcomes: str) -> list[dict[str, object]]:
+        return [{"at": f"t{i}", "outcome": o} for i, o in enumerate(outcomes)]
+
+    assert failing_since([]) == (None, False)
+    assert failing_since(h("failing", "healthy")) == (None, False)
+    assert failing_since(h("healthy", "failing", "error")) == ("t1", False)
+    assert failing_since(h("failing", "skipped", "failing")) == ("t2", False)
+    assert failing_since(h("error", "failing")) == ("t0", True)
 
 
 async def test_integration_health_follows_the_refresh_endpoint_rules(api: World) -> None:

@@ -6,11 +6,12 @@ planner (the wire lane).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -20,7 +21,7 @@ from mwapjobs.cli import main
 from mwapjobs.daemon import Daemon
 from mwapjobs.queues import Job, PermanentError, TransientError
 from mwapjobs.storage.mongo import Mongo
-from mwapjobs.storage.names import RUNS
+from mwapjobs.storage.names import RUNS, THROUGHPUT
 from mwapjobs.storage.runs import RunSearch
 from tests.conftest import REAL_MONGODB_URI, make_settings, wait_for
 
@@ -98,7 +99,8 @@ async def test_a_viewer_reads_everything_and_changes_nothing(
         for method, path in mutating:
             concrete = (path.replace("{queue}", Q).replace("{runId}", added.run_id)
                         .replace("{tenantId}", "t1").replace("{integrationId}", "i1")
-                        .replace("{projectId}", "p1").replace("{name}", "x"))
+                        .replace("{projectId}", "p1").replace("{name}", "x")
+                        .replace("{jobId}", "x"))
             status, body = await call(daemon, method.upper(), concrete, token=VIEWER,
                                       json={"state": "failed", "olderThan": 0})
             assert status == 403, (method, path, status, body)
@@ -352,3 +354,135 @@ async def test_bulk_bodies_are_checked(daemon: Daemon, path: str, body: dict[str
     assert answer["success"] is False and message in answer["error"]["message"]
     got, answer = await call(daemon, "POST", f"/api/v1/queues/nope/{path}", json={})
     assert got == 404 and answer["error"]["code"] == "queue/not-found"
+
+
+# -- throughput ------------------------------------------------------------------------------
+
+
+async def test_throughput_counts_finished_runs_per_minute(daemon: Daemon, mongo: Mongo) -> None:
+    for n in range(3):
+        await daemon.engine.add(Q, {"n": n})
+    for n in range(2):
+        await daemon.engine.add(Q, {"n": 10 + n, "fail": True})
+    await settle(daemon, completed=3, failed=2)
+
+    async def counted() -> bool:
+        stored = await daemon.engine.runs.throughput(datetime.now(UTC) - timedelta(hours=1))
+        totals = [c for by_queue in stored.values() for q, c in by_queue.items() if q == Q]
+        return (sum(c["completed"] for c in totals), sum(c["failed"] for c in totals)) == (3, 2)
+
+    await wait_for(counted, message="the per-minute counters written to MongoDB")
+    status, body = await call(daemon, "GET", "/api/v1/queues/throughput", token=VIEWER)
+    assert status == 200, body
+    data = body["data"]
+    assert data["minutes"] == 1440 and data["stepSeconds"] == 60
+    series = data["queues"][Q]
+    assert len(series["completed"]) == len(series["failed"]) == 1440
+    assert series["total"] == {"completed": 3, "failed": 2}
+    assert sum(series["completed"][-2:]) == 3 and sum(series["failed"][-2:]) == 2
+    assert datetime.fromisoformat(data["to"]) - datetime.fromisoformat(data["from"]) == \
+        timedelta(minutes=1439)
+    # A retry or a clean takes runs out of the finished counts, not out of the minutes.
+    await daemon.operations.clean(Q, "completed", 0)
+    status, body = await call(daemon, "GET", f"/api/v1/queues/throughput?queue={Q}&minutes=5")
+    assert body["data"]["queues"][Q]["total"] == {"completed": 3, "failed": 2}
+    assert list(body["data"]["queues"]) == [Q]
+
+    # Bounded: a TTL index on the minute, and older minutes pruned where TTL is missing.
+    info = await mongo.call(lambda db: db[THROUGHPUT].index_information())
+    ttl = info["mwapjobs_throughput_ttl"]
+    assert ttl["key"] == [("minute", 1)] and ttl["expireAfterSeconds"] == 48 * 3600
+    # (Within the 48 hours kept: older minutes the engine's own hourly prune may take.)
+    old = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=47)
+    await daemon.engine.runs.bump_minutes({(old, Q, "completed"): 7})
+    assert await daemon.engine.runs.prune_throughput(old + timedelta(minutes=1)) == 1
+    assert old not in await daemon.engine.runs.throughput(old - timedelta(minutes=1))
+
+
+@pytest.mark.parametrize(("query", "status"), [
+    ("minutes=0", 400), ("minutes=1441", 400), ("minutes=x", 400), ("queue=nope", 404)])
+async def test_throughput_parameters_are_checked(daemon: Daemon, query: str,
+                                                 status: int) -> None:
+    got, body = await call(daemon, "GET", f"/api/v1/queues/throughput?{query}")
+    assert got == status and body["success"] is False
+
+
+# -- schedules ------------------------------------------------------------------------------
+
+
+async def test_run_a_repeat_now_and_see_its_last_run(daemon: Daemon) -> None:
+    await daemon.engine.repeat(Q, {"n": 42}, cron="0 3 * * *", job_id="nightly")
+    status, body = await call(daemon, "GET", f"/api/v1/queues/repeats?queue={Q}")
+    [repeat] = body["data"]
+    assert repeat["paused"] is False and repeat["lastRun"] is None
+    next_fire = repeat["nextRunAt"]
+    status, body = await call(daemon, "POST", f"/api/v1/queues/repeats/{Q}/nightly/run")
+    assert status == 202 and body["data"]["created"] is True
+    run_id = body["data"]["runId"]
+    await wait_for(lambda: _state(daemon, run_id, "completed"), message="the run by hand")
+    status, body = await call(daemon, "GET", f"/api/v1/queues/repeats?queue={Q}")
+    [repeat] = body["data"]
+    assert repeat["lastRun"]["runId"] == run_id and repeat["lastRun"]["state"] == "completed"
+    assert repeat["lastRun"]["fired"] is False
+    assert repeat["nextRunAt"] == next_fire  # its schedule did not move
+    run = await daemon.operations.get_run(run_id)
+    assert run["data"] == {"n": 42} and run["jobId"] == "nightly"
+    status, body = await call(daemon, "POST", f"/api/v1/queues/repeats/{Q}/other/run")
+    assert status == 404 and body["error"]["code"] == "queue/not-found"
+
+
+async def _state(d: Daemon, run_id: str, state: str) -> bool:
+    return bool((await d.operations.get_run(run_id))["state"] == state)
+
+
+async def test_a_paused_repeat_does_not_fire_and_stays_paused(daemon: Daemon,
+                                                              mongo: Mongo) -> None:
+    await daemon.engine.repeat(Q, {"n": 1}, every=1, job_id="tick")
+    await wait_for(lambda: _runs_of(daemon, "tick", 1), message="a first fire")
+    status, body = await call(daemon, "POST", f"/api/v1/queues/repeats/{Q}/tick/pause")
+    assert status == 200 and body["data"]["paused"] is True
+    assert body["data"]["nextRunAt"] is None
+    # Every instance sees it: the pause is in the shared job store.
+    other = Daemon(make_settings(), mongo=mongo)
+    other.registry.register(Q, Reports(), attempts=1)
+    await other.engine.scheduler.start()
+    try:
+        [seen] = await other.engine.scheduler.repeats(Q)
+        assert seen.paused
+    finally:
+        await other.engine.scheduler.shutdown()
+        other.engine.scheduler.close()
+    fired = len((await daemon.operations.search(RunSearch(job_id="tick")))["items"])
+    # Declaring the repeat again (every start does) keeps it paused, even with new data.
+    await daemon.engine.repeat(Q, {"n": 2}, every=1, job_id="tick")
+    [repeat] = await daemon.operations.repeats(Q)
+    assert repeat["paused"] is True and repeat["data"] == {"n": 2}
+    # The clock, made to look twice (a second apart: the interval), fires nothing.
+    clock = daemon.engine.scheduler._clock
+    assert clock is not None
+    for _ in range(2):
+        passes = clock.passes
+        started = asyncio.get_running_loop().time()
+        clock.wakeup()
+        await wait_for(lambda p=passes: clock.passes > p, message="a clock pass")
+        await wait_for(lambda t=started: asyncio.get_running_loop().time() - t > 1.0,
+                       message="the interval to pass")
+    assert len((await daemon.operations.search(RunSearch(job_id="tick")))["items"]) == fired
+    status, body = await call(daemon, "POST", f"/api/v1/queues/repeats/{Q}/tick/resume")
+    assert status == 200 and body["data"]["paused"] is False and body["data"]["nextRunAt"]
+    await wait_for(lambda: _runs_of(daemon, "tick", fired + 1), message="fires again")
+
+
+async def _runs_of(d: Daemon, job_id: str, n: int) -> bool:
+    found = await d.operations.search(RunSearch(job_id=job_id), page_size=200)
+    return bool(found["total"] >= n)
+
+
+async def test_a_viewer_cannot_run_or_pause_a_repeat(daemon: Daemon) -> None:
+    await daemon.engine.repeat(Q, {"n": 1}, cron="0 3 * * *", job_id="nightly")
+    for action in ("run", "pause", "resume"):
+        status, body = await call(daemon, "POST", f"/api/v1/queues/repeats/{Q}/nightly/{action}",
+                                  token=VIEWER)
+        assert status == 403 and body["error"]["code"] == "auth/forbidden"
+    [repeat] = await daemon.operations.repeats(Q)
+    assert repeat["paused"] is False and repeat["lastRun"] is None

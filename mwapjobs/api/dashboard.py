@@ -318,6 +318,7 @@ async def session_info(request: web.Request) -> web.Response:
         "expiresAt": session.expires_at,
         "refreshSeconds": REFRESH_SECONDS,
         "queues": [{"name": name, "statsKey": stats_key(name)} for name in names],
+        "searchFields": list(request.app[ENGINE].runs.search_fields),
     })
     response.headers["Cache-Control"] = "no-store"
     return response

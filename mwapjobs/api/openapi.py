@@ -70,6 +70,22 @@ RUN = {
 }
 
 
+REPEAT_ID = {"name": "jobId", "in": "path", "required": True,
+             "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
+REPEAT = {
+    "type": "object", "required": ["queue", "jobId", "schedule", "paused"],
+    "properties": {
+        "queue": {"type": "string"}, "jobId": {"type": "string"},
+        "schedule": {"type": "string"}, "timezone": {"type": "string"},
+        "nextRunAt": TIME, "paused": {"type": "boolean"},
+        "lastRun": {"type": "object", "nullable": True, "properties": {
+            "runId": {"type": "string"}, "state": {"type": "string"}, "createdAt": TIME,
+            "finishedAt": TIME, "fired": {"type": "boolean"}}},
+        "data": {"type": "object"},
+    },
+}
+
+
 def _page(summary: str, *, form: bool = False, params: list[dict[str, Any]] | None = None,
           content_types: tuple[str, ...] = ("text/html",)) -> dict[str, Any]:
     """A dashboard page or file (HTML, or a redirect), not the JSON envelope."""
@@ -166,8 +182,8 @@ def document(job_paths: dict[str, Any] | None = None) -> dict[str, Any]:
             "Counts by state for every queue (token-refresh → tokenRefresh)",
             {"type": "object", "additionalProperties": counts}, errors=("503",))},
         "/api/v1/queues/repeats": {"get": operation(
-            "Repeat schedules with their next fire time",
-            {"type": "array"},
+            "Repeat schedules with their next fire time (null: paused) and last run",
+            {"type": "array", "items": REPEAT},
             params=[{"name": "queue", "in": "query", "schema": {"type": "string"}}],
             errors=("404", "503"))},
         "/api/v1/queues/runs/{runId}": {
@@ -188,6 +204,34 @@ def document(job_paths: dict[str, Any] | None = None) -> dict[str, Any]:
             "Find runs of every queue (or `queue`) by job id or data field, newest first",
             run_page, params=[{"name": "queue", "in": "query", "schema": {"type": "string"}},
                               run_state, *search, *paging], errors=("404", "503"))},
+        "/api/v1/queues/repeats/{queue}/{jobId}/run": {"post": operation(
+            "Run a repeat now, with its data and job id (its next fire stays); a pending run "
+            "of that job id is the answer, with created false",
+            {"type": "object", "properties": {"runId": {"type": "string"},
+                                              "state": {"type": "string"},
+                                              "created": {"type": "boolean"}}},
+            params=[QUEUE, REPEAT_ID], ok_status="202", errors=("404", "503"))},
+        "/api/v1/queues/repeats/{queue}/{jobId}/pause": {"post": operation(
+            "Pause one repeat (no next fire) on every instance; it stays paused across "
+            "restarts", REPEAT, params=[QUEUE, REPEAT_ID], errors=("404", "503"))},
+        "/api/v1/queues/repeats/{queue}/{jobId}/resume": {"post": operation(
+            "Resume a paused repeat: its next fire from now", REPEAT,
+            params=[QUEUE, REPEAT_ID], errors=("404", "503"))},
+        "/api/v1/queues/throughput": {"get": operation(
+            "Runs completed and failed per minute per queue, oldest minute first (the last "
+            "`minutes`, at most a day; a zero where none finished)",
+            {"type": "object", "properties": {
+                "from": TIME, "to": TIME, "minutes": {"type": "integer"},
+                "stepSeconds": {"type": "integer"},
+                "queues": {"type": "object", "additionalProperties": {
+                    "type": "object", "properties": {
+                        "completed": {"type": "array", "items": {"type": "integer"}},
+                        "failed": {"type": "array", "items": {"type": "integer"}},
+                        "total": {"type": "object"}}}}}},
+            params=[{"name": "queue", "in": "query", "schema": {"type": "string"}},
+                    {"name": "minutes", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 1440}}],
+            errors=("404", "503"))},
         "/api/v1/queues/{queue}/retry-failed": {"post": operation(
             "Retry every failed run (of errorType): dryRun counts them and answers asOf; "
             "the action with that asOf leaves runs that failed after the count",

@@ -14,7 +14,13 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from ..logs import audit
-from ..operations import MAX_PAGE_SIZE, ConflictError, NotFoundError, Operations
+from ..operations import (
+    MAX_PAGE_SIZE,
+    MAX_THROUGHPUT_MINUTES,
+    ConflictError,
+    NotFoundError,
+    Operations,
+)
 from ..storage.runs import FINISHED, MAX_SEARCH_VALUE, SEARCH_FIELD, STATES, RunSearch
 from .auth import Caller
 from .envelope import ApiError, json_body, ok
@@ -293,6 +299,17 @@ def _number(value: object) -> bool:
 
 
 @_translate
+async def throughput(request: web.Request) -> web.Response:
+    """Completed and failed runs per minute per queue (the per-minute counters)."""
+    await _admin(request)
+    queue = request.query.get("queue")
+    if queue is not None and queue not in request.app[ENGINE].registry:
+        raise ApiError(404, "queue/not-found", f"No queue named {queue[:64]!r}.")
+    minutes = query_int(request, "minutes", MAX_THROUGHPUT_MINUTES, 1, MAX_THROUGHPUT_MINUTES)
+    return ok(await _ops(request).throughput(minutes, queue))
+
+
+@_translate
 async def repeats(request: web.Request) -> web.Response:
     await _admin(request)
     queue = request.query.get("queue")
@@ -301,11 +318,46 @@ async def repeats(request: web.Request) -> web.Response:
     return ok(await _ops(request).repeats(queue))
 
 
+def _repeat_key(request: web.Request) -> tuple[str, str]:
+    queue = _queue(request)
+    job_id = request.match_info["jobId"]
+    if not 0 < len(job_id) <= 200:
+        raise _bad("jobId must be 1-200 characters")
+    return queue, job_id
+
+
+@_translate
+async def run_repeat(request: web.Request) -> web.Response:
+    caller = await _admin(request)
+    queue, job_id = _repeat_key(request)
+    result = await _ops(request).run_repeat(queue, job_id)
+    audit("queue.repeat.run", caller.actor, f"repeat:{queue}:{job_id}", runId=result["runId"],
+          created=result["created"])
+    return ok(result, status=202)
+
+
+def _repeat_pause(paused: bool) -> Handler:
+    @_translate
+    async def handler(request: web.Request) -> web.Response:
+        caller = await _admin(request)
+        queue, job_id = _repeat_key(request)
+        repeat = await _ops(request).pause_repeat(queue, job_id, paused)
+        audit("queue.repeat.pause" if paused else "queue.repeat.resume", caller.actor,
+              f"repeat:{queue}:{job_id}")
+        return ok(repeat)
+
+    return handler
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/api/v1/queues/stats", stats)
     r.add_get("/api/v1/queues/repeats", repeats)
     r.add_get("/api/v1/queues/runs", find_runs)
+    r.add_get("/api/v1/queues/throughput", throughput)
+    r.add_post("/api/v1/queues/repeats/{queue}/{jobId}/run", run_repeat)
+    r.add_post("/api/v1/queues/repeats/{queue}/{jobId}/pause", _repeat_pause(True))
+    r.add_post("/api/v1/queues/repeats/{queue}/{jobId}/resume", _repeat_pause(False))
     r.add_get("/api/v1/queues/runs/{runId}", get_run)
     r.add_post("/api/v1/queues/runs/{runId}/retry", _run_action("retry"))
     r.add_post("/api/v1/queues/runs/{runId}/promote", _run_action("promote"))

@@ -21,6 +21,11 @@
     timer: null,
     refreshing: false,
     rendered: {},        // what each section last showed, to skip needless redraws
+    readOnly: false,     // a viewer token: every action is hidden (and the API says 403)
+    searchFields: [],
+    search: null,        // {params, page} of the search shown, or null
+    historyOf: null,     // {tenantId, integrationId} whose health history is open
+    healthPage: 1,
   };
 
   const $ = (id) => document.getElementById(id);
@@ -48,6 +53,12 @@
 
   function button(label, props, onClick) {
     return el('button', { type: 'button', ...props, on: { click: onClick } }, label);
+  }
+
+  // An action that changes something: never shown to a viewer (the API would say 403).
+  function action(label, props, onClick) {
+    if (ui.readOnly) return null;
+    return button(label, { ...props, 'data-write': '' }, onClick);
   }
 
   function changed(key, value) {
@@ -219,7 +230,7 @@
         el('td', {}, el('span', { class: `badge${paused ? ' paused' : ''}` },
           paused ? 'paused' : 'running')),
         cells,
-        el('td', {}, button(paused ? 'Resume' : 'Pause', { 'data-action': paused ? 'resume' : 'pause' },
+        el('td', {}, action(paused ? 'Resume' : 'Pause', { 'data-action': paused ? 'resume' : 'pause' },
           () => setPaused(name, !paused))));
     });
     $('queue-rows').replaceChildren(...(rows.length ? rows
@@ -254,8 +265,11 @@
     const toggle = $('pause-toggle');
     toggle.textContent = paused ? 'Resume queue' : 'Pause queue';
     toggle.dataset.action = paused ? 'resume' : 'pause';
-    $('clean-tools').hidden = !['completed', 'failed'].includes(ui.runState);
+    $('clean-tools').hidden = ui.readOnly || !['completed', 'failed'].includes(ui.runState);
     $('clean').textContent = `Clean ${ui.runState}`;
+    $('bulk-retry-tools').hidden = ui.readOnly || ui.runState !== 'failed' || !counts.failed;
+    $('bulk-promote').hidden = ui.readOnly || ui.runState !== 'delayed' || !counts.delayed;
+    toggle.hidden = ui.readOnly;
   }
 
   function statsKeyOf(name) {
@@ -266,13 +280,13 @@
   function runActions(run) {
     const actions = [];
     if (run.state === 'failed') {
-      actions.push(button('Retry', { 'data-action': 'retry', class: 'primary' }, () => act('retry', run)));
+      actions.push(action('Retry', { 'data-action': 'retry', class: 'primary' }, () => act('retry', run)));
     }
     if (run.state === 'delayed') {
-      actions.push(button('Promote', { 'data-action': 'promote' }, () => act('promote', run)));
+      actions.push(action('Promote', { 'data-action': 'promote' }, () => act('promote', run)));
     }
     if (run.state !== 'active') {
-      actions.push(button('Remove', { 'data-action': 'remove', class: 'danger' }, () => act('remove', run)));
+      actions.push(action('Remove', { 'data-action': 'remove', class: 'danger' }, () => act('remove', run)));
     }
     return el('div', { class: 'actions' }, actions);
   }
@@ -343,6 +357,128 @@
     refresh();
   }
 
+  // -- bulk actions: the count first (a dry run), confirmed, then the action ----------------
+
+  function fillErrorTypes(byErrorType) {
+    const select = $('bulk-error-type');
+    const current = select.value;
+    const options = [el('option', { value: '' }, 'every error type'),
+      ...Object.entries(byErrorType || {}).map(([type, n]) => el('option', { value: type }, `${type} (${n})`))];
+    select.replaceChildren(...options);
+    select.value = [...select.options].some((o) => o.value === current) ? current : '';
+  }
+
+  async function bulkRetry() {
+    const queue = ui.queue;
+    const errorType = $('bulk-error-type').value || undefined;
+    try {
+      const dry = await api('POST', `/api/v1/queues/${q(queue)}/retry-failed`, { dryRun: true, errorType });
+      fillErrorTypes(dry.byErrorType);
+      if (!dry.count) { notify(`No failed runs of ${queue} to retry${errorType ? ` (${errorType})` : ''}.`); return; }
+      const kinds = Object.entries(dry.byErrorType || {}).map(([t, n]) => `${t}: ${n}`).join(', ');
+      const what = `${dry.count} failed run${dry.count === 1 ? '' : 's'} of ${queue}`;
+      if (!window.confirm(`Retry ${what}${errorType ? ` with error ${errorType}` : ` (${kinds})`}? ` +
+          'Runs that fail from now on are not included.')) return;
+      const done = await api('POST', `/api/v1/queues/${q(queue)}/retry-failed`, { errorType, asOf: dry.asOf });
+      notify(`Retried ${done.retried} of ${what}` +
+        (done.skipped ? `; ${done.skipped} skipped (their job id is pending again)` : '') +
+        (done.more ? '; more are left: run it again' : '') + '.');
+    } catch (err) {
+      notify(`Could not retry the failed runs of ${queue}: ${err.message}`, true);
+    }
+    refresh();
+  }
+
+  async function bulkPromote() {
+    const queue = ui.queue;
+    try {
+      const dry = await api('POST', `/api/v1/queues/${q(queue)}/promote-delayed`, { dryRun: true });
+      if (!dry.count) { notify(`No delayed runs of ${queue}.`); return; }
+      if (!window.confirm(`Run ${dry.count} delayed run${dry.count === 1 ? '' : 's'} of ${queue} now?`)) return;
+      const done = await api('POST', `/api/v1/queues/${q(queue)}/promote-delayed`, { asOf: dry.asOf });
+      notify(`Promoted ${done.promoted} delayed run${done.promoted === 1 ? '' : 's'} of ${queue}` +
+        (done.more ? '; more are left: run it again' : '') + '.');
+    } catch (err) {
+      notify(`Could not promote the delayed runs of ${queue}: ${err.message}`, true);
+    }
+    refresh();
+  }
+
+  // -- find a run ---------------------------------------------------------------------------------
+
+  function searchParams() {
+    const params = new URLSearchParams();
+    const job = $('search-job').value.trim();
+    const field = $('search-field').value;
+    const value = $('search-value').value.trim();
+    if (job) params.set('jobId', job);
+    if (field && value) { params.set('field', field); params.set('value', value); }
+    if (!params.toString()) return null;
+    if ($('search-queue').value) params.set('queue', $('search-queue').value);
+    params.set('state', $('search-state').value);
+    return params;
+  }
+
+  async function runSearch(page) {
+    const params = ui.search ? new URLSearchParams(ui.search.params) : null;
+    if (!params) return;
+    params.set('page', String(page));
+    params.set('pageSize', '20');
+    let result;
+    try {
+      result = await api('GET', `/api/v1/queues/runs?${params}`);
+    } catch (err) {
+      notify(`Search failed: ${err.message}`, true);
+      return;
+    }
+    ui.search.page = result.page;
+    renderSearch(result);
+  }
+
+  function renderSearch(result) {
+    $('search-results').hidden = false;
+    $('search-clear').hidden = false;
+    const rows = result.items.map((run) => el('tr', { 'data-run-id': run.runId },
+      el('td', {}, button(run.runId.slice(-8), { class: 'link', title: `Details of run ${run.runId}`,
+        'data-action': 'details' }, () => openDetail(run.runId))),
+      el('td', { class: 'queue-name' }, run.queue),
+      el('td', { class: 'mono' }, run.jobId ?? '—'),
+      el('td', {}, el('span', { class: `badge ${run.state}` }, run.state)),
+      el('td', {}, el('div', { class: 'data-preview', title: compact(run.data) }, compact(run.data))),
+      el('td', {}, when(run.createdAt)),
+      el('td', {}, when(run.finishedAt)),
+      el('td', { class: 'error-text' }, run.error ? errorMessage(run.error) : '')));
+    $('search-rows').replaceChildren(...(rows.length ? rows
+      : [el('tr', {}, el('td', { colspan: 8, class: 'empty' }, 'No run matches.'))]));
+    const pages = Math.max(1, Math.ceil(result.total / result.pageSize));
+    $('search-info').textContent = `Page ${result.page} of ${pages} · ${result.total} run${result.total === 1 ? '' : 's'} found`;
+    $('search-prev').disabled = result.page <= 1;
+    $('search-next').disabled = result.page >= pages;
+  }
+
+  function setUpSearch() {
+    $('search-field').replaceChildren(el('option', { value: '' }, '—'),
+      ...ui.searchFields.map((f) => el('option', { value: f }, f)));
+    if (ui.searchFields.includes('integrationId')) $('search-field').value = 'integrationId';
+    $('search-queue').append(...ui.queues.map((x) => el('option', { value: x.name }, x.name)));
+    $('search-form').addEventListener('submit', (e) => {
+      e.preventDefault();
+      const params = searchParams();
+      if (!params) { notify('Enter a job id, or a data field\'s value.', true); return; }
+      ui.search = { params: params.toString(), page: 1 };
+      runSearch(1);
+    });
+    $('search-clear').addEventListener('click', () => {
+      ui.search = null;
+      $('search-results').hidden = true;
+      $('search-clear').hidden = true;
+      $('search-job').value = '';
+      $('search-value').value = '';
+    });
+    $('search-prev').addEventListener('click', () => runSearch(Math.max(1, ui.search.page - 1)));
+    $('search-next').addEventListener('click', () => runSearch(ui.search.page + 1));
+  }
+
   // -- run detail ----------------------------------------------------------------------------
 
   function openDetail(id) {
@@ -393,49 +529,223 @@
 
   function renderRepeats(repeats) {
     if (!changed('repeats', repeats)) return;
-    const rows = repeats.map((r) => el('tr', { 'data-repeat': `${r.queue}:${r.jobId}` },
+    const rows = repeats.map((r) => el('tr', { 'data-repeat': `${r.queue}:${r.jobId}`, class: r.paused ? 'paused-row' : '' },
       el('td', { class: 'queue-name' }, r.queue),
       el('td', { class: 'mono' }, r.jobId),
       el('td', { class: 'mono' }, r.schedule),
       el('td', {}, r.timezone),
-      el('td', { 'data-next-run': r.nextRunAt || '' }, r.nextRunAt
-        ? [when(r.nextRunAt), r.timezone !== 'UTC' ? el('small', { class: 'muted zone-time' },
-          inZone(r.nextRunAt, r.timezone)) : null]
-        : 'not scheduled'),
-      el('td', {}, el('div', { class: 'data-preview mono', title: compact(r.data) }, compact(r.data)))));
+      el('td', { 'data-last-run': r.lastRun ? r.lastRun.state : '' }, r.lastRun
+        ? [button(r.lastRun.runId.slice(-8), { class: 'link', title: `Details of run ${r.lastRun.runId}`,
+          'data-action': 'details' }, () => openDetail(r.lastRun.runId)), ' ',
+        el('span', { class: `badge ${r.lastRun.state}` }, r.lastRun.state),
+        when(r.lastRun.finishedAt || r.lastRun.createdAt),
+        r.lastRun.fired ? null : el('small', { class: 'muted' }, 'run by hand')]
+        : el('span', { class: 'muted' }, 'never')),
+      el('td', { 'data-next-run': r.nextRunAt || '' }, r.paused
+        ? el('span', { class: 'badge paused' }, 'paused')
+        : r.nextRunAt
+          ? [when(r.nextRunAt), r.timezone !== 'UTC' ? el('small', { class: 'muted zone-time' },
+            inZone(r.nextRunAt, r.timezone)) : null]
+          : 'not scheduled'),
+      el('td', {}, el('div', { class: 'data-preview mono', title: compact(r.data) }, compact(r.data))),
+      el('td', {}, el('div', { class: 'actions' },
+        action('Run now', { 'data-action': 'repeat-run', class: 'primary' }, () => repeatAct(r, 'run')),
+        action(r.paused ? 'Resume' : 'Pause', { 'data-action': r.paused ? 'repeat-resume' : 'repeat-pause' },
+          () => repeatAct(r, r.paused ? 'resume' : 'pause'))))));
     $('repeat-rows').replaceChildren(...(rows.length ? rows
-      : [el('tr', {}, el('td', { colspan: 6, class: 'empty' }, 'No repeat schedules.'))]));
+      : [el('tr', {}, el('td', { colspan: 8, class: 'empty' }, 'No repeat schedules.'))]));
   }
 
-  // -- integration health (optional endpoint) ------------------------------------------------------
-
-  function flatten(value, prefix, out) {
-    for (const [key, v] of Object.entries(value)) {
-      const name = prefix ? `${prefix}.${key}` : key;
-      if (v !== null && typeof v === 'object' && !Array.isArray(v)) flatten(v, name, out);
-      else if (Array.isArray(v)) out.push([name, `${v.length} item${v.length === 1 ? '' : 's'}`]);
-      else out.push([name, v]);
+  async function repeatAct(repeat, verb) {
+    const label = `${repeat.queue} / ${repeat.jobId}`;
+    try {
+      const result = await api('POST', `/api/v1/queues/repeats/${q(repeat.queue)}/${q(repeat.jobId)}/${verb}`);
+      if (verb === 'run') {
+        notify(result.created ? `${label}: run ${result.runId.slice(-8)} added, now.`
+          : `${label}: a run is pending already (${result.state}).`);
+      } else {
+        notify(`${label} ${verb === 'pause' ? 'paused: it fires no more until resumed' : 'resumed'}.`);
+      }
+    } catch (err) {
+      notify(`Could not ${verb} ${label}: ${err.message}`, true);
     }
-    return out;
+    refresh();
+  }
+
+  // -- integration health (optional endpoint): counts, the failing list, providers, sweeps ----------
+
+  const HEALTH_OUTCOMES = ['healthy', 'failing', 'error', 'expired', 'revoked', 'skipped', 'unchecked'];
+  const HEALTH_PAGE = 10;
+
+  function providerName(byProvider, id) {
+    const p = (byProvider || []).find((x) => x.id === id);
+    return p ? (p.name || p.slug || p.kind || id) : id;
+  }
+
+  function sweepText(sweep) {
+    if (!sweep || !sweep.enabled) return [el('p', { class: 'muted' }, 'Health checks are off on this daemon.')];
+    const parts = [];
+    const running = sweep.running;
+    if (running) {
+      parts.push(el('p', { 'data-sweep': 'running' }, el('span', { class: 'badge active' }, 'sweep running'),
+        ` ${running.checked} of ${running.integrations} checked, started ${fmtRelative(running.startedAt)}` +
+        `${running.hurried ? ' (hurried)' : ''}`));
+    }
+    const last = sweep.last;
+    parts.push(el('p', { 'data-sweep': 'last', class: last ? '' : 'muted' }, last
+      ? `Last sweep ${fmtRelative(last.finishedAt)}: ${last.checked} checked — ${last.healthy} healthy, ` +
+        `${last.failing} failing, ${last.error} error, ${last.expired} expired, ${last.revoked} revoked` +
+        `${last.interrupted ? ' (interrupted)' : ''}, in ${Math.round(last.seconds)} s.`
+      : `No sweep since this daemon started${sweep.schedule ? ` (${sweep.schedule.cron}, ${sweep.schedule.timezone})` : ''}.`));
+    return parts;
+  }
+
+  function renderHealth(data) {
+    const parts = [];
+    const byHealth = data.byHealth || {};
+    parts.push(stats([
+      ['integrations', data.total], ['connected', data.connected],
+      ...HEALTH_OUTCOMES.map((o) => [o, byHealth[o] ?? 0, ['failing', 'error'].includes(o) && byHealth[o] > 0]),
+      ...Object.entries(data.byStatus || {}).map(([s, n]) => [`status ${s}`, n, s !== 'active' && n > 0]),
+    ]));
+    parts.push(...sweepText(data.sweep));
+    const failing = data.items || [];
+    parts.push(el('h3', {}, `Failing integrations (${data.matched ?? failing.length})`));
+    if (!failing.length) {
+      parts.push(el('p', { class: 'muted', 'data-list': 'failing' }, 'None: every checked integration answered its last check.'));
+    } else {
+      parts.push(el('table', { class: 'grid', 'data-list': 'failing' },
+        el('thead', {}, el('tr', {}, ...['Provider', 'Tenant', 'Integration', 'Outcome', 'Reason', 'Since', 'Streak', '']
+          .map((h) => el('th', { scope: 'col', class: h === 'Streak' ? 'num' : '' }, h)))),
+        el('tbody', {}, ...failing.map((r) => el('tr', { 'data-integration': r.integrationId },
+          el('td', {}, providerName(data.byProvider, r.providerId)),
+          el('td', { class: 'mono' }, r.tenantId ?? '—'),
+          el('td', { class: 'mono' }, r.integrationId),
+          el('td', {}, el('span', { class: `badge ${r.outcome === 'error' || r.outcome === 'failing' ? 'failed' : 'paused'}` }, r.outcome)),
+          el('td', { class: 'error-text reason' }, (r.lastResult && r.lastResult.message) || '—'),
+          el('td', {}, r.failingSince ? [r.failingSinceAtLeast ? 'before ' : '', when(r.failingSince)] : '—'),
+          el('td', { class: 'num' }, String(r.consecutiveFailures)),
+          el('td', {}, button('History', { class: 'link', 'data-action': 'history' },
+            () => openHistory(r.tenantId, r.integrationId))))))));
+      const shown = (data.page - 1) * data.pageSize + failing.length;
+      const more = (data.matched ?? 0) - shown;
+      parts.push(el('div', { class: 'pager' },
+        button('‹ Previous', { disabled: data.page <= 1, 'data-action': 'health-prev' }, () => { ui.healthPage -= 1; refreshHealth(); }),
+        el('span', { class: 'muted', 'data-health-more': String(Math.max(0, more)) },
+          `${shown - failing.length + 1}–${shown} of ${data.matched}${more > 0 ? ` · ${more} more` : ''}`),
+        button('Next ›', { disabled: more <= 0, 'data-action': 'health-next' }, () => { ui.healthPage += 1; refreshHealth(); })));
+    }
+    const providers = data.byProvider || [];
+    parts.push(el('h3', {}, 'By provider'));
+    parts.push(el('table', { class: 'grid', 'data-list': 'providers' },
+      el('thead', {}, el('tr', {}, el('th', { scope: 'col' }, 'Provider'), el('th', { scope: 'col', class: 'num' }, 'Total'),
+        ...HEALTH_OUTCOMES.map((o) => el('th', { scope: 'col', class: 'num' }, o)))),
+      el('tbody', {}, ...(providers.length ? providers.map((p) => el('tr', { 'data-provider': p.id },
+        el('td', {}, `${p.name || p.slug || p.id}`, p.kind ? el('small', { class: 'muted' }, ` ${p.kind}`) : null),
+        el('td', { class: 'num' }, String(p.total)),
+        ...HEALTH_OUTCOMES.map((o) => el('td', { class: `num${['failing', 'error'].includes(o) && p.byHealth[o] ? ' error-text' : ''}` },
+          String((p.byHealth || {})[o] ?? 0)))))
+        : [el('tr', {}, el('td', { colspan: 2 + HEALTH_OUTCOMES.length, class: 'empty' }, 'No integration yet.'))]))));
+    $('health').replaceChildren(...parts);
   }
 
   async function refreshHealth() {
-    let data = null;
-    try {
-      const response = await fetch('/api/v1/integrations/health',
-        { credentials: 'same-origin', headers: { Accept: 'application/json' } });
-      if (response.status === 200) {
-        const payload = await response.json();
-        if (payload && payload.success === true) data = payload.data;
-      }
-    } catch (e) {
-      data = null;
+    const params = new URLSearchParams({ outcome: 'failing,error', page: String(ui.healthPage), pageSize: String(HEALTH_PAGE) });
+    let data = await optional(`/api/v1/integrations/health?${params}`);
+    if (data && !data.items.length && ui.healthPage > 1) {  // the last page emptied
+      ui.healthPage = Math.max(1, Math.ceil((data.matched || 0) / HEALTH_PAGE));
+      params.set('page', String(ui.healthPage));
+      data = await optional(`/api/v1/integrations/health?${params}`);
     }
     $('health-section').hidden = data === null;
     if (data === null || !changed('health', data)) return;
-    const entries = typeof data === 'object' ? flatten(data, '', []) : [['status', data]];
-    $('health').replaceChildren(...entries.slice(0, 40).map(([key, value]) =>
-      el('div', { class: 'stat', 'data-health': key }, el('b', {}, String(value ?? '—')), el('span', {}, key))));
+    renderHealth(data);
+  }
+
+  async function openHistory(tenantId, integrationId) {
+    ui.historyOf = { tenantId, integrationId };
+    await refreshHistory();
+    $('history-section').scrollIntoView({ behavior: 'smooth', block: 'start' });
+  }
+
+  async function refreshHistory() {
+    if (!ui.historyOf) return;
+    const { tenantId, integrationId } = ui.historyOf;
+    let data;
+    try {
+      data = await api('GET', `/api/v1/tenants/${q(tenantId)}/integrations/${q(integrationId)}/health`);
+    } catch (err) {
+      notify(`Could not read the history of ${integrationId}: ${err.message}`, true);
+      ui.historyOf = null;
+      $('history-section').hidden = true;
+      return;
+    }
+    $('history-section').hidden = false;
+    if (!changed('history', data)) return;
+    const provider = data.provider || {};
+    $('history-title').replaceChildren('Health history ', el('span', { class: 'mono' }, integrationId),
+      el('span', { class: 'muted' }, ` · ${provider.name || provider.id || ''} · tenant ${tenantId} · ${data.status}`));
+    const rows = (data.history || []).map((e) => el('tr', {},
+      el('td', {}, when(e.at)),
+      el('td', {}, el('span', { class: `badge ${e.outcome === 'healthy' ? 'completed' : (e.outcome === 'skipped' ? 'waiting' : 'failed')}` }, e.outcome)),
+      el('td', { class: 'num' }, e.httpStatus ?? '—'),
+      el('td', { class: 'num' }, e.latencyMs === null || e.latencyMs === undefined ? '—' : `${Math.round(e.latencyMs)} ms`),
+      el('td', {}, e.refreshed ? 'yes' : ''),
+      el('td', { class: 'error-text' }, e.outcome === 'healthy' ? '' : (e.message || ''))));
+    $('history').replaceChildren(
+      stats([['outcome', data.health.outcome], ['streak', data.health.consecutiveFailures, data.health.consecutiveFailures > 0],
+        ['last healthy', data.health.lastHealthyAt ? fmtRelative(data.health.lastHealthyAt) : 'never']]),
+      el('table', { class: 'grid', 'data-list': 'history' },
+        el('thead', {}, el('tr', {}, ...['Checked', 'Outcome', 'HTTP', 'Latency', 'Refreshed', 'Message']
+          .map((h) => el('th', { scope: 'col' }, h)))),
+        el('tbody', {}, ...(rows.length ? rows : [el('tr', {}, el('td', { colspan: 6, class: 'empty' }, 'Never checked.'))]))));
+  }
+
+  // -- throughput: completed (up) and failed (down) per minute, drawn as SVG bars ------------------
+
+  function throughputChart(name, series, from) {
+    const n = series.completed.length;
+    const w = 1440, h = 84, mid = 56;
+    const max = Math.max(1, ...series.completed, ...series.failed);
+    const step = w / n;
+    const start = new Date(from).getTime();
+    const label = (i) => fmtTime(new Date(start + i * 60000).toISOString()).slice(11, 16);
+    const bars = [];
+    series.completed.forEach((v, i) => {
+      if (!v) return;
+      const height = Math.max(1, (v / max) * (mid - 2));
+      bars.push(svg('rect', { x: (i * step).toFixed(2), y: (mid - height).toFixed(2), width: Math.max(1, step).toFixed(2),
+        height: height.toFixed(2), class: 'tp-completed', 'data-minute': i, 'data-count': v },
+      svg('title', {}, `${label(i)}: ${v} completed`)));
+    });
+    series.failed.forEach((v, i) => {
+      if (!v) return;
+      const height = Math.max(1, (v / max) * (h - mid - 2));
+      bars.push(svg('rect', { x: (i * step).toFixed(2), y: mid, width: Math.max(1, step).toFixed(2),
+        height: height.toFixed(2), class: 'tp-failed', 'data-minute': i, 'data-count': v },
+      svg('title', {}, `${label(i)}: ${v} failed`)));
+    });
+    const ticks = [];
+    for (let i = 0; i < n; i += 180) ticks.push(svg('line', { x1: i * step, x2: i * step, y1: 0, y2: h, class: 'tp-tick' }));
+    const chart = svg('svg', { viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: 'none', class: 'tp-chart', role: 'img',
+      'aria-label': `${name}: ${series.total.completed} completed and ${series.total.failed} failed in 24 hours` },
+    ...ticks, svg('line', { x1: 0, x2: w, y1: mid, y2: mid, class: 'tp-axis' }), ...bars);
+    const peak = Math.max(0, ...series.completed.map((c, i) => c + series.failed[i]));
+    return el('div', { class: 'tp-row', 'data-throughput': name, 'data-completed': series.total.completed,
+      'data-failed': series.total.failed },
+    el('div', { class: 'tp-head' }, el('span', { class: 'queue-name' }, name),
+      el('span', { class: 'muted' }, `${series.total.completed} completed · `),
+      el('span', { class: series.total.failed ? 'error-text' : 'muted' }, `${series.total.failed} failed`),
+      el('span', { class: 'muted' }, ` · peak ${peak}/min`)),
+    chart,
+    el('div', { class: 'tp-scale muted' }, el('span', {}, label(0)), el('span', {}, label(Math.floor(n / 2))), el('span', {}, label(n - 1))));
+  }
+
+  async function refreshThroughput() {
+    const data = await api('GET', '/api/v1/queues/throughput');
+    if (!changed('throughput', data)) return;
+    const rows = Object.entries(data.queues).map(([name, series]) => throughputChart(name, series, data.from));
+    $('throughput').replaceChildren(...(rows.length ? rows : [el('p', { class: 'muted' }, 'No queues.')]));
   }
 
   // -- job panels: each hidden unless its endpoint answers 200 --------------------------------------
@@ -581,6 +891,44 @@
     el('p', { class: 'muted' }, `${data.from} to ${data.to}, ${days.length} daily snapshot${days.length === 1 ? '' : 's'}`));
   }
 
+  // -- file index: per-project summaries, failing ones first ------------------------------------
+
+  async function refreshFileIndex() {
+    const data = await optional('/api/v1/files/index?pageSize=20');
+    $('file-index-section').hidden = data === null;
+    if (data === null || !changed('fileIndex', data)) return;
+    const parts = [];
+    if (!data.enabled) parts.push(el('p', { class: 'muted' }, 'File indexing is off on this daemon.'));
+    const by = data.byState || {};
+    parts.push(stats([
+      ['projects', data.total ?? 0],
+      ['synced', by.synced ?? 0],
+      ['running', data.running ?? 0],
+      ['failing', by.error ?? 0, (by.error || 0) > 0],
+      ['not indexed', by.skipped ?? 0],
+      ['files', data.files ?? 0],
+      ['size', gib(data.totalSize)],
+    ]));
+    const items = data.items || [];
+    if (items.length) {
+      parts.push(el('table', { class: 'grid', 'data-list': 'file-index' },
+        el('thead', {}, el('tr', {}, ...['Project', 'Provider', 'Folder', 'State', 'Files', 'Size', 'Last sync', 'Last error']
+          .map((h) => el('th', { scope: 'col' }, h)))),
+        el('tbody', {}, ...items.map((p) => el('tr', { 'data-project': p.projectId },
+          el('td', { class: 'mono' }, p.name || p.projectId),
+          el('td', {}, p.provider || '—'),
+          el('td', { class: 'mono' }, p.folderpath || '—'),
+          el('td', { class: p.state === 'error' ? 'error-text' : '' }, p.state),
+          el('td', { class: 'num' }, String(p.fileCount)),
+          el('td', { class: 'num' }, gib(p.totalSize)),
+          el('td', {}, p.lastSync ? fmtRelative(p.lastSync) : 'never'),
+          el('td', {}, p.lastError ? `${p.lastError.code}: ${p.lastError.message}` : (p.skipReason || '')))))));
+    } else {
+      parts.push(el('p', { class: 'muted' }, 'No project indexed yet.'));
+    }
+    $('file-index').replaceChildren(...parts);
+  }
+
   // -- refresh loop ------------------------------------------------------------------------------
 
   async function refresh() {
@@ -594,6 +942,7 @@
       ui.stats = stats;
       renderQueues();
       renderRepeats(repeats);
+      await refreshThroughput();
       if (ui.queue) {
         const params = new URLSearchParams({ state: ui.runState, page: ui.page, pageSize: ui.pageSize });
         let runs = await api('GET', `/api/v1/queues/${q(ui.queue)}/runs?${params}`);
@@ -616,9 +965,11 @@
         }
       }
       await refreshHealth();
+      await refreshHistory();
       await refreshMaintenance();
       await refreshOwnerEmails();
       await refreshAnalytics();
+      await refreshFileIndex();
       $('updated').textContent = `Updated ${fmtTime(new Date().toISOString()).slice(11)}`;
       document.body.dataset.loaded = 'true';
     } catch (err) {
@@ -653,7 +1004,12 @@
     ui.csrf = session.csrfToken;
     ui.queues = session.queues;
     ui.refreshSeconds = session.refreshSeconds || 5;
+    ui.readOnly = Boolean(session.readOnly);
+    ui.searchFields = session.searchFields || [];
+    document.body.classList.toggle('read-only', ui.readOnly);
+    $('read-only').hidden = !ui.readOnly;
     $('actor').textContent = session.actor;
+    setUpSearch();
     $('refresh-period').textContent = `(${ui.refreshSeconds} s)`;
     readHash();
 
@@ -675,6 +1031,13 @@
     });
     $('pause-toggle').addEventListener('click', (e) => setPaused(ui.queue, e.target.dataset.action === 'pause'));
     $('clean').addEventListener('click', clean);
+    $('bulk-retry').addEventListener('click', bulkRetry);
+    $('bulk-promote').addEventListener('click', bulkPromote);
+    $('history-close').addEventListener('click', () => {
+      ui.historyOf = null;
+      delete ui.rendered.history;
+      $('history-section').hidden = true;
+    });
     document.addEventListener('visibilitychange', () => { if (!document.hidden) refresh(); });
     window.addEventListener('hashchange', () => { readHash(); refresh(); });
     schedule();

@@ -268,6 +268,19 @@ class IntegrationStore:
         )
         return {str(d["_id"]): d["health"] for d in docs if isinstance(d.get("health"), dict)}
 
+    async def health_histories(self, integration_ids: list[str]) -> dict[str, list[Any]]:
+        """The health history (oldest first) of these integrations, in one query by id:
+        for a page of the health summary, never for every integration."""
+        if not integration_ids:
+            return {}
+        docs = await self._mongo.call(
+            lambda db: db[INTEGRATION_STATE]
+            .find({"_id": {"$in": list(integration_ids)}}, {"health.history": 1})
+            .to_list(None)
+        )
+        return {str(d["_id"]): list((d.get("health") or {}).get("history") or [])
+                for d in docs}
+
     async def create_health_states(self, integration_ids: list[str]) -> None:
         """Make our notes exist for these integrations (`record_health` never inserts).
         One query; a document another writer made meanwhile is left as it is."""

@@ -197,6 +197,17 @@ class JobStore(MongoDBJobStore):  # type: ignore[misc]
         if result and result.matched_count == 0:
             raise JobLookupError(job.id)
 
+    def update_job_if(self, job: ApsJob, next_run_time: datetime | None) -> bool:
+        """`update_job`, only if the stored trigger still fires at `next_run_time` (as it
+        was read): False when it was paused, resumed, replaced or moved meanwhile, and
+        then it is left as it is. The clock moves triggers on with this, so a pause made
+        on another instance during a fire is not undone."""
+        self.round_trips += 1
+        result = self.collection.update_one(
+            {"_id": job.id, "next_run_time": datetime_to_utc_timestamp(next_run_time)},
+            {"$set": self._document(job)})
+        return bool(result and result.matched_count)
+
     def remove_job(self, job_id: str) -> None:
         self.round_trips += 1
         super().remove_job(job_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 # mwapjobs' own
 RUNS = "mwapjobs_runs"  # one document per job run: the engine's truth
 QUEUES = "mwapjobs_queues"  # per queue: paused, finished counters
+THROUGHPUT = "mwapjobs_throughput"  # runs finished per minute and queue, for a day or two
 SCHEDULER_JOBS = "mwapjobs_scheduler_jobs"  # APScheduler's job store: signed repeat triggers
 SCHEDULER_QUARANTINE = "mwapjobs_scheduler_quarantine"  # what the job store refused to read
 INTEGRATION_STATE = "mwapjobs_integrations"  # our notes per integration (health, refusals)

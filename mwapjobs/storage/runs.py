@@ -32,7 +32,7 @@ from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from .batch import by_id
 from .mongo import Mongo
-from .names import QUEUES, RUNS
+from .names import QUEUES, RUNS, THROUGHPUT
 
 State = Literal["delayed", "waiting", "active", "completed", "failed"]
 STATES: tuple[State, ...] = ("delayed", "waiting", "active", "completed", "failed")
@@ -47,6 +47,10 @@ HISTORY_WINDOWS = (300.0, 3600.0, 86400.0, 7 * 86400.0, 30 * 86400.0)
 SEARCH_FIELD = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 MAX_SEARCH_VALUE = 200
 BULK_BATCH = 500  # runs read and updated per round trip by a bulk action
+# Per-minute finished counts are kept this long: the TTL index removes older minutes
+# (and `prune_throughput` does on a store without TTL), so the collection holds at most
+# 2,880 small documents whatever the traffic.
+THROUGHPUT_KEEP = timedelta(hours=48)
 NO_ERROR_TYPE = "(none)"  # how a failed run without an error type is counted
 
 
@@ -154,6 +158,13 @@ def _page_of(query: dict[str, Any], projection: dict[str, Any], order: list[tupl
     return lambda db: db[RUNS].find(query, projection).sort(order).limit(limit).to_list(limit)
 
 
+def _add_minute(minute: datetime, inc: dict[str, int]) -> Callable[[Any], Awaitable[Any]]:
+    # The id is the minute as text: a date as `_id` trips the embedded store's deletes.
+    key = minute.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
+    return lambda db: db[THROUGHPUT].update_one(
+        {"_id": key}, {"$inc": inc, "$setOnInsert": {"minute": minute}}, upsert=True)
+
+
 def _update_many(query: dict[str, Any], update: Any) -> Callable[[Any], Awaitable[Any]]:
     return lambda db: db[RUNS].update_many(query, update)
 
@@ -220,6 +231,7 @@ class RunStore:
         ]
         for keys, options in specs:
             await self._mongo.call(_create_index(RUNS, keys, options))
+        await self.ensure_throughput_index()
         for replaced in ("mwapjobs_due", "mwapjobs_history"):  # by the *_order ones
             with contextlib.suppress(OperationFailure):
                 await self._mongo.call(_drop_index(replaced))
@@ -601,6 +613,15 @@ class RunStore:
         except DuplicateKeyError:
             raise JobIdTaken(key) from None
 
+    async def latest_of(self, queue: str, job_id: str) -> dict[str, Any] | None:
+        """The newest run of a job id, in any state (the job-id index: one key read)."""
+        docs = await self._mongo.call(lambda db: db[RUNS].find(
+            {"jobId": job_id, "queue": queue},
+            {"state": 1, "createdAt": 1, "startedAt": 1, "finishedAt": 1, "slot": 1})
+            .sort([("jobId", ASCENDING), ("_id", DESCENDING)]).hint("mwapjobs_job")
+            .limit(1).to_list(1))
+        return docs[0] if docs else None
+
     # -- bulk actions ------------------------------------------------------------
 
     async def failed_by_type(self, queue: str, as_of: datetime) -> dict[str, int]:
@@ -848,6 +869,53 @@ class RunStore:
                 by_queue.setdefault(queue, {})[f"counts.{state}"] = n
         for queue, inc in by_queue.items():
             await self._mongo.call(_increment(queue, inc))
+
+    # -- throughput: finished runs per minute and queue -----------------------------
+
+    async def ensure_throughput_index(self) -> None:
+        await self._mongo.call(_create_index(
+            THROUGHPUT, [("minute", ASCENDING)],
+            {"name": "mwapjobs_throughput_ttl",
+             "expireAfterSeconds": int(THROUGHPUT_KEEP.total_seconds())}))
+
+    async def bump_minutes(self, deltas: dict[tuple[datetime, str, State], int]) -> None:
+        """Add to the per-minute counters: one upsert per minute (there is one document
+        per minute, holding every queue's counts), so a flush costs one round trip
+        whatever the number of queues."""
+        by_minute: dict[datetime, dict[str, int]] = {}
+        for (minute, queue, state), n in deltas.items():
+            if n > 0:
+                inc = by_minute.setdefault(minute, {})
+                inc[f"q.{queue}.{state}"] = inc.get(f"q.{queue}.{state}", 0) + n
+        for minute, inc in sorted(by_minute.items()):
+            for attempt in range(2):
+                try:
+                    await self._mongo.call(_add_minute(minute, inc))
+                    break
+                except DuplicateKeyError:  # another instance inserted this minute first
+                    if attempt:
+                        raise
+
+    async def throughput(self, since: datetime) -> dict[datetime, dict[str, dict[str, int]]]:
+        """minute → queue → {completed, failed} from `since` on (one query on the TTL index,
+        at most a minute's document per minute)."""
+        docs = await self._mongo.call(lambda db: db[THROUGHPUT].find(
+            {"minute": {"$gte": since}}).sort([("minute", ASCENDING)]).to_list(None))
+        out: dict[datetime, dict[str, dict[str, int]]] = {}
+        for d in docs:
+            minute = d.get("minute")
+            if isinstance(minute, datetime):
+                out[_utc(minute)] = {str(q): {s: int(c.get(s) or 0) for s in FINISHED}
+                                     for q, c in (d.get("q") or {}).items()
+                                     if isinstance(c, dict)}
+        return out
+
+    async def prune_throughput(self, before: datetime) -> int:
+        """Delete the minutes before `before` (what the TTL index does, for a store that
+        has none: the embedded one)."""
+        result = await self._mongo.call(
+            lambda db: db[THROUGHPUT].delete_many({"minute": {"$lt": before}}))
+        return int(result.deleted_count)
 
     async def init_counts(self, queue: str) -> bool:
         """Count a queue's finished runs once, if it has no counters yet (the first start

@@ -39,8 +39,11 @@ INTEGRATION_PATH = "/api/v1/tenants/{tenantId}/integrations/{integrationId}/heal
 MAX_PAGE_SIZE = 200
 OPENAPI = {
     SUMMARY_PATH: {"get": operation(
-        "Integration health: counts by status and provider, failing integrations first",
-        params=PAGING, errors=("503",))},
+        "Integration health: counts by status and provider, failing integrations first "
+        "(with when each one's failing streak began); `outcome` narrows the page",
+        params=[*PAGING, {"name": "outcome", "in": "query", "schema": {"type": "string"},
+                          "description": "comma-separated outcomes, e.g. failing,error"}],
+        errors=("503",))},
     CHECK_PATH: {"post": operation(
         "Check every connected integration now, without spreading", ok_status="202",
         errors=("409", "503"))},
@@ -64,6 +67,19 @@ MWAP_STATUSES = ("active", "expired", "revoked", "error")
 # Failing first: what is failing now, then what needs the tenant, then what we know least.
 _RANK = {"error": 0, "failing": 1, "expired": 2, "revoked": 3, "skipped": 4, "unchecked": 5,
          "healthy": 6}
+FAILED_OUTCOMES = ("failing", "error")  # what a failing streak is made of
+
+
+def failing_since(history: list[Any]) -> tuple[Any, bool]:
+    """When the current failing streak began, from a history oldest first: the time of
+    its first failure, and whether the streak may be older still (the whole kept history
+    is failures). (None, False) when the last check did not fail."""
+    since = None
+    for entry in reversed(history):
+        if not isinstance(entry, dict) or entry.get("outcome") not in FAILED_OUTCOMES:
+            return since, False
+        since = entry.get("at")
+    return since, since is not None
 
 
 def _outcome(health: dict[str, Any] | None) -> str:
@@ -102,6 +118,11 @@ async def summary(request: web.Request) -> web.Response:
     await request.app[AUTH].require_admin(request)
     page = query_int(request, "page", 1, 1, 1_000_000)
     size = query_int(request, "pageSize", 50, 1, MAX_PAGE_SIZE)
+    known = (*OUTCOMES, "unchecked")
+    wanted = [o for o in request.query.get("outcome", "").split(",") if o]
+    if any(o not in known for o in wanted):
+        raise ApiError(400, "validation/invalid-parameter",
+                       f"outcome must be a comma-separated list of {', '.join(known)}")
     store = api.store
     integrations = await store.integrations_overview()
     health = await store.health_overview()
@@ -121,8 +142,15 @@ async def summary(request: web.Request) -> web.Response:
         by_provider.setdefault(row["providerId"], []).append(row)
     rows.sort(key=lambda r: (_RANK.get(r["outcome"], 5), -r["consecutiveFailures"],
                              -_stamp(r["lastCheckedAt"]), r["integrationId"]))
-    outcomes = (*OUTCOMES, "unchecked")
+    outcomes = known
     checker = api.checker
+    matched = [r for r in rows if r["outcome"] in wanted] if wanted else rows
+    shown = matched[(page - 1) * size: page * size]
+    histories = await store.health_histories(
+        [r["integrationId"] for r in shown if r["consecutiveFailures"]])
+    for row in shown:
+        row["failingSince"], row["failingSinceAtLeast"] = failing_since(
+            histories.get(row["integrationId"], []))
     return ok({
         "total": len(rows),
         "connected": sum(1 for r in rows if r["connected"]),
@@ -141,7 +169,8 @@ async def summary(request: web.Request) -> web.Response:
             "running": checker.progress() if checker else None,
             "last": checker.last_sweep if checker else None,
         },
-        "items": rows[(page - 1) * size: page * size],
+        "items": shown,
+        "matched": len(matched),
         "page": page,
         "pageSize": size,
     })
