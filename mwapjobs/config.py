@@ -193,9 +193,11 @@ class MaintenanceSettings(_Section):
 
 class FileIndexSettings(_Section):
     """File indexing (jobs/files/): every project's cloud folder mirrored into
-    `virtualFiles`. Off by default: it writes a collection the backend reads."""
+    `virtualFiles` (the backend's planned collection, which it reads). On by default, as
+    the other jobs; the backend's own documents (`projects.metadata`) are written only
+    with `write_project_metadata`."""
 
-    enabled: bool = False
+    enabled: bool = True
     interval: float = Field(900.0, ge=10)
     full_interval: float = Field(86400.0, ge=60)
     spread: bool = True

@@ -62,10 +62,12 @@ def test_shipped_config_file_mentions_every_setting() -> None:
     names = set(Settings.model_fields)
     defaults = Settings(mongodb_uri="memory://", encryption_key="k" * 32)
     for section in ("http", "mongodb", "engine", "admin", "metrics", "refresh", "health",
-                    "alerts"):
+                    "alerts", "files"):
         names |= set(type(getattr(defaults, section)).model_fields)
     missing = sorted(n for n in names if n not in text)
     assert not missing, f"config.toml does not document: {missing}"
+    files = tomllib.loads(text)["files"]  # every [files] key in its own section
+    assert sorted(files) == sorted(type(defaults.files).model_fields)
 
 
 def test_environment_overrides_file_with_nested_names(tmp_path: Path,

@@ -250,12 +250,11 @@ async def test_project_metadata_is_written_only_when_allowed(w: FilesWorld) -> N
 async def test_switched_off_it_answers_503_and_indexes_nothing() -> None:
     mongo, drop = make_mongo()
     settings = make_settings(refresh={"enabled": False}, health={"enabled": False},
+                             files={"enabled": False},
                              admin={"tokens": [{"name": "ops", "sha256": hashlib.sha256(
                                  ADMIN_TOKEN.encode()).hexdigest()}]})
-    plugins = (*DEFAULT_JOBS, files_job.PLUGIN) if files_job.PLUGIN not in DEFAULT_JOBS \
-        else DEFAULT_JOBS
-    daemon = Daemon(settings, mongo=mongo, jobs=plugins)
-    assert settings.files.enabled is False
+    assert files_job.PLUGIN in DEFAULT_JOBS  # plugged in, switched off by its setting
+    daemon = Daemon(settings, mongo=mongo, jobs=DEFAULT_JOBS)
     try:
         tenant = await insert_tenant(mongo, "auth0|x")
         project = {"_id": "a" * 24, "tenantId": tenant, "cloudIntegrationId": "b" * 24,

@@ -1,6 +1,7 @@
-"""The dashboard's panels of upkeep, owner emails and analytics, in Debian's chromium
-(Playwright, as tests/test_dashboard.py): each shows what its endpoint says, the trend
-chart is drawn from the real snapshots, and nothing breaks the page's CSP."""
+"""The dashboard's panels of upkeep, owner emails, analytics and the file index, in
+Debian's chromium (Playwright, as tests/test_dashboard.py): each shows what its endpoint
+says, the trend chart is drawn from the real snapshots, and nothing breaks the page's
+CSP."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from bson import ObjectId
 
 from mwapjobs.daemon import Daemon
 from mwapjobs.storage.mongo import Mongo
-from mwapjobs.storage.names import ANALYTICS_DAILY, PROJECTS
+from mwapjobs.storage.names import ANALYTICS_DAILY, FILE_INDEX, PROJECTS
 from tests.conftest import ROOT, make_settings
 from tests.support.admin import ADMIN_TOKEN, call, with_admin
 from tests.support.mwap_data import insert_tenant
@@ -39,6 +40,16 @@ async def test_the_job_panels_in_chromium(mongo: Mongo) -> None:
              "tenants": n, "projects": {"total": 0}, "integrations": {"connected": 0},
              "refresh": {"refreshed": 5, "transientFailure": 1, "permanentFailure": 0},
              "quota": {"used": 2**30}}))
+    now = datetime.now(UTC)
+    summaries = [  # as file indexing leaves them: one synced, one failing
+        {"_id": "p-synced", "state": "synced", "name": "Docs", "kind": "dropbox",
+         "folderpath": "/Docs", "fileCount": 12, "folderCount": 2, "totalSize": 2**20,
+         "lastSync": now},
+        {"_id": "p-failing", "state": "error", "name": "Clients", "kind": "google",
+         "folderpath": "/Clients", "failingSince": now - timedelta(hours=2),
+         "lastError": {"code": "files/folder-not-found",
+                       "message": "no folder named 'Clients' in / on Google Drive", "at": now}}]
+    await mongo.call(lambda db: db[FILE_INDEX].insert_many(summaries))
     settings = make_settings(**with_admin(
         refresh={"enabled": False}, health={"enabled": False}, smtp_host="127.0.0.1",
         admin={"tokens": with_admin()["admin"]["tokens"], "cookie_secure": False}))
@@ -88,6 +99,17 @@ async def test_the_job_panels_in_chromium(mongo: Mongo) -> None:
                 emails = page.locator("#owner-emails-section")
                 await expect(emails).to_be_visible()
                 await expect(emails).to_contain_text("AUTH0_CLIENT_ID")  # why it is off
+
+                files = page.locator("#file-index-section")
+                await expect(files).to_be_visible()
+                await expect(files.locator("[data-stat='failing'] b")).to_have_text("1")
+                await expect(files.locator("[data-stat='failing']")).to_have_class("stat warn")
+                await expect(files.locator("[data-stat='files'] b")).to_have_text("12")
+                rows = files.locator("[data-list='file-index'] tbody tr")
+                await expect(rows).to_have_count(2)
+                await expect(rows.first).to_have_attribute("data-project", "p-failing")
+                await expect(rows.first).to_contain_text("files/folder-not-found: no folder")
+                await expect(rows.nth(1)).to_contain_text("/Docs")
                 shot: Any = ROOT / "artifacts" / "jobs-dashboard.png"
                 shot.parent.mkdir(exist_ok=True)
                 await page.screenshot(path=str(shot), full_page=True)

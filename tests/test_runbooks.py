@@ -28,7 +28,7 @@ PUBLIC_API = {"/api/v1/openapi.json"}  # under /api/v1 but needs no token
 EXPECTED_RULES = {
     "mongodb_down", "failed_runs", "backlog", "alert_channel_failing",
     "scheduler_documents_rejected", "refresh_failures", "provider_on_hold",
-    "provider_url_changed", "health_sweep_missed",
+    "provider_url_changed", "health_sweep_missed", "file_sync_failing",
 }
 RULE_SECTIONS = ("## What it means", "## Confirm", "## What to do", "## Over when")
 # What may stand in a path parameter's place: a placeholder (QUEUE, RUN_ID) or a shell

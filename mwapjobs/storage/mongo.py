@@ -70,9 +70,11 @@ EMBEDDED_INDEXES: dict[str, tuple[list[tuple[str, ...]], list[tuple[tuple[str, .
     SUPERADMINS: ([("userId",)], []),
     QUEUES: ([], []),
     # The file index (storage/files.py): a project's documents, and those a full pass
-    # did not see (a range on `syncStatus.lastSync`); other lookups are by `_id`.
-    VIRTUAL_FILES: ([("projectId",)], [(("projectId",), "syncStatus.lastSync")]),
-    FILE_WALK: ([("projectId",)], []),
+    # did not see (a range on `syncStatus.lastSync`); other lookups are by `_id`. The
+    # unique indexes' fields too: mongomock checks uniqueness with a query per write.
+    VIRTUAL_FILES: ([("projectId",), ("providerFileId", "integrationId")],
+                    [(("projectId",), "syncStatus.lastSync")]),
+    FILE_WALK: ([("projectId",), ("projectId", "folderId")], []),
 }
 
 

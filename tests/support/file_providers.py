@@ -36,6 +36,7 @@ import contextlib
 import json
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -72,6 +73,7 @@ class Request:
     route: str
     token: str | None
     status: int = 0
+    at: float = field(default_factory=time.monotonic)  # arrival
 
 
 def _encode(value: dict[str, Any]) -> str:
@@ -441,9 +443,12 @@ class FileProviderServer:
         by_route: dict[str, int] = {}
         for r in self.requests:
             by_route[r.route] = by_route.get(r.route, 0) + 1
-        return web.json_response({"requests": len(self.requests), "byRoute": by_route,
-                                  "peak": self.peak,
-                                  "statuses": sorted({r.status for r in self.requests})})
+        body: dict[str, Any] = {"requests": len(self.requests), "byRoute": by_route,
+                                "peak": self.peak,
+                                "statuses": sorted({r.status for r in self.requests})}
+        if request.query.get("timeline"):
+            body["timeline"] = [(r.tag, r.route, r.at) for r in self.requests]
+        return web.json_response(body)
 
 
 def _unescape(value: str) -> str:

@@ -25,8 +25,6 @@ from bson import ObjectId
 
 from mwapjobs.api.auth import Authenticator
 from mwapjobs.daemon import Daemon
-from mwapjobs.jobs import DEFAULT_JOBS
-from mwapjobs.jobs import files as files_job
 from mwapjobs.jobs.files import FileIndexer
 from mwapjobs.jobs.files.schedule import QUEUE, job_id
 from mwapjobs.storage.identity import IdentityStore
@@ -168,9 +166,7 @@ async def files_world(mongo: Mongo, oauth: OAuthServer, sim: FileProviderServer,
         admin={"tokens": [{"name": "ops",
                            "sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()}]},
         **({"auth0_domain": "idp.test", "auth0_audience": idp.audience} if idp else {}))
-    plugins = DEFAULT_JOBS if files_job.PLUGIN in DEFAULT_JOBS else (*DEFAULT_JOBS,
-                                                                     files_job.PLUGIN)
-    daemon = Daemon(settings, mongo=mongo, jobs=plugins)
+    daemon = Daemon(settings, mongo=mongo)
     jwks = idp.cache() if idp else None
     if jwks is not None:
         daemon.auth = Authenticator(settings, IdentityStore(mongo), jwks)

@@ -47,6 +47,7 @@ def register(ctx: JobContext) -> FileIndexer | None:
         ctx.when_ready("files:unschedule", lambda: unschedule(ctx.engine))
         return None
     indexer.register(ctx.engine.registry)
+    ctx.engine.subscribe(indexer.on_event)
     ctx.on_stopping.append(indexer.interrupt)
     ctx.alerts.add_rule(sync_failing(store, settings))
 

@@ -7,8 +7,12 @@ A pass:
    integration exists, is the same tenant's, is connected and is not `revoked` (a
    revoked integration is never touched: no provider request, no refresh);
 2. takes one of the provider's pass slots (at most `files.provider_concurrency` passes of
-   one provider at once here; a pass that waits too long is postponed, so that one slow
-   provider cannot take every slot of the queue from the others);
+   one provider at once here); when they are all taken the run is postponed at once
+   (`Postpone`: no attempt used), so that the queue's slots go to other providers'
+   projects instead of waiting: one slow provider never takes them all. The postponed
+   run is parked: the next pass of that provider to end here makes it due at once (the
+   oldest parked first), so a freed slot is not left idle until a delay runs out; the
+   delay (`POSTPONE_FOR`) is only the fallback (another instance's run, a lost wake);
 3. streams the provider's pages (`Feed`, one page ahead) into the writer, saving the
    cursor and the summary's counts after each page (one write): a restart, a timeout or
    a retry resumes from the last written page;
@@ -62,8 +66,12 @@ from .writer import IndexWriter, Written, ms
 
 log = logging.getLogger(__name__)
 
-PROVIDER_WAIT = 5.0  # seconds a pass waits for one of its provider's pass slots
-POSTPONE_FOR = 10.0  # ... then it is put back for about this long
+# A project that is not indexed (archived, revoked, ...) is not failing to sync either:
+# its `file_sync_failing` condition ends (the last error stays, for the record).
+NOT_FAILING = ("failingSince",)
+PROVIDER_WAIT = 0.2  # seconds a pass waits for one of its provider's pass slots, holding
+POSTPONE_FOR = 5.0  # a queue slot; then it is put back for 1 to 2 times this long, unless
+# a slot frees before (`_wake`)
 
 
 @dataclass
@@ -134,6 +142,11 @@ class FileIndexer:
                                      refresh=self._refresh, on_call=self._on_call,
                                      user_agent=user_agent, clock=clock)
         self._passes: dict[str, asyncio.Semaphore] = {}  # provider id -> pass slots
+        # provider id -> projects whose pass was postponed for want of a slot, oldest
+        # first -> whether the postponement is written (only then can it be made due)
+        self._parked: dict[str, dict[str, bool]] = {}
+        self._wakes: set[asyncio.Task[None]] = set()
+        self._acquiring: dict[str, int] = {}  # provider id -> passes waiting for a slot
         self.running: dict[str, dict[str, Any]] = {}  # projectId -> progress
         self.stopping = False
 
@@ -142,6 +155,49 @@ class FileIndexer:
                           backoff={"delay": 30.0, "max_delay": 900.0},
                           concurrency=self.settings.concurrency,
                           timeout=self.settings.pass_timeout)
+
+    def on_event(self, event: str, run: dict[str, Any]) -> None:
+        """The engine wrote a postponement: a parked pass can be made due from now on,
+        at once if a slot of its provider is free already."""
+        if event != "postponed" or run.get("queue") != QUEUE:
+            return
+        pid = str((run.get("data") or {}).get("projectId") or "")
+        for key, parked in self._parked.items():
+            if pid in parked:
+                parked[pid] = True
+                if self._free(key):
+                    self._wake(key)
+                return
+
+    def _park(self, key: str, pid: str) -> None:
+        self._parked.setdefault(key, {}).setdefault(pid, False)
+
+    def _wake(self, key: str) -> None:
+        """A pass slot of this provider is free: make the oldest parked pass due now."""
+        parked = self._parked.get(key) or {}
+        pid = next((p for p, written in parked.items() if written), None)
+        if pid is None or self.stopping:
+            return
+        del parked[pid]
+        task = asyncio.create_task(self._promote(key, pid), name="mwapjobs:file-index-wake")
+        self._wakes.add(task)
+        task.add_done_callback(self._wakes.discard)
+
+    async def _promote(self, key: str, pid: str) -> None:
+        try:
+            promoted = await self.engine.promote_matching(QUEUE, {"projectId": pid},
+                                                          postponed_only=True)
+        except Exception as exc:  # the fallback delay still brings it back
+            log.info("could not make a parked file index pass due",
+                     extra={"projectId": pid, "reason": f"{type(exc).__name__}: {exc}"[:200]})
+            return
+        if not promoted and self._free(key):
+            self._wake(key)  # that one was taken meanwhile (or is gone): the next
+
+    def _free(self, key: str) -> bool:
+        """A pass slot of this provider is free and no pass here is about to take it."""
+        gate = self._passes.get(key)
+        return gate is not None and not gate.locked() and not self._acquiring.get(key)
 
     def interrupt(self) -> None:
         """The daemon is stopping: passes stop after the page they are writing (their
@@ -176,7 +232,7 @@ class FileIndexer:
                 if known.get("state") != "skipped" or known.get("skipReason") != reason:
                     await self.store.save_state(pid, {
                         "state": "skipped", "skipReason": reason, "updatedAt": now,
-                        "tenantId": str(project.get("tenantId"))})
+                        "tenantId": str(project.get("tenantId"))}, unset=NOT_FAILING)
                 continue
             added = await self.engine.add(
                 QUEUE, {"projectId": pid, "mode": "auto", "trigger": "schedule"},
@@ -207,7 +263,8 @@ class FileIndexer:
         if reason is not None:
             await self.store.save_state(pid, {"state": "skipped", "skipReason": reason,
                                               "updatedAt": self.clock(),
-                                              "tenantId": str(project.get("tenantId"))})
+                                              "tenantId": str(project.get("tenantId"))},
+                                  unset=NOT_FAILING)
             log.info("file index pass skipped", extra={"projectId": pid, "reason": reason})
             return {"projectId": pid, "skipped": reason}
         assert integration is not None
@@ -216,15 +273,23 @@ class FileIndexer:
             work = await self._prepare(project, pid, integration, state, run_id, started)
             gate = self._passes.setdefault(work.conn.key,
                                            asyncio.Semaphore(self.settings.provider_concurrency))
+            key = work.conn.key
+            self._acquiring[key] = self._acquiring.get(key, 0) + 1
             try:
                 await asyncio.wait_for(gate.acquire(), PROVIDER_WAIT)
             except TimeoutError:
+                self._park(key, pid)
                 raise Postpone(f"{self.settings.provider_concurrency} passes of this provider "
                                "are running here", POSTPONE_FOR * (1 + random.random())) from None
+            finally:
+                self._acquiring[key] -= 1
+            (self._parked.get(key) or {}).pop(pid, None)
             try:
                 return await self._run(work, mode)
             finally:
                 gate.release()
+                if self._free(key):
+                    self._wake(key)
         except ProjectProblem as problem:
             await self._failed(pid, project, state, problem.code, problem.message)
             raise PermanentError(problem.message) from None
