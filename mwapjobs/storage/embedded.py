@@ -13,6 +13,13 @@ its documents ordered by one more field (a date: `runAt`, `finishedAt`), so that
 range on it (`runAt <= now`) reads only the documents in range. `count_documents` of a
 filter that is nothing but an indexed equality is answered from the index's size.
 
+A page (`find(...).sort(...).limit(k)`, the claim of a batch of runs) is computed the
+other way round: the candidates are sorted first, then filtered only until the page is
+full, and only the page's documents are copied. mongomock filters and copies every
+match before it sorts and cuts the page, so a claim of 100 runs in a burst of 10,000
+cost 10,000 filters and copies. Stable sorting and filtering commute, so the page is
+the same documents in the same order.
+
 The indexes stay current through the few places where mongomock changes data: its
 store's `__setitem__` (inserts, rollbacks) and `__delitem__` (deletes), and the two
 methods that update a stored document in place. These are patched once, at class
@@ -23,6 +30,7 @@ mongomock.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
@@ -30,7 +38,8 @@ from typing import Any
 
 import mongomock.collection
 import mongomock.store
-from mongomock.filtering import filter_applies
+from mongomock import helpers
+from mongomock.filtering import filter_applies, resolve_sort_key
 from sortedcontainers import SortedList
 
 _ATTR = "_mwapjobs_index"
@@ -218,6 +227,8 @@ class HashIndexes:
 
 _TOP = float("inf")  # sorts after every insertion rank at the same date
 _applies: Callable[[Any, Any], bool] = filter_applies
+_sort_key: Callable[[str, Any], Any] = resolve_sort_key
+_aware: Callable[[Any], Any] = helpers.make_datetime_timezone_aware_in_document
 
 
 def _combos(spec: tuple[str, ...], query: dict[str, Any]) -> list[tuple[Any, ...]] | None:
@@ -277,7 +288,9 @@ def _indexes(store: Any) -> HashIndexes | None:
 
 _Collection: Any = mongomock.collection.Collection
 _Store: Any = mongomock.store.CollectionStore
+_Cursor: Any = mongomock.collection.Cursor
 _original_iter = _Collection._iter_documents
+_original_compute = _Cursor._compute_results
 _original_count = _Collection.count_documents
 _original_update_doc = _Collection._apply_update_document
 _original_update_pipeline = _Collection._apply_update_pipeline
@@ -299,6 +312,79 @@ def _iter_documents(self: Any, filter: Any) -> Iterator[dict[str, Any]]:
         document = documents.get(_id)
         if document is not None and _applies(filter, document):
             yield document
+
+
+def _by(key: str, document: dict[str, Any]) -> Any:
+    return _sort_key(key, document)
+
+
+_PLAIN = ({int}, {float}, {int, float}, {str}, {datetime})
+_MISSING = object()
+
+
+def _plain_values(dataset: list[dict[str, Any]], key: str) -> list[Any] | None:
+    """The values of a top-level field, if every document has one and all are of one
+    simple type (numbers, strings or dates), whose Python order is BSON's."""
+    if "." in key:
+        return None
+    values = [d.get(key, _MISSING) for d in dataset]
+    return values if {type(v) for v in values} in _PLAIN else None
+
+
+def _page(collection: Any, indexes: HashIndexes, spec: Any, sort: Any, fields: Any,
+          skip: int, limit: int) -> list[dict[str, Any]] | None:
+    """Documents `skip` to `skip + limit` of `find(spec).sort(sort)`, as mongomock's
+    `_get_dataset` would give them, without filtering or copying the rest; None when
+    the indexes do not narrow the query down (mongomock's own way then)."""
+    ids = indexes.candidates(spec)
+    if ids is None:
+        return None
+    documents = collection._store._documents
+    dataset = [documents[i] for i in indexes.in_order(ids) if i in documents]
+    if not dataset:
+        _applies(spec, {})  # still refuse a malformed filter, as mongomock does
+    for key, direction in reversed(list(sort.items() if isinstance(sort, dict) else sort)):
+        if key == "$natural":
+            if direction < 0:
+                dataset.reverse()
+            continue
+        if key.startswith("$"):
+            return None  # mongomock refuses it: let it say so
+        plain = _plain_values(dataset, key)
+        if plain is not None:  # one simple type: its own order is BSON's, and cheaper
+            try:
+                order = sorted(range(len(dataset)), key=plain.__getitem__,
+                               reverse=direction < 0)
+                dataset = [dataset[i] for i in order]
+                continue
+            except TypeError:  # naive and aware datetimes, say: BSON's comparison then
+                pass
+        dataset.sort(key=functools.partial(_by, key), reverse=direction < 0)
+    wanted = skip + limit
+    page: list[dict[str, Any]] = []
+    for document in dataset:
+        if _applies(spec, document):
+            page.append(document)
+            if len(page) >= wanted:
+                break
+    return [collection._copy_only_fields(d, fields, dict) for d in page[skip:]]
+
+
+def _compute_results(self: Any, with_limit_and_skip: bool = False) -> list[dict[str, Any]]:
+    indexes = _indexes(self.collection._store)
+    if not with_limit_and_skip or not self._limit or not self._sort or indexes is None:
+        return list(_original_compute(self, with_limit_and_skip))
+    cached = getattr(self, "_mwapjobs_page", None)
+    if cached is not None and cached[0] is self._factory:  # __next__ asks once per document
+        return cached[1]  # type: ignore[no-any-return]
+    page = _page(self.collection, indexes, self._spec, self._sort, self._projection,
+                 self._skip, abs(self._limit))
+    if page is None:
+        return list(_original_compute(self, with_limit_and_skip))
+    if self.collection.codec_options.tz_aware:
+        page = [_aware(d) for d in page]
+    self._mwapjobs_page = (self._factory, page)
+    return page
 
 
 def _count_documents(self: Any, filter: Any, **kwargs: Any) -> int:
@@ -349,6 +435,7 @@ def _drop(self: Any) -> None:
 # Installed when this module is imported (before any collection is made), so that
 # whatever wraps mongomock afterwards (a test's instrumentation) wraps these.
 _Collection._iter_documents = _iter_documents
+_Cursor._compute_results = _compute_results
 _Collection.count_documents = _count_documents
 _Collection._apply_update_document = _apply_update_document
 _Collection._apply_update_pipeline = _apply_update_pipeline

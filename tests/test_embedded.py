@@ -1,0 +1,107 @@
+"""The embedded store's indexes (storage/embedded.py) pick candidates only: every answer
+must be plain mongomock's, in the same order. Checked here against an unindexed twin
+on random runs, with the engine's own query shapes (the claim's page above all)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import mongomock
+import pytest
+
+from mwapjobs.storage import embedded
+from mwapjobs.storage.embedded import index_collection
+from mwapjobs.storage.mongo import EMBEDDED_INDEXES
+from mwapjobs.storage.names import RUNS
+
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+def twins(n: int, seed: int) -> tuple[Any, Any]:
+    """The same runs in an indexed collection (as the daemon's) and in a plain one."""
+    rng = random.Random(seed)
+    indexed = mongomock.MongoClient(tz_aware=True).db[RUNS]
+    plain = mongomock.MongoClient(tz_aware=True).db[RUNS]
+    specs, ordered = EMBEDDED_INDEXES[RUNS]
+    index_collection(indexed, specs, ordered)
+    for i in range(n):
+        doc = {"_id": i, "queue": rng.choice(["a", "b"]),
+               "state": rng.choice(["waiting", "delayed", "active", "completed"]),
+               "priority": rng.choice([0, 0, 0, 5, -1]),
+               "runAt": T0 + timedelta(seconds=rng.choice([-30, -5, 0, 0, 10, 60])),
+               "isolate": rng.random() < 0.1, "data": {"i": i}}
+        if rng.random() < 0.2:
+            del doc["priority"]  # missing fields sort first, as in MongoDB
+        indexed.insert_one(dict(doc))
+        plain.insert_one(dict(doc))
+    return indexed, plain
+
+
+def due(queue: str, now: datetime) -> dict[str, Any]:
+    return {"queue": queue, "isolate": {"$ne": True},
+            "$or": [{"state": "waiting"}, {"state": "delayed", "runAt": {"$lte": now}}]}
+
+
+ORDER = [("priority", -1), ("runAt", 1)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_page_is_plain_mongomocks_page(seed: int) -> None:
+    indexed, plain = twins(400, seed)
+    for query, sort, skip, limit in [
+        (due("a", T0), ORDER, 0, 100),
+        (due("b", T0), ORDER, 0, 1),
+        (due("a", T0 + timedelta(seconds=30)), ORDER, 5, 20),
+        ({"queue": "a", "state": "completed"}, [("runAt", -1), ("_id", -1)], 10, 25),
+        ({"queue": "b", "state": {"$in": ["waiting", "delayed"]}}, [("runAt", 1)], 0, 1000),
+        ({"_id": {"$in": [3, 1, 2, 99, 250]}}, [("priority", 1)], 0, 3),
+    ]:
+        got = list(indexed.find(query, {"data": 0}).sort(sort).skip(skip).limit(limit))
+        want = list(plain.find(query, {"data": 0}).sort(sort).skip(skip).limit(limit))
+        assert got == want and got, (query, sort, skip, limit)
+        assert all("data" not in d for d in got)
+        assert all(d["runAt"].tzinfo is not None for d in got)
+
+
+def test_the_page_follows_writes() -> None:
+    indexed, plain = twins(200, 4)
+    for coll in (indexed, plain):
+        coll.update_many({"queue": "a", "state": "waiting"}, {"$set": {"state": "active"}})
+        coll.insert_one({"_id": 1000, "queue": "a", "state": "waiting", "priority": 9,
+                         "runAt": T0, "isolate": False})
+        coll.delete_many({"queue": "a", "state": "delayed", "runAt": {"$lt": T0}})
+    got = list(indexed.find(due("a", T0)).sort(ORDER).limit(10))
+    assert got == list(plain.find(due("a", T0)).sort(ORDER).limit(10))
+    assert got[0]["_id"] == 1000
+
+
+def test_a_page_filters_and_copies_only_what_it_returns(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    indexed, _ = twins(0, 5)
+    indexed.insert_many([{"_id": i, "queue": "a", "state": "waiting", "priority": 0,
+                          "runAt": T0 + timedelta(microseconds=i), "isolate": False}
+                         for i in range(5000)])
+    filtered = 0
+    applies = embedded._applies
+
+    def counting(spec: Any, doc: Any) -> bool:
+        nonlocal filtered
+        filtered += 1
+        return applies(spec, doc)
+
+    monkeypatch.setattr(embedded, "_applies", counting)
+    page = list(indexed.find(due("a", T0)).sort(ORDER).limit(100))
+    assert [d["_id"] for d in page] == list(range(100))
+    assert filtered == 100  # not the 5,000 candidates
+    rest = list(indexed.find(due("a", T0)))  # no page: mongomock's way, every match
+    assert len(rest) == 5000
+
+
+def test_a_cursor_read_twice_gives_the_same_page() -> None:
+    indexed, plain = twins(300, 6)
+    cursor = indexed.find(due("a", T0)).sort(ORDER).limit(7)
+    first = list(cursor)
+    cursor.rewind()
+    assert list(cursor) == first == list(plain.find(due("a", T0)).sort(ORDER).limit(7))
