@@ -42,6 +42,11 @@ class Feed:
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop fetching now: no page is asked for after this (the one in flight is
+        abandoned). Call it before any other await when the pages will not be written."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -440,6 +440,7 @@ class FileIndexer:
         async with Feed(pages) as feed:
             while (page := await feed.next()) is not None:
                 if self.stopping:
+                    await feed.close()  # first: the fetch ahead must not go on meanwhile
                     await self.store.save_state(work.project_id, {"state": "interrupted"})
                     raise Postpone("the daemon is stopping; the pass resumes from its last "
                                    "written page", 0.0)
