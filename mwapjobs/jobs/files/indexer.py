@@ -388,7 +388,13 @@ class FileIndexer:
             last, tail = await self._stream(work, writer, frontier, full, current, opening,
                                             cursor.get("value"))
         counts: dict[str, Any] = {}
-        if full:
+        if full and writer.fresh:
+            # A first pass that found nothing of the project indexed: nothing to sweep,
+            # and its counts are exactly what it inserted (no recount: on the embedded
+            # store that is a scan of every document the pass just wrote).
+            counts = {"fileCount": work.report.files, "folderCount": work.report.folders,
+                      "totalSize": work.report.totalSize}
+        elif full:
             swept = await writer.sweep()
             work.report.take(swept)
             self._count(swept)
