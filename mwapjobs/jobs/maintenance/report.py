@@ -31,6 +31,7 @@ from ...storage.names import (
     RUNS,
     SUPERADMINS,
     TENANTS,
+    THROUGHPUT,
 )
 from .decide import ExpectedIndex, index_findings, orphans
 
@@ -50,6 +51,8 @@ EXPECTED: tuple[ExpectedIndex, ...] = (
                   name="mwapjobs_history_order"),
     ExpectedIndex(M, RUNS, (("key", 1),), unique=True, name="mwapjobs_dedupe"),
     ExpectedIndex(M, RUNS, (("slot", 1),), unique=True, name="mwapjobs_slot"),
+    ExpectedIndex(M, RUNS, (("jobId", 1), ("_id", -1)), name="mwapjobs_job"),
+    ExpectedIndex(M, THROUGHPUT, (("minute", 1),), name="mwapjobs_throughput_ttl"),
     ExpectedIndex(M, INTEGRATIONS, (("updatedAt", 1),), name="mwapjobs_updatedAt"),
     ExpectedIndex(M, INTEGRATIONS, (("providerId", 1), ("tokenExpiresAt", 1)),
                   name="mwapjobs_providerId_tokenExpiresAt"),
