@@ -33,9 +33,14 @@ Figures (``--json`` prints them as one object):
   incremental_seconds;
 - peak_rss_mb (``ru_maxrss``, target < 200 MB), rss_before_mb (the daemon started,
   everything seeded), store_mb: on the embedded store, what the store's own documents
-  grew the process by (measured by seeding the same documents into a bare mongomock
-  before the run; the store lives in this process, a server's does not);
-  peak_rss_without_store_mb = peak_rss_mb - store_mb.
+  grow a process by (as many documents of the shape the daemon wrote, in a fresh
+  process, in mongomock indexed as the daemon's store is; the store lives in this
+  process, a server's does not); peak_rss_without_store_mb = peak_rss_mb - store_mb;
+- cpu_seconds, cpu_per_pass_second: this process's CPU (every thread, the embedded
+  store's included) during the full sweep; loadavg_start, loadavg_end: the machine's
+  (a pass far from the ideal with cpu_per_pass_second well below 1 on a loaded
+  machine waited for a CPU, not for the providers);
+- with ``--timeline``: every request of the full sweep (account, route, arrival).
 
     python bench/file_index.py                                  # 100,000 files, 50 projects
     python bench/file_index.py --files 10000 --projects 10 --latency 0.2
