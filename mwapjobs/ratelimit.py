@@ -2,7 +2,8 @@
 
 Each key (a provider id) gets its own concurrency cap and a steady rate: a
 request may start only when fewer than `concurrency` are in flight for that
-key and at least 1/`rate` seconds after the previous start.
+key and at least 1/`rate` seconds after the previous start actually began (not
+after it was due to: a late start never lets the next one follow it at once).
 
 A job's limiter may sit `within` a shared one (`JobContext.limiter`): a slot is then
 one of the job's own and one of the shared limiter's for the same key, so refresh,
@@ -48,11 +49,13 @@ class KeyedLimiter:
             gate = self._gates[key] = _Gate(self.concurrency, self.rate)
         async with gate.slots:
             async with gate.lock:  # starts are spaced one interval apart, in arrival order
-                now = time.monotonic()
-                wait = gate.next_start - now
-                gate.next_start = max(now, gate.next_start) + gate.interval
+                wait = gate.next_start - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
+                # From the moment this one actually starts: a wake-up made late by a busy
+                # loop must not let the next start follow at once (two starts together,
+                # and a 1 s window with more than `rate` of them).
+                gate.next_start = time.monotonic() + gate.interval
             async with contextlib.AsyncExitStack() as shared:
                 if self.within is not None:  # own slot first: waiting here holds no shared one
                     await shared.enter_async_context(self.within.slot(key))

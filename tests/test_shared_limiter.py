@@ -5,10 +5,12 @@ its own."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 
 from mwapjobs.jobs.context import provider_limits
 from mwapjobs.ratelimit import KeyedLimiter
-from tests.conftest import make_settings
+from tests.conftest import make_settings, wait_for
 
 
 async def _busy(limiter: KeyedLimiter, key: str, seen: list[int], shared: KeyedLimiter,
@@ -59,7 +61,7 @@ async def test_starts_are_spaced_by_the_shared_rate_across_jobs() -> None:
             starts.append(loop.time())
 
     await asyncio.gather(*(start(limiter) for limiter in (a, b, a, b)))
-    gaps = [later - earlier for earlier, later in zip(sorted(starts), sorted(starts)[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sorted(starts))]
     assert min(gaps) >= 0.04, gaps
 
 
@@ -68,3 +70,29 @@ def test_the_shared_limits_are_the_largest_any_job_configures() -> None:
                              health={"provider_concurrency": 7, "provider_rate": 5.0},
                              files={"provider_concurrency": 1, "provider_rate": 1.0})
     assert provider_limits(settings) == (7, 30.0)
+
+
+def busy(seconds: float) -> None:
+    """Hold the event loop (and the CPU) for `seconds`."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+async def test_a_start_made_late_by_a_busy_loop_does_not_let_the_next_follow_at_once() -> None:
+    limiter = KeyedLimiter(10, 5.0)  # a start every 200 ms
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+
+    async def start() -> None:
+        async with limiter.slot("p"):
+            starts.append(loop.time())
+
+    tasks = [asyncio.create_task(start()) for _ in range(3)]
+    # The first has started, the second sleeps towards its turn holding the gate's lock.
+    await wait_for(lambda: len(starts) == 1 and limiter._gates["p"].lock.locked(),
+                   interval=0.001)
+    busy(0.4)  # the loop is busy past the second's turn (a CPU burst elsewhere)
+    await asyncio.gather(*tasks)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert gaps[0] >= 0.19 and gaps[1] >= 0.19, gaps  # the third waits its interval
