@@ -714,14 +714,14 @@
     series.completed.forEach((v, i) => {
       if (!v) return;
       const height = Math.max(1, (v / max) * (mid - 2));
-      bars.push(svg('rect', { x: (i * step).toFixed(2), y: (mid - height).toFixed(2), width: Math.max(1, step).toFixed(2),
+      bars.push(svg('rect', { x: (i * step).toFixed(2), y: (mid - height).toFixed(2), width: Math.max(3, step).toFixed(2),
         height: height.toFixed(2), class: 'tp-completed', 'data-minute': i, 'data-count': v },
       svg('title', {}, `${label(i)}: ${v} completed`)));
     });
     series.failed.forEach((v, i) => {
       if (!v) return;
       const height = Math.max(1, (v / max) * (h - mid - 2));
-      bars.push(svg('rect', { x: (i * step).toFixed(2), y: mid, width: Math.max(1, step).toFixed(2),
+      bars.push(svg('rect', { x: (i * step).toFixed(2), y: mid, width: Math.max(3, step).toFixed(2),
         height: height.toFixed(2), class: 'tp-failed', 'data-minute': i, 'data-count': v },
       svg('title', {}, `${label(i)}: ${v} failed`)));
     });
