@@ -174,11 +174,13 @@ async def test_the_jobs_add_their_rules_only_when_enabled(mongo: Mongo) -> None:
     generic = {rule.name for rule in default_rules()}
     on = Daemon(make_settings(alerting_enabled=True), mongo=mongo)
     off = Daemon(make_settings(alerting_enabled=True, health={"enabled": False},
-                               refresh={"enabled": False}), mongo=mongo)
+                               refresh={"enabled": False}, files={"enabled": False}),
+                 mongo=mongo)
     for daemon in (on, off):
         daemon.app()  # plugs the jobs in
     assert rules_of(on) == generic | {"refresh_failures", "provider_on_hold",
-                                      "provider_url_changed", "health_sweep_missed"}
+                                      "provider_url_changed", "health_sweep_missed",
+                                      "file_sync_failing"}
     assert rules_of(off) == generic
     for daemon in (on, off):
         assert daemon.http is not None

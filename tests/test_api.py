@@ -55,7 +55,9 @@ async def test_every_admin_route_needs_credentials(daemon: Daemon) -> None:
                 continue  # public, or access decided by configuration (/metrics)
             concrete = (path.replace("{queue}", "token-refresh-demo")
                         .replace("{runId}", "0" * 24).replace("{tenantId}", "t1")
-                        .replace("{integrationId}", "i1").replace("{projectId}", "p1"))
+                        .replace("{integrationId}", "i1").replace("{projectId}", "p1")
+                        .replace("{jobId}", "tick"))
+            assert "{" not in concrete, f"a path parameter this test does not fill: {path}"
             status, body = await call(daemon, method.upper(), concrete, token=None)
             assert status == 401, (method, path, body)
             assert body["error"]["code"] == "auth/unauthorized"
