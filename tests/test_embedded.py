@@ -105,3 +105,23 @@ def test_a_cursor_read_twice_gives_the_same_page() -> None:
     first = list(cursor)
     cursor.rewind()
     assert list(cursor) == first == list(plain.find(due("a", T0)).sort(ORDER).limit(7))
+
+
+def test_null_keys_are_not_indexed_and_still_found() -> None:
+    """Runs without a job id, dedupe key or claim token (most of them) keep no index
+    entry for those fields; a query for null there is answered by mongomock's scan."""
+    indexed, plain = twins(50, 7)
+    for coll in (indexed, plain):
+        coll.insert_one({"_id": 500, "queue": "a", "state": "waiting", "jobId": "j1",
+                         "key": "a:j1", "runAt": T0})
+        coll.update_one({"_id": 3}, {"$set": {"claimToken": "t3"}})
+        coll.update_one({"_id": 3}, {"$unset": {"claimToken": ""}})
+    for query in ({"jobId": None}, {"jobId": "j1"}, {"key": {"$in": ["a:j1", None]}},
+                  {"claimToken": "t3"}, {"claimToken": None, "queue": "b"}):
+        got = list(indexed.find(query).sort([("_id", 1)]))
+        assert got == list(plain.find(query).sort([("_id", 1)])), query
+        assert indexed.count_documents(query) == plain.count_documents(query), query
+    assert [d["_id"] for d in indexed.find({"jobId": "j1"})] == [500]
+    assert indexed.count_documents({"claimToken": "t3"}) == 0
+    entries = indexed._store._mwapjobs_index._entries
+    assert None not in entries[("jobId",)] and (None,) not in entries[("jobId",)]

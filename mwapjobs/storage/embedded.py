@@ -82,8 +82,12 @@ class HashIndexes:
         self.ordered = list(ordered)
         self._sorted: dict[tuple[tuple[str, ...], str], dict[Any, SortedList[Any]]] = {
             o: {} for o in self.ordered}
-        self._keys: dict[Any, dict[tuple[str, ...], Any]] = {}  # _id -> its key per spec
-        self._dates: dict[Any, dict[tuple[tuple[str, ...], str], Any]] = {}
+        # _id -> its key per spec (None: not indexed, every field null or missing) and its
+        # entry per ordered index (None: no date), tuples aligned with `specs`/`ordered`:
+        # a run of 100,000 pays for each of these, so they are kept small.
+        self._keys: dict[Any, tuple[Any, ...]] = {}
+        self._dates: dict[Any, tuple[Any, ...]] = {}
+        self._spec_at = {spec: i for i, spec in enumerate(self.specs)}
         self._wild: set[Any] = set()  # documents with an array or document in a field
         self._order: dict[Any, int] = {}  # _id -> insertion rank, for mongomock's order
         self._next = itertools.count()
@@ -94,39 +98,44 @@ class HashIndexes:
         _id = doc.get("_id")
         self.drop(_id, keep_order=True)
         self._order.setdefault(_id, next(self._next))
-        keys: dict[tuple[str, ...], Any] = {}
         try:
-            for spec in self.specs:
-                keys[spec] = tuple(_key(_field(doc, f)) for f in spec)
+            keys = tuple(_indexed(tuple(_key(_field(doc, f)) for f in spec))
+                         for spec in self.specs)
         except _Unhashable:
             self._wild.add(_id)
             return
-        for spec, key in keys.items():
-            self._entries[spec].setdefault(key, set()).add(_id)
+        for spec, key in zip(self.specs, keys, strict=True):
+            if key is not None:
+                self._entries[spec].setdefault(key, set()).add(_id)
         self._keys[_id] = keys
         rank = self._order[_id]
-        dates: dict[tuple[tuple[str, ...], str], Any] = {}
+        dates: list[Any] = []
         for spec, field in self.ordered:
             when = _field(doc, field)
-            if isinstance(when, datetime) and when.tzinfo is not None:
+            key = keys[self._spec_at[spec]]
+            entry = None
+            if key is not None and isinstance(when, datetime) and when.tzinfo is not None:
                 entry = (when, rank, _id)
-                self._sorted[(spec, field)].setdefault(keys[spec], SortedList()).add(entry)
-                dates[(spec, field)] = entry
-        self._dates[_id] = dates
+                self._sorted[(spec, field)].setdefault(key, SortedList()).add(entry)
+            dates.append(entry)
+        if any(entry is not None for entry in dates):
+            self._dates[_id] = tuple(dates)
 
     def drop(self, _id: Any, *, keep_order: bool = False) -> None:
         self._wild.discard(_id)
-        keys = self._keys.pop(_id, {})
-        for (spec, field), entry in self._dates.pop(_id, {}).items():
-            group = self._sorted[(spec, field)].get(keys.get(spec))
-            if group is not None:
-                group.discard(entry)
-        for spec, key in keys.items():
-            ids = self._entries[spec].get(key)
-            if ids is not None:
-                ids.discard(_id)
-                if not ids:
-                    del self._entries[spec][key]
+        keys = self._keys.pop(_id, None)
+        if keys is not None:
+            for (spec, field), entry in zip(self.ordered, self._dates.pop(_id, ()),
+                                            strict=False):
+                group = self._sorted[(spec, field)].get(keys[self._spec_at[spec]])
+                if group is not None and entry is not None:
+                    group.discard(entry)
+            for spec, key in zip(self.specs, keys, strict=True):
+                ids = self._entries[spec].get(key) if key is not None else None
+                if ids is not None:
+                    ids.discard(_id)
+                    if not ids:
+                        del self._entries[spec][key]
         if not keep_order:
             self._order.pop(_id, None)
 
@@ -214,8 +223,10 @@ class HashIndexes:
             if set(query) == set(spec) and all(
                     not isinstance(query[f], dict | list) for f in spec):
                 try:
-                    key = tuple(_key(query[f]) for f in spec)
+                    key = _indexed(tuple(_key(query[f]) for f in spec))
                 except _Unhashable:
+                    return None
+                if key is None:
                     return None
                 return len(self._entries[spec].get(key, ()))
         return None
@@ -241,7 +252,15 @@ def _combos(spec: tuple[str, ...], query: dict[str, Any]) -> list[tuple[Any, ...
             return None
         per_field.append(values)
     combos = list(itertools.islice(itertools.product(*per_field), _MAX_COMBINATIONS + 1))
-    return None if len(combos) > _MAX_COMBINATIONS else combos
+    if len(combos) > _MAX_COMBINATIONS or any(_indexed(c) is None for c in combos):
+        return None  # too many, or null everywhere: such documents are not indexed
+    return combos
+
+
+def _indexed(key: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """A key as the index keeps it: None (not indexed) when every field is null or
+    missing, as most runs' `key`, `slot`, `claimToken`, `writeToken` and `jobId` are."""
+    return None if all(part is None for part in key) else key
 
 
 def _date_bounds(condition: Any) -> tuple[datetime | None, datetime | None] | None:
