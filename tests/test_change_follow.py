@@ -33,7 +33,7 @@ import aiohttp
 import pytest
 from bson import ObjectId
 
-from mwapjobs.config import RefreshSettings
+from mwapjobs.config import RefreshSettings, Settings
 from mwapjobs.daemon import Daemon
 from mwapjobs.jobs.refresh.discovery import RefreshSync, Step, decide
 from mwapjobs.jobs.refresh.follow import Batch, ChangeFollower, batch
@@ -51,7 +51,7 @@ from tests.support.mwap_data import (
     update_integration,
     utcnow,
 )
-from tests.support.refresh_world import World, daemon_settings, running
+from tests.support.refresh_world import World, daemon_settings, running, token_requests
 
 WIRE_LANE_ONLY = pytest.mark.skipif(
     not REAL_MONGODB_URI, reason="change streams need a MongoDB-wire server (a replica set)")
@@ -179,6 +179,9 @@ class Spy:
         """Has the polling loop's first pass (`full=None`) of `discovery` ended?"""
         return any(d is discovery and full is None for d, _, _, full in self.passes)
 
+    def times_streamed(self, key: str) -> int:
+        return sum(keys.count(key) for _, keys in self.streamed)
+
     def streamed_keys(self, discovery: RefreshSync | None = None) -> set[str]:
         return {k for d, keys in self.streamed if discovery in (None, d) for k in keys}
 
@@ -266,6 +269,12 @@ def reconnect_fields(world: World, provider: SeededProvider) -> dict[str, Any]:
             "tokenExpiresAt": utcnow() + timedelta(hours=2)}
 
 
+def follow_settings(**refresh: Any) -> Settings:
+    """The refresh daemon tests' settings, change streams on (`daemon_settings` leaves
+    them off, so discovery there runs when those tests say)."""
+    return daemon_settings(follow_changes=True, **refresh)
+
+
 @pytest.fixture
 def wire_world(world: World) -> World:
     if not REAL_MONGODB_URI:
@@ -312,7 +321,7 @@ async def test_the_backends_writes_reach_the_schedule_within_a_second(
     provider = await world.provider()
     delays: dict[str, list[float]] = {"insert": [], "reconnect": [], "revoke": [],
                                       "delete": []}
-    async with running(world.mongo, daemon_settings(sync_interval=POLL)) as daemon:
+    async with running(world.mongo, follow_settings(sync_interval=POLL)) as daemon:
         await streaming(daemon, spy)
         for _ in range(ROUNDS):
             await one_of_each(world, spy, provider, delays)
@@ -334,7 +343,7 @@ async def test_a_write_that_leaves_the_tokens_alone_adds_no_run(
     does, at its pace. A token write does at once."""
     world = wire_world
     provider = await world.provider()
-    async with running(world.mongo, daemon_settings(sync_interval=POLL)) as daemon:
+    async with running(world.mongo, follow_settings(sync_interval=POLL)) as daemon:
         await streaming(daemon, spy)
         iid, _ = await world.integration(provider, expires_in=3600)
         await wait_for(lambda: has_run(world.mongo, iid), message="its run")
@@ -348,6 +357,35 @@ async def test_a_write_that_leaves_the_tokens_alone_adds_no_run(
 
 
 @WIRE_LANE_ONLY
+async def test_our_own_refresh_seen_by_the_stream_changes_nothing(
+        wire_world: World, spy: Spy) -> None:
+    """The refresher writes new tokens (an update that touches them), and the cycle
+    schedules the next refresh: the stream sees the write and leaves that run as it
+    is: one token request, one pending run, for the new tokens."""
+    world = wire_world
+    provider = await world.provider(rotate=True)
+    async with running(world.mongo, follow_settings(sync_interval=POLL)) as daemon:
+        await streaming(daemon, spy)
+        iid, _ = await world.integration(provider, expires_in=30)  # lead 60: due at once
+        before = await world.doc(iid)
+
+        async def rescheduled() -> bool:
+            after = await world.doc(iid)
+            runs = await pending_refresh_runs(world.mongo, iid)
+            return (after["tokenExpiresAt"] != before["tokenExpiresAt"] and bool(runs)
+                    and runs[0]["data"]["connection"] == connection_fingerprint(after))
+
+        await wait_for(rescheduled, message="refreshed, and the next one scheduled")
+        # The insert, then our token write: both handed over by the stream.
+        await wait_for(lambda: spy.times_streamed(iid) >= 2, message="our write streamed")
+        after = await world.doc(iid)
+        runs = await pending_refresh_runs(world.mongo, iid)
+        assert [(r["state"], r["data"]["connection"]) for r in runs] == [
+            ("delayed", connection_fingerprint(after))]
+    assert len(token_requests(world.oauth)) == 1
+
+
+@WIRE_LANE_ONLY
 async def test_a_fixed_provider_is_released_within_a_second(
         wire_world: World, spy: Spy) -> None:
     """A provider on hold (its token endpoint refused our configuration of it): the
@@ -355,7 +393,7 @@ async def test_a_fixed_provider_is_released_within_a_second(
     world = wire_world
     provider = await world.provider()
     holds = ProviderHolds(world.mongo)
-    async with running(world.mongo, daemon_settings(sync_interval=POLL)) as daemon:
+    async with running(world.mongo, follow_settings(sync_interval=POLL)) as daemon:
         await streaming(daemon, spy)
         doc = await IntegrationStore(world.mongo).provider(provider.hex, fresh=True)
         assert doc is not None
@@ -388,7 +426,7 @@ async def test_a_restart_resumes_from_the_stored_token(
     world = wire_world
     provider = await world.provider()
     kept, _ = await world.integration(provider, expires_in=3600)
-    settings = daemon_settings(sync_interval=POLL)
+    settings = follow_settings(sync_interval=POLL)
     async with running(world.mongo, settings) as daemon:
         await streaming(daemon, spy)
         await wait_for(lambda: has_run(world.mongo, kept), message="its run")
@@ -430,7 +468,7 @@ async def test_a_lost_stream_reopens_from_its_token_and_misses_nothing(
         return await real_next(self)
 
     monkeypatch.setattr(ChangeStream, "next", next_)
-    async with running(world.mongo, daemon_settings(sync_interval=POLL)) as daemon:
+    async with running(world.mongo, follow_settings(sync_interval=POLL)) as daemon:
         await streaming(daemon, spy)
         opened = len(spy.opened)
         failing.append(True)
@@ -452,7 +490,7 @@ async def test_a_refused_token_or_an_ended_stream_starts_afresh_with_a_catch_up_
     await world.mongo.call(lambda db: db[CHANGE_STREAMS].insert_one(
         {"_id": INTEGRATIONS, "token": bogus}))
     caplog.set_level(logging.INFO, logger="mwapjobs.jobs.refresh.follow")
-    async with running(world.mongo, daemon_settings(sync_interval=POLL)) as daemon:
+    async with running(world.mongo, follow_settings(sync_interval=POLL)) as daemon:
         await streaming(daemon, spy)
         assert (await stored_tokens(world.mongo))[INTEGRATIONS] != bogus
         assert any("cannot resume" in r.getMessage() for r in caplog.records)
@@ -482,7 +520,7 @@ async def test_only_the_leader_follows_and_the_next_leader_does(
         wire_world: World, spy: Spy) -> None:
     world = wire_world
     provider = await world.provider()
-    settings = daemon_settings(sync_interval=POLL)
+    settings = follow_settings(sync_interval=POLL)
     settings.engine.leader_lease = 3.0
     async with running(world.mongo, settings) as a:
         await streaming(a, spy)
@@ -515,11 +553,21 @@ async def test_readyz_and_one_log_line_say_which_mode_runs(
         world: World, caplog: pytest.LogCaptureFixture) -> None:
     expected = "change-stream" if REAL_MONGODB_URI else "polling"
     caplog.set_level(logging.INFO, logger="mwapjobs.jobs.refresh.follow")
-    async with running(world.mongo, daemon_settings(sync_interval=POLL)) as daemon:
+    async with running(world.mongo, follow_settings(sync_interval=POLL)) as daemon:
         await wait_for(lambda: bool(mode_lines(caplog)), timeout=20, message="the mode said")
         assert (await readyz(daemon))["discovery"] == expected
     [line] = mode_lines(caplog)
     assert (line.mode, line.pollEvery) == (expected, POLL)  # type: ignore[attr-defined]
+
+
+async def test_follow_changes_false_polls(world: World,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mwapjobs.jobs.refresh.follow")
+    async with running(world.mongo, daemon_settings(sync_interval=POLL)) as daemon:
+        await wait_for(lambda: bool(mode_lines(caplog)), timeout=20, message="the mode said")
+        assert (await readyz(daemon))["discovery"] == "polling"
+    [line] = mode_lines(caplog)
+    assert "follow_changes" in line.why[INTEGRATIONS]  # type: ignore[attr-defined]
 
 
 def mode_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -538,7 +586,7 @@ async def test_without_change_streams_discovery_polls(
         monkeypatch.setattr(ChangeFeeds, "open", refused)
     caplog.set_level(logging.INFO, logger="mwapjobs.jobs.refresh.follow")
     provider = await world.provider()
-    async with running(world.mongo, daemon_settings(sync_interval=0.3)) as daemon:
+    async with running(world.mongo, follow_settings(sync_interval=0.3)) as daemon:
         await wait_for(lambda: bool(mode_lines(caplog)), timeout=20, message="the mode said")
         assert (await readyz(daemon))["discovery"] == "polling"
         iid, _ = await world.integration(provider, expires_in=3600)

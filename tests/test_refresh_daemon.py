@@ -297,8 +297,7 @@ async def test_a_revoked_integration_with_a_pending_job_is_never_refreshed(
         world: World) -> None:
     provider = await world.provider()
     iid, _ = await world.integration(provider, expires_in=61.0)  # lead 60: due in ~1 s
-    # Polling only: a change stream would see the revocation (test_change_follow.py).
-    async with running(world.mongo, daemon_settings(follow_changes=False)):
+    async with running(world.mongo, daemon_settings()):
         await wait_for(lambda: _delayed(world.mongo, iid), message="job scheduled")
         # revoked by the user (or the backend's health check), unnoticed by discovery
         await update_integration(world.mongo, iid, {"status": "revoked"}, touch=False)
@@ -322,10 +321,9 @@ async def test_a_refresh_schedules_the_next_one_for_the_new_tokens_without_disco
     provider = await world.provider(rotate=True)  # answers new tokens, valid 3600 s
     iid, _ = await world.integration(provider, expires_in=30)  # lead 60: due at once
     before = await world.doc(iid)
-    # sync_interval 3600 and no change stream: discovery passes once, at start (a jitter
-    # makes the next refresh's due time this integration's own)
-    async with running(world.mongo, daemon_settings(jitter=120, follow_changes=False)) \
-            as daemon:
+    # sync_interval 3600: discovery passes once, at start (a jitter makes the next
+    # refresh's due time this integration's own)
+    async with running(world.mongo, daemon_settings(jitter=120)) as daemon:
         discovery = daemon.jobs["refresh"].discovery
         assert discovery is not None
         await wait_for(lambda: discovery.last_sync is not None, message="the first pass")

@@ -230,9 +230,11 @@ async def assert_given_up(world: World, iid: str, before: dict[str, Any], reason
 
 def daemon_settings(queue: dict[str, Any] | None = None, **refresh: Any) -> Settings:
     """Refresh settings for in-process daemons: every seeded token (30 s) is due at once,
-    discovery runs at start and then (unless asked) not again, fast backoff."""
+    discovery runs at start and then (unless asked) not again, fast backoff. No change
+    streams unless asked (`follow_changes=True`; tests/test_change_follow.py): on the
+    wire lane they would make discovery see every write at once."""
     base = {"lead": 60, "jitter": 0, "sync_interval": 3600, "request_timeout": 5,
-            "provider_concurrency": 4, "provider_rate": 100}
+            "provider_concurrency": 4, "provider_rate": 100, "follow_changes": False}
     return make_settings(
         refresh={**base, **refresh},
         queues={QUEUE: queue or {"backoff": {"delay": 0.1, "jitter": 0}}},

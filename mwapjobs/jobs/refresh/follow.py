@@ -71,10 +71,10 @@ SAVE_EVERY = 10.0  # s between saves of the resume token while nothing changes
 RECHECK = 600.0  # s between asking a server without change streams again
 MAX_QUEUED = 10_000  # changes read and not yet handled; the reader waits beyond that
 SAVE_ON_CLOSE_TIMEOUT = 2.0
+REOPEN_MAX_BACKOFF = 30.0
 # An integration's update that writes none of these (a status, metadata) adds no run:
 # the tokens a run is for (`runs.connection_fingerprint`).
 TOKEN_FIELDS = ("refreshToken", "tokenExpiresAt")
-REOPEN_MAX_BACKOFF = 30.0
 
 Mode = Literal["change-stream", "polling", "off"]
 Token = dict[str, Any]
@@ -85,7 +85,7 @@ class Followed:
     """One followed collection: what handles its changes, and where its stream is."""
 
     collection: str
-    # The changed documents' ids, and (as hex) those whose changes left `fields` alone.
+    # The changed documents' ids, and (as str) those whose changes left `fields` alone.
     handle: Callable[[list[Any], set[str]], Awaitable[SyncReport]]
     catch_up: Callable[[], Awaitable[SyncReport]]  # after a start without a resume point
     fields: tuple[str, ...] = ()  # whose updates the events tell apart
@@ -124,6 +124,8 @@ def batch(changes: list[Change]) -> Batch:
 
 
 class ChangeFollower:
+    """The leader's change streams, one task per followed collection (see the module)."""
+
     def __init__(self, discovery: RefreshSync, feeds: ChangeFeeds,
                  clock: Callable[[], datetime], leading: Callable[[], bool], *,
                  max_await: float = MAX_AWAIT, save_every: float = SAVE_EVERY,
