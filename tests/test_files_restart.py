@@ -53,7 +53,7 @@ async def test_a_killed_daemon_s_drive_walk_resumes_where_it_stopped() -> None:
                     added = await first.daemon.engine.add(
                         QUEUE, {"projectId": project.id}, job_id=job_id(project.id))
                     await wait_for(lambda: first.indexer.running.get(project.id, {}).get(
-                        "pages", 0) >= 3, message="three pages written")
+                        "pages", 0) >= 3, message="three pages written", timeout=30)
                     await first.daemon.engine.kill()
                     written_first = first.indexer.running.get(project.id, {}).get("pages", 0)
                 before = routes(sim, tag)
@@ -91,7 +91,7 @@ async def test_a_graceful_stop_midway_hands_the_pass_to_the_next_start() -> None
                     added = await first.daemon.engine.add(
                         QUEUE, {"projectId": project.id}, job_id=job_id(project.id))
                     await wait_for(lambda: first.indexer.running.get(project.id, {}).get(
-                        "pages", 0) >= 2, message="two pages written")
+                        "pages", 0) >= 2, message="two pages written", timeout=30)
                     await first.daemon.stop()  # SIGTERM: the pass stops after its page
                 before = routes(sim, tag)
                 async with files_world(mongo, oauth, sim, page_size=2) as second:
