@@ -203,6 +203,7 @@ class DriveLister:
                     return
                 state = {**state, "folder": nxt, "pageToken": None}
             page.resume = state
+            del answer, raw_files  # not held while the page waits to be written
             yield page
 
     async def _resolve(self) -> str:

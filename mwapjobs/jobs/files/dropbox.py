@@ -38,6 +38,7 @@ class DropboxLister:
                 "include_deleted": False, "include_mounted_folders": True,
                 "limit": min(2000, self.page_size)})
             page, cursor = self._page(answer)
+            del answer  # not held while the page waits to be written (bounded memory)
             yield page
             if page.done:
                 return
@@ -56,6 +57,7 @@ class DropboxLister:
         while True:
             answer = await self._call("files/list_folder/continue", {"cursor": cursor})
             page, cursor = self._page(answer)
+            del answer  # not held while the page waits to be written (bounded memory)
             yield page
             if page.done:
                 return

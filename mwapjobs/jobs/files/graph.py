@@ -100,6 +100,7 @@ class GraphLister:
                         page.removed_ids.append(item)
                 elif item.id != root:
                     page.entries.append(item)
+            del answer, items  # not held while the page waits to be written
             yield page
             if done:
                 return
