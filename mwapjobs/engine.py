@@ -846,6 +846,14 @@ class Engine:
                              + self._count_deltas.get((queue, state), 0))
         return out
 
+    async def count(self, queue: str, state: State) -> int:
+        """`counts(queue)[state]` alone: one indexed count for a pending state, the
+        counters for a finished one (a page of history then counts no pending runs)."""
+        if state not in FINISHED:
+            return await self.runs.count(queue, state)
+        finished = (await self.runs.finished_counts()).get(queue, {})
+        return max(0, finished.get(state, 0) + self._count_deltas.get((queue, state), 0))
+
     async def all_counts(self) -> dict[str, dict[State, int]]:
         """`counts` of every queue, with one read of the counters."""
         names = self.registry.names()

@@ -114,11 +114,14 @@ class Operations:
             raise ValueError(f"state must be one of {', '.join(STATES)}")
         if page < 1 or not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page must be >= 1 and pageSize between 1 and {MAX_PAGE_SIZE}")
-        docs, total = await asyncio.gather(
-            self.runs.page(queue, state, (page - 1) * page_size, page_size,
-                           now=self.engine.clock()),
-            self._count(queue, state),
-        )
+        skip, now = (page - 1) * page_size, self.engine.clock()
+        if state in FINISHED:  # the counters first: they tell the page when it is complete
+            total = await self._count(queue, state)
+            docs = await self.runs.page(queue, state, skip, page_size, now=now, total=total)
+        else:
+            docs, total = await asyncio.gather(
+                self.runs.page(queue, state, skip, page_size, now=now),
+                self._count(queue, state))
         return {"items": [run_view(d) for d in docs], "page": page, "pageSize": page_size,
                 "total": total}
 
@@ -197,7 +200,7 @@ class Operations:
                            for name, values in series.items()}}
 
     async def _count(self, queue: str, state: State) -> int:
-        return (await self.engine.counts(queue))[state]
+        return await self.engine.count(queue, state)
 
     async def _get(self, run_id: str) -> dict[str, Any]:
         oid = parse_run_id(run_id)

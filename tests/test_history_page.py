@@ -84,3 +84,55 @@ async def test_runs_finished_after_now_are_on_the_first_page(store: RunStore,
     await seed(mongo, [recent, ahead])
     page = await store.page("q", "completed", 0, 20, now=NOW)
     assert [d["_id"] for d in page] == [ahead["_id"], recent["_id"]]
+
+
+async def test_a_page_counts_only_its_own_state(mongo: Mongo) -> None:
+    """The total beside a page of history comes from the counters alone (no count of the
+    pending runs); a page of delayed runs counts the delayed runs once."""
+    from mwapjobs.config import EngineSettings
+    from mwapjobs.engine import Engine
+    from mwapjobs.operations import Operations
+    from mwapjobs.queues import QueueRegistry
+
+    async def handler(_job: Any) -> None:
+        return None
+
+    registry = QueueRegistry()
+    registry.register("q", handler)
+    engine = Engine(mongo, registry, EngineSettings(sweep_interval=3600, leader_lease=600))
+    await engine.start()
+    try:
+        ops = Operations(engine)
+        for i in range(3):
+            await engine.add("q", {"i": i}, delay=3600)
+        now = datetime.now(UTC)  # the engine's clock
+        await seed(mongo, [{**run(10), "finishedAt": now - timedelta(seconds=10)}
+                           for _ in range(4)])
+        await mongo.call(lambda db: db["mwapjobs_queues"].update_one(
+            {"_id": "q"}, {"$set": {"counts": {"completed": 4, "failed": 0}}}, upsert=True))
+        before = mongo.round_trips
+        listed = await ops.list_runs("q", "completed")
+        assert (len(listed["items"]), listed["total"]) == (4, 4)
+        # The counters, then the first window: it holds all 4, so no wider one is tried.
+        assert mongo.round_trips - before == 2
+        before = mongo.round_trips
+        delayed = await ops.list_runs("q", "delayed")
+        assert (len(delayed["items"]), delayed["total"]) == (3, 3)
+        assert mongo.round_trips - before == 2  # the page, and one count
+    finally:
+        await engine.stop(2)
+
+
+async def test_the_total_ends_the_search_for_a_short_page(store: RunStore, mongo: Mongo) -> None:
+    """A queue with fewer finished runs than a page: the counters' total says the first
+    window held them all, so no wider one is read."""
+    docs = [run(10), run(20)]
+    await seed(mongo, docs)
+    before = mongo.round_trips
+    page = await store.page("q", "completed", 0, 20, now=NOW, total=2)
+    assert mongo.round_trips - before == 1
+    assert [d["_id"] for d in page] == newest_first(docs)
+    before = mongo.round_trips
+    page = await store.page("q", "completed", 0, 20, now=NOW)  # no total: every window
+    assert mongo.round_trips - before == len(HISTORY_WINDOWS) + 1
+    assert [d["_id"] for d in page] == newest_first(docs)

@@ -541,7 +541,8 @@ class RunStore:
         return int(n)
 
     async def page(
-        self, queue: str, state: State, skip: int, limit: int, now: datetime | None = None
+        self, queue: str, state: State, skip: int, limit: int, now: datetime | None = None,
+        total: int | None = None,
     ) -> list[dict[str, Any]]:
         """Runs of one queue and state, in the order an operator expects:
         finished ones newest first, pending ones in the order they will run.
@@ -552,8 +553,9 @@ class RunStore:
         history index in order (the embedded store, some wire servers) sorts what the
         range holds, so without the window the first page would cost the whole history.
         The newest `skip + limit` runs of a window are those of any wider one, so a full
-        page from a window is the page. One query for a page of recent runs; each
-        window tried costs one more."""
+        page from a window is the page, and so is a window holding all `total` runs (the
+        counters' count, when given). One query for a page of recent runs; each window
+        tried costs one more."""
         if state not in FINISHED:
             order = [("priority", DESCENDING), ("runAt", ASCENDING)]
             return await self._find_page({"queue": queue, "state": state}, order, skip, limit)
@@ -565,7 +567,7 @@ class RunStore:
             if window is not None and now is not None:
                 query["finishedAt"] = {"$gte": now - timedelta(seconds=window)}
             docs = await self._find_page(query, order, skip, limit)
-            if len(docs) >= limit:
+            if len(docs) >= limit or (total is not None and skip + len(docs) >= total):
                 break
         return docs
 
