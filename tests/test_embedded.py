@@ -125,3 +125,17 @@ def test_null_keys_are_not_indexed_and_still_found() -> None:
     assert indexed.count_documents({"claimToken": "t3"}) == 0
     entries = indexed._store._mwapjobs_index._entries
     assert None not in entries[("jobId",)] and (None,) not in entries[("jobId",)]
+
+
+def test_a_date_range_reads_only_the_runs_in_range() -> None:
+    """mongomock stores dates naive (it drops the zone): the ordered index still keeps
+    them, so a range of finish times picks only the runs finished in it."""
+    indexed, _ = twins(0, 6)
+    indexed.insert_many([{"_id": i, "queue": "a", "state": "completed",
+                          "finishedAt": T0 - timedelta(seconds=i)} for i in range(1000)])
+    query = {"queue": "a", "state": "completed", "finishedAt": {"$gte": T0 - timedelta(seconds=9)}}
+    indexes = embedded._indexes(indexed._store)
+    assert indexes is not None
+    assert indexes.candidates(query) == set(range(10))
+    page = list(indexed.find(query).sort([("finishedAt", -1)]).limit(5))
+    assert [d["_id"] for d in page] == [0, 1, 2, 3, 4]

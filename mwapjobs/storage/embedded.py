@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import mongomock.collection
@@ -114,8 +114,8 @@ class HashIndexes:
             when = _field(doc, field)
             key = keys[self._spec_at[spec]]
             entry = None
-            if key is not None and isinstance(when, datetime) and when.tzinfo is not None:
-                entry = (when, rank, _id)
+            if key is not None and isinstance(when, datetime):
+                entry = (_utc_naive(when), rank, _id)
                 self._sorted[(spec, field)].setdefault(key, SortedList()).add(entry)
             dates.append(entry)
         if any(entry is not None for entry in dates):
@@ -267,13 +267,14 @@ def _date_bounds(condition: Any) -> tuple[datetime | None, datetime | None] | No
     """(low, high) of a condition made only of date comparisons (inclusive bounds, a
     superset for strict ones), or None."""
     if isinstance(condition, datetime):
-        return (condition, condition) if condition.tzinfo else None
+        return (_utc_naive(condition),) * 2
     if not isinstance(condition, dict) or not condition:
         return None
     low = high = None
     for op, value in condition.items():
-        if not isinstance(value, datetime) or value.tzinfo is None:
+        if not isinstance(value, datetime):
             return None
+        value = _utc_naive(value)
         if op in ("$gt", "$gte"):
             low = value if low is None else max(low, value)
         elif op in ("$lt", "$lte"):
@@ -281,6 +282,13 @@ def _date_bounds(condition: Any) -> tuple[datetime | None, datetime | None] | No
         else:
             return None
     return low, high
+
+
+def _utc_naive(value: datetime) -> datetime:
+    """A date as mongomock stores it: naive UTC (it drops the zone of what it is given,
+    and hands dates back aware only on the way out). The ordered indexes keep and
+    compare every date so; an index that kept only aware ones kept none."""
+    return value if value.tzinfo is None else value.astimezone(UTC).replace(tzinfo=None)
 
 
 def _values(condition: Any) -> list[Any] | None:
