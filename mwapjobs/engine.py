@@ -237,7 +237,7 @@ class Engine:
         self._tasks.every("retention", self.settings.retention_interval, self._retention_step)
         self._tasks.every("counters", COUNT_FLUSH_SECONDS, self._flush_counts)
         await self.leadership.step()  # lead at once if nobody does
-        self._tasks.every("leadership", self.leadership.renew_every, self.leadership.step)
+        self._tasks.every("leadership", self.leadership.poll_every, self.leadership.tick)
         log.info("engine started", extra={"owner": self.owner, "queues": self.registry.names()})
         if self._ephemeral_key and not self.mongo.embedded:
             log.warning("repeat triggers are signed with a key of this process only: set "

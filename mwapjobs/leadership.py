@@ -6,7 +6,9 @@ every `ttl / 3`. It stops acting as the leader on its own monotonic clock, `ttl`
 the last renewal it *sent* (not received), so a leader paused past its lease (SIGSTOP,
 a frozen VM) stops before doing anything when it wakes up, before the database tells it
 the lease is gone; and a new leader can only take the lease once `lockUntil` passed on
-the database's side. Failover therefore takes at most `ttl` plus one renew interval.
+the database's side. Followers look for a free lease more often than the leader renews
+(`poll_every`, at most a second), so a lease freed by a graceful stop is taken within
+about a second, and one left by a killed leader within `ttl` plus `poll_every`.
 
 A graceful stop (`resign`) is for good: the renewal loop may still tick while the
 process drains its running jobs, and a step after (or during) `resign` neither takes the
@@ -32,6 +34,7 @@ from .supervisor import FailureLog, Supervisor
 log = logging.getLogger(__name__)
 
 LEASE = "leader"
+POLL_SECONDS = 1.0  # a follower's longest wait between two looks at the lease
 
 
 class Leadership:
@@ -41,6 +44,8 @@ class Leadership:
         self.owner = owner
         self.ttl = ttl
         self.renew_every = ttl / 3
+        self.poll_every = min(POLL_SECONDS, self.renew_every / 2)  # how often `tick` runs
+        self._renewed_at = 0.0  # monotonic: when the last take or renewal that held was sent
         self.clock = clock
         self.fence: int | None = None  # ours while we hold the lease
         self._valid_until = 0.0  # monotonic: we act as leader until then, at most
@@ -80,8 +85,15 @@ class Leadership:
         self._on_gain.append(gain)
         self._on_lose.append(lose)
 
+    async def tick(self) -> None:
+        """The engine's loop, every `poll_every` s: a follower tries to take the lease each
+        time (one round trip), the leader renews only every `renew_every`."""
+        if self.leading and time.monotonic() - self._renewed_at < self.renew_every:
+            return
+        await self.step()
+
     async def step(self) -> None:
-        """Take, renew or give up the lease (every `renew_every` s). Never raises."""
+        """Take, renew or give up the lease now. Never raises."""
         if self._closed:
             return
         sent = time.monotonic()
@@ -92,12 +104,13 @@ class Leadership:
                     await self.store.release(LEASE, self.owner, fence)
                 elif fence is not None:
                     self.fence, self._valid_until = fence, sent + self.ttl
+                    self._renewed_at = sent
                     await self._gained()
             elif not self.leading:  # ran out by our clock (we were paused, or cut off)
                 await self._lost("the lease ran out before it could be renewed")
             elif await self.store.renew(LEASE, self.owner, self.fence, self.clock(),
                                         self.ttl):
-                self._valid_until = sent + self.ttl
+                self._valid_until, self._renewed_at = sent + self.ttl, sent
             else:
                 await self._lost("another instance holds the lease")
         except Exception as exc:

@@ -39,6 +39,35 @@ async def test_one_instance_takes_the_lease_and_the_others_wait(mongo: Mongo) ->
     assert held is not None and held["lockedBy"] == "a" and held["fence"] == 1
 
 
+async def test_followers_look_every_second_and_the_leader_renews_every_third_of_its_lease(
+        mongo: Mongo) -> None:
+    """`tick` is the engine's loop: a follower asks at every tick (a freed lease is taken
+    within `poll_every`), the leader writes only once `renew_every` has passed."""
+    class Counting(LeaseStore):
+        renewals = 0
+
+        async def renew(self, *args: Any) -> bool:
+            Counting.renewals += 1
+            return await super().renew(*args)
+
+    a = Leadership(Counting(mongo), "a", 30.0, utcnow)
+    b = leader(mongo, "b")
+    assert a.poll_every == 1.0 and a.renew_every == 10.0
+    assert leader(mongo, "short", ttl=3.0).poll_every == 0.5  # two looks per renewal
+    await a.tick()
+    await b.tick()
+    assert a.leading and not b.leading
+    for _ in range(3):
+        await a.tick()
+    assert Counting.renewals == 0  # not due yet
+    a._renewed_at -= a.renew_every
+    await a.tick()
+    assert Counting.renewals == 1 and a.leading
+    await a.resign()
+    await b.tick()  # the next look takes the freed lease
+    assert b.leading
+
+
 async def test_a_graceful_stop_hands_the_lease_over_at_once(mongo: Mongo) -> None:
     a, b = leader(mongo, "a"), leader(mongo, "b")
     await a.step()
