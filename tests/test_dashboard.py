@@ -20,7 +20,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from mwapjobs.api.auth import Authenticator, Caller
-from mwapjobs.api.dashboard import COOKIE, CSP, SessionStore
+from mwapjobs.api.dashboard import (
+    COOKIE,
+    CSP,
+    FAILED_LOGIN_WINDOW,
+    MAX_FAILED_LOGINS,
+    SessionStore,
+)
 from mwapjobs.daemon import Daemon
 from mwapjobs.queues import Job, PermanentError
 from mwapjobs.storage.identity import IdentityStore
@@ -209,6 +215,25 @@ async def test_a_bad_token_at_login_gets_401_and_no_cookie(daemon: Daemon) -> No
             assert "Enter an admin token." in await r.text()
         async with http.get("/admin/session") as r:
             assert r.status == 401
+
+
+async def test_failed_logins_are_throttled_per_address(daemon: Daemon) -> None:
+    """Guessing admin tokens at the login form: after MAX_FAILED_LOGINS failures from one
+    address within the window, every attempt from it (the right token too) gets 429 with
+    Retry-After and is not even checked; a good login before that clears the count."""
+    async with client(daemon) as http:
+        for _ in range(MAX_FAILED_LOGINS - 1):
+            assert (await log_in(http, "guess")).status == 401
+        assert (await log_in(http)).status == 303  # clears the count
+        for _ in range(MAX_FAILED_LOGINS):
+            assert (await log_in(http, "guess")).status == 401
+        for token in ("guess", TOKEN):
+            async with http.post("/admin/login", data={"token": token},
+                                 allow_redirects=False) as r:
+                assert r.status == 429
+                assert 0 < int(r.headers["Retry-After"]) <= FAILED_LOGIN_WINDOW + 1
+                assert "Too many failed logins" in await r.text()
+                assert COOKIE not in r.cookies
 
 
 async def test_a_login_posted_from_another_site_is_refused(daemon: Daemon) -> None:
