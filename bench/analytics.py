@@ -6,8 +6,9 @@ Setup, per size (a fresh database each: embedded by default, ``--uri`` for a ser
   over three providers (Dropbox, Google Drive, Microsoft Graph), 85 % active, 8 %
   expired, 5 % error, 2 % revoked, nine in ten of the non-revoked ones connected (an
   encrypted access token, as the backend stores it); two projects per tenant with three
-  members each; a health note per connected integration; a file per project in
-  `virtualFiles`; the day's refresh counters of every tenant;
+  members each; a health note per connected integration; the file index's summary
+  of every project (`mwapjobs_file_index`, as jobs/files/ keeps it); the day's
+  refresh counters of every tenant;
 - the storage-quota simulator (tests/support/quota_providers.py) in its own process,
   answering after ``--latency`` (default 0: the daemon's own cost is what is measured);
 - the full daemon (`Daemon`) with only analytics on, its quota limits raised
@@ -19,6 +20,8 @@ Then one daily run (`Analytics.run`, what the 23:55 repeat runs) is awaited.
 
 Figures (``--json`` prints one object with both sizes and the ratios):
 - seconds: the whole run; quota_seconds and snapshot_seconds: its two phases;
+  rerun_seconds: the snapshot phase once more for the same day (every snapshot is
+  there already: the replacing path);
 - round_trips: every query of the run (`Mongo.round_trips`); snapshot_round_trips: those
   of the snapshot phase alone (the aggregations and the batched writes: the figure that
   must not grow with the tenants, apart from one write per 1,000 snapshots);
@@ -144,19 +147,21 @@ def seed_docs(tenants: int, integrations: int, sim: Simulator, day: str) -> dict
             notes.append({"_id": iid, "health": {"tenantId": tenant,
                                                  "providerId": str(provider["_id"]),
                                                  "lastResult": {"outcome": "healthy"}}})
-    projects, files, activity = [], [], []
+    projects, summaries, activity = [], [], []
     for n, t in enumerate(tenant_ids):
         for p in range(2):
             pid = str(ObjectId())
             projects.append({"_id": pid, "tenantId": str(t), "name": f"P{p}",
                              "archived": p == 1, "members": [
                                  {"userId": f"u{n}-{m}", "role": "MEMBER"} for m in range(3)]})
-            files.append({"projectId": pid, "providerFileId": f"f{n}-{p}", "size": 1000})
+            summaries.append({"_id": pid, "tenantId": str(t), "state": "synced",
+                              "fileCount": 100, "folderCount": 10, "totalSize": 100_000})
         activity.append({"_id": f"{t}|{day}", "tenantId": str(t), "day": day,
                          "refresh": {"refreshed": 24, "transientFailure": 1}})
     return {"cloudProviders": providers, "tenants": tenant_docs,
             "cloudProviderIntegrations": integ, "mwapjobs_integrations": notes,
-            "projects": projects, "virtualFiles": files, "mwapjobs_analytics_activity": activity}
+            "projects": projects, "mwapjobs_file_index": summaries,
+            "mwapjobs_analytics_activity": activity}
 
 
 async def one_size(tenants: int, integrations: int, args: argparse.Namespace,
@@ -194,7 +199,7 @@ async def one_size(tenants: int, integrations: int, args: argparse.Namespace,
             report = await job.run(day)
         total_trips = mongo.round_trips - before
         snapshot_before = mongo.round_trips
-        await job.snapshots(day, datetime.now(UTC))  # the snapshot phase again, alone
+        rerun = await job.snapshots(day, datetime.now(UTC))  # the snapshot phase again
         snapshot_trips = mongo.round_trips - snapshot_before
         written = sync[name]["mwapjobs_analytics_daily"].count_documents({"day": day})
         platform = sync[name]["mwapjobs_analytics_daily"].find_one({"_id": f"platform:{day}"})
@@ -208,7 +213,8 @@ async def one_size(tenants: int, integrations: int, args: argparse.Namespace,
     return {
         "tenants": tenants, "integrations": integrations, "seed_seconds": round(seed_seconds, 2),
         "seconds": report["seconds"], "quota_seconds": quota.get("seconds"),
-        "snapshot_seconds": report["snapshotSeconds"], "round_trips": total_trips,
+        "snapshot_seconds": report["snapshotSeconds"], "rerun_seconds": rerun["seconds"],
+        "rerun_replaced": rerun["replaced"], "round_trips": total_trips,
         "snapshot_round_trips": snapshot_trips, "snapshots_written": written,
         "quota_integrations": quota.get("integrations"),
         "quota_states": quota.get("byState"),
@@ -224,6 +230,7 @@ def ratio(a: Any, b: Any) -> float | None:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    load_start = [round(x, 2) for x in os.getloadavg()]
     sim = Simulator(args.latency)
     try:
         tenth = await one_size(max(1, args.tenants // 10), max(1, args.integrations // 10),
@@ -231,24 +238,26 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         full = await one_size(args.tenants, args.integrations, args, sim)
     finally:
         sim.stop()
-    keys = ("seconds", "quota_seconds", "snapshot_seconds", "round_trips",
+    keys = ("seconds", "quota_seconds", "snapshot_seconds", "rerun_seconds", "round_trips",
             "snapshot_round_trips")
     return {"store": "server" if args.uri else "embedded (mongomock)", "full": full,
             "tenth": tenth, **{f"ratio_{k}": ratio(full[k], tenth[k]) for k in keys},
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+            "loadavg_start": load_start, "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def table(result: dict[str, Any]) -> str:
     rows = [("", "1/10", "full", "ratio")]
     for key in ("tenants", "integrations", "seconds", "quota_seconds", "snapshot_seconds",
-                "round_trips", "snapshot_round_trips", "snapshots_written",
+                "rerun_seconds", "rerun_replaced", "round_trips", "snapshot_round_trips",
+                "snapshots_written",
                 "quota_integrations", "max_loop_lag_ms"):
         rows.append((key, str(result["tenth"][key]), str(result["full"][key]),
                      str(result.get(f"ratio_{key}") or "")))
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(width[i]) if i == 0 else c.rjust(width[i])
                        for i, c in enumerate(r)) for r in rows]
-    return (f"analytics daily run, store: {result['store']}, loadavg {result['loadavg']}\n"
+    return (f"analytics daily run, store: {result['store']}, loadavg "
+            f"{result['loadavg_start']} -> {result['loadavg']}\n"
             + "\n".join(lines) + f"\nquota readings (full): {result['full']['quota_states']}")
 
 
@@ -263,7 +272,10 @@ if __name__ == "__main__":
                         help="quota requests per second per provider")
     parser.add_argument("--no-quota", action="store_true", help="the snapshot phase only")
     parser.add_argument("--json", action="store_true", help="one JSON object")
+    parser.add_argument("--save", metavar="FILE", help="also write the JSON object here")
     options = parser.parse_args()
     logging.disable(logging.WARNING)
     outcome = asyncio.run(main(options))
+    if options.save:
+        Path(options.save).write_text(json.dumps(outcome, indent=1) + "\n")
     print(json.dumps(outcome) if options.json else table(outcome))

@@ -17,7 +17,7 @@ from mwapjobs.daemon import Daemon
 from mwapjobs.jobs.analytics.daily import Analytics
 from mwapjobs.storage.files import FileIndexStore
 from mwapjobs.storage.identity import IdentityStore
-from mwapjobs.storage.mongo import Mongo
+from mwapjobs.storage.mongo import Mongo, StoreUnavailable
 from mwapjobs.storage.names import (
     ANALYTICS_DAILY,
     INTEGRATION_STATE,
@@ -196,7 +196,18 @@ async def test_storage_quota_through_the_limits_and_a_refresh_on_401(
         # job's, not of the quota's), and this test is about the quota.
         discovery = daemon.jobs["refresh"].discovery
         await wait_for(lambda: discovery.last_sync is not None, message="the first pass")
-        report = await analytics(daemon).run()
+        job = analytics(daemon)
+        record, refusals = job.store.record_quota, [1]
+
+        async def refused_once(readings: Any) -> int:  # a store blip at the first write
+            if refusals:
+                refusals.pop()
+                raise StoreUnavailable("MongoDB unreachable: a blip")
+            return await record(readings)
+
+        job.store.record_quota = refused_once  # type: ignore[method-assign]
+        report = await job.run()
+        assert report["quota"]["writeFailures"] == 1 and report["quota"]["unsaved"] == 0
         assert report["quota"]["integrations"] == 7
         assert report["quota"]["byState"] == {"ok": 7}
         assert report["quota"]["refreshed"] == 7  # each went through the refresh, then again

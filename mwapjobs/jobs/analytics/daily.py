@@ -29,6 +29,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
+from pymongo.errors import PyMongoError
 
 from ...config import AnalyticsSettings, RefreshSettings
 from ...crypto import MwapCipher
@@ -38,6 +39,7 @@ from ...queues import Job, QueueRegistry
 from ...ratelimit import KeyedLimiter
 from ...storage.analytics import AnalyticsStore
 from ...storage.integrations import IntegrationStore
+from ...storage.mongo import StoreUnavailable
 from ..providers import provider_kind
 from ..refresh.metrics import refresh_outcome
 from ..refresh.now import refresh_now
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 QUEUE = "analytics"
 JOB_ID = "daily"
 QUOTA_BATCH = 500
+FINAL_FLUSH_WAITS = (1.0, 4.0, 0.0)  # the last flush: tries, and the pause after each
 ACTIVITY_FLUSH = 5.0
 OUTCOME_NAMES = {"refreshed": "refreshed", "skipped": "skipped",
                  "transient_failure": "transientFailure",
@@ -97,6 +100,8 @@ class QuotaReport:
     by_state: Counter[str] = field(default_factory=Counter)
     refreshed: int = 0
     writes: int = 0
+    write_failures: int = 0
+    unsaved: int = 0
     interrupted: bool = False
 
 
@@ -162,6 +167,7 @@ class Analytics:
             "day": day, "tenants": written["tenants"], "replaced": written["replaced"],
             "quota": {"integrations": quota.integrations, "byState": dict(quota.by_state),
                       "refreshed": quota.refreshed, "interrupted": quota.interrupted,
+                      "writeFailures": quota.write_failures, "unsaved": quota.unsaved,
                       "seconds": round(quota_seconds, 3)} if self.settings.quota else None,
             "seconds": round(time.monotonic() - started, 3),
             "snapshotSeconds": written["seconds"],
@@ -207,12 +213,27 @@ class Analytics:
             lanes.setdefault(str(doc.get("providerId")), deque()).append(doc)
         slots = asyncio.Semaphore(self.settings.quota_concurrency)
         pending: list[tuple[str, dict[str, Any]]] = []
+        threshold = QUOTA_BATCH  # readings pending before the next write is tried
 
-        async def flush(force: bool = False) -> None:
-            while pending and (force or len(pending) >= QUOTA_BATCH):
+        async def flush(force: bool = False) -> bool:
+            """Write full batches (all with `force`). A write the store refuses keeps its
+            readings for the next flush: an hour of quota requests is not lost, nor the
+            day's snapshot, to one store blip. False: something is left unwritten."""
+            nonlocal threshold
+            while pending and (force or len(pending) >= threshold):
                 batch, pending[:] = pending[:QUOTA_BATCH], pending[QUOTA_BATCH:]
-                await self.store.record_quota(batch)
+                try:
+                    await self.store.record_quota(batch)
+                except (StoreUnavailable, PyMongoError) as exc:
+                    pending[:0] = batch
+                    report.write_failures += 1
+                    threshold = len(pending) + QUOTA_BATCH  # not again at every reading
+                    log.warning("analytics: quota readings not written yet",
+                                extra={"readings": len(batch), "error": type(exc).__name__})
+                    return False
                 report.writes += 1
+                threshold = QUOTA_BATCH
+            return True
 
         async def lane(queue: deque[dict[str, Any]]) -> None:
             while queue and not self._stopping:
@@ -233,7 +254,12 @@ class Analytics:
                     for _ in range(min(self.settings.quota_provider_concurrency, len(queue))):
                         group.create_task(lane(queue))
         finally:
-            await flush(force=True)
+            for wait in FINAL_FLUSH_WAITS:
+                if await flush(force=True):
+                    break
+                await asyncio.sleep(wait)
+            else:
+                report.unsaved = len(pending)  # the snapshots go on without them
         report.interrupted = self._stopping
 
     async def _one(self, doc: dict[str, Any], providers: dict[str, dict[str, Any]],
