@@ -125,6 +125,14 @@ def operation(summary: str, data: dict[str, Any] = ANY, *, auth: bool = True,
     return op
 
 
+def _with_existing(op: dict[str, Any]) -> dict[str, Any]:
+    """Adding a job whose `jobId` has a pending run adds nothing: 200 with that run."""
+    op["responses"]["200"] = {
+        "description": "A run with this jobId is pending: nothing added (created: false)",
+        "content": {"application/json": {"schema": _envelope(ANY)}}}
+    return op
+
+
 def document(job_paths: dict[str, Any] | None = None) -> dict[str, Any]:
     """The document: the generic routes, and `job_paths` (what the jobs' routes add)."""
     counts = {"type": "object", "properties": {
@@ -252,12 +260,12 @@ def document(job_paths: dict[str, Any] | None = None) -> dict[str, Any]:
             params=[QUEUE], errors=("404", "415", "503"),
             body={"type": "object", "additionalProperties": False, "properties": {
                 "dryRun": {"type": "boolean"}, "asOf": {"type": "string"}}})},
-        "/api/v1/queues/{queue}/jobs": {"post": operation(
+        "/api/v1/queues/{queue}/jobs": {"post": _with_existing(operation(
             "Add a job by hand", params=[QUEUE], ok_status="201", errors=("404", "503"),
             body={"type": "object", "additionalProperties": False, "properties": {
                 "data": {"type": "object"}, "jobId": {"type": "string"},
                 "delay": {"type": "number", "minimum": 0},
-                "priority": {"type": "integer"}, "attempts": {"type": "integer"}}})},
+                "priority": {"type": "integer"}, "attempts": {"type": "integer"}}}))},
         "/api/v1/queues/{queue}/clean": {"post": operation(
             "Delete finished runs older than olderThan seconds",
             {"type": "object", "properties": {"deleted": {"type": "integer"}}},
