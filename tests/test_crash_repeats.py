@@ -108,6 +108,10 @@ def test_missed_repeats_coalesce_into_one_run_at_restart(
 
 
 BEAT = 2.0  # seconds between the fires of the two-instance tests' repeat
+# A killed leader's lease must run out before the survivor leads: a short one here, and
+# its clock is checked from then on (the lease, a follower's look, and a margin).
+LEADER_LEASE = 3.0
+TAKEOVER = LEADER_LEASE + 1.0 + 1.0
 
 
 def _two_instance_seed(first: int, count: int, spread: float, rng: random.Random
@@ -116,16 +120,19 @@ def _two_instance_seed(first: int, count: int, spread: float, rng: random.Random
              "delay": round(rng.uniform(0, spread), 1)} for n in range(first, first + count)]
 
 
-def _check_beats(db: CrashDb, survivor: DaemonProcess, t_stop: float, phase: str) -> str:
+def _check_beats(db: CrashDb, survivor: DaemonProcess, t_stop: float, phase: str,
+                 takeover: float = 0.0) -> str:
     """No slot fired twice over the whole test; the survivor fired every slot on time
-    for 12 s after the other process stopped. Returns the figures."""
+    for 12 s once it could lead (`takeover` s after the other process stopped). Returns
+    the figures."""
     origin = db.next_run_time("beat")
     assert origin
     runs = db.repeat_runs("beat")
     created = [epoch(r["createdAt"]) for r in runs]
     doubled = double_fires(runs, origin, BEAT)
     fires = sorted(created + skip_times(survivor, "beat"))
-    late = late_slots(fires, origin, BEAT, t_stop + BEAT, t_stop + 12, 1.5)
+    late = late_slots(fires, origin, BEAT, t_stop + takeover + BEAT, t_stop + takeover + 12,
+                      1.5)
     figures = (f"{len(created)} beat runs, {len(doubled)} slots fired twice, "
                f"{len(late)} late slots after {phase}")
     shown = {slot: [round(t - t_stop, 2) for t in ts] for slot, ts in doubled.items()}
@@ -148,10 +155,13 @@ def test_two_instances_on_one_database_fire_each_slot_once_and_survive_a_kill(
     # Delays up to 35 s: work is still running on both when A is killed.
     seed_a = _two_instance_seed(0, 100, 35, rng)
     seed_b = _two_instance_seed(100, 100, 35, rng)
-    a = start(processes, effect_env(shared_db, seed=seed_a, repeats=repeats, **FAST_RECOVERY))
+    lease = {"MWAPJOBS_ENGINE__LEADER_LEASE": f"{LEADER_LEASE:g}"}
+    a = start(processes, effect_env(shared_db, seed=seed_a, repeats=repeats, **FAST_RECOVERY,
+                                    **lease))
     wait_ready(a)
     a.wait_line(lambda e: e.get("message") == "effect repeats set", 30)
-    b = start(processes, effect_env(shared_db, seed=seed_b, repeats=repeats, **FAST_RECOVERY))
+    b = start(processes, effect_env(shared_db, seed=seed_b, repeats=repeats, **FAST_RECOVERY,
+                                    **lease))
     wait_ready(b)
     wait_seeded(a)
     wait_seeded(b)
@@ -164,14 +174,14 @@ def test_two_instances_on_one_database_fire_each_slot_once_and_survive_a_kill(
     t_stop = time.time()
     allowed = Counter(shared_db.active_of(a.pid))
     expected = {j["n"] for j in seed_a + seed_b}
-    sleep_until(t_stop + 13)  # the survivor alone: its fires are checked below
+    sleep_until(t_stop + TAKEOVER + 13)  # the survivor alone: its fires are checked below
     until(lambda: b.proc.poll() is not None or all_done(shared_db, len(expected)), 120,
           lambda: f"all {len(expected)} runs to finish; now {dict(shared_db.states())}; "
                   f"{seed_lines(a, b)}", interval=0.25)
     assert b.proc.poll() is None, f"the survivor died: {b.err[-10:]}"
     code, _ = sigterm(b, 60)
     result = tally(shared_db, expected, allowed)
-    beats = _check_beats_report(shared_db, b, t_stop, "the kill")
+    beats = _check_beats_report(shared_db, b, t_stop, "the kill", TAKEOVER)
     report(f"two instances: {result.runs} runs {dict(result.states)}, {len(allowed)} active "
            f"at the kill, {result.duplicates} duplicate effects, {beats[0]}; survivor exit "
            f"{code}; log problems: A {len(a_problems)}, B {len(log_problems(b))}")
@@ -227,11 +237,11 @@ def test_blue_green_overlap_fires_each_slot_once_and_the_new_process_keeps_time(
 
 
 def _check_beats_report(db: CrashDb, survivor: DaemonProcess, t_stop: float,
-                        phase: str) -> tuple[str, Callable[[], None]]:
+                        phase: str, takeover: float = 0.0) -> tuple[str, Callable[[], None]]:
     """The beat figures now (for the report) and the beat assertions for later, so that
     the report is printed before the first assertion fails."""
     try:
-        return _check_beats(db, survivor, t_stop, phase), lambda: None
+        return _check_beats(db, survivor, t_stop, phase, takeover), lambda: None
     except AssertionError as exc:
         failure = exc
 
