@@ -39,6 +39,7 @@ from .storage.jobstore import configured_key
 from .storage.mongo import Mongo
 from .supervisor import Supervisor
 from .systemd import notify, ping_watchdog, watchdog_interval
+from .timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class Daemon:
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until the engine runs (tests, embedding)."""
-        await asyncio.wait_for(self._engine_up.wait(), timeout)
+        await within(self._engine_up.wait(), timeout)
 
     async def stop(self, timeout: float | None = None) -> None:
         """Graceful stop: drain jobs for up to `shutdown_timeout`, then close everything.

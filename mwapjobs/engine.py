@@ -67,6 +67,7 @@ from .storage.runs import (
     parse_run_id,
 )
 from .supervisor import FailureLog, Supervisor
+from .timeouts import within
 from .triggers import make_trigger
 
 log = logging.getLogger(__name__)
@@ -404,7 +405,7 @@ class Engine:
                 woken = asyncio.get_running_loop().create_future()
                 self._waiters.setdefault(oid, set()).add(woken)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken, min(left, WAIT_POLL))
+                    await within(woken, min(left, WAIT_POLL))
                 self._waiters.get(oid, set()).discard(woken)
         finally:
             if woken is not None:
@@ -519,7 +520,7 @@ class Engine:
 
     async def _wait(self, event: asyncio.Event) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout=self.settings.sweep_interval)
+            await within(event.wait(), self.settings.sweep_interval)
 
     def _start_run(self, queue: Queue, run: dict[str, Any]) -> asyncio.Task[None]:
         run_id = run["_id"]
@@ -741,7 +742,7 @@ class Engine:
                 while self._accepting:
                     self._isolating = True
                     with contextlib.suppress(TimeoutError):  # long runs do not hold it up
-                        await asyncio.wait_for(self._idle.wait(), self.settings.lease_seconds)
+                        await within(self._idle.wait(), self.settings.lease_seconds)
                     queues = [q for q in self.registry.names() if q not in self._paused]
                     run = await self.runs.claim_isolated(queues, self.owner, self.clock(),
                                                          self.settings.lease_seconds)

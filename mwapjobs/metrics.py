@@ -38,6 +38,7 @@ from .engine import Engine
 from .loopmon import LoopLagMonitor
 from .operations import Operations
 from .storage.mongo import Mongo
+from .timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class DaemonMetrics:
 
     async def _read(self, name: str, source: Callable[[], Awaitable[Any]]) -> Any:
         try:
-            return await asyncio.wait_for(source(), self.source_timeout)
+            return await within(source(), self.source_timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -22,6 +22,7 @@ from typing import Any
 
 from .storage.runs import Outcome, RunId, RunStore
 from .supervisor import FailureLog
+from .timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class OutcomeWriter:
     async def flush(self, timeout: float) -> bool:
         """Wait up to `timeout` s for everything submitted to be written; False if not."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await within(self._idle.wait(), timeout)
         return self._idle.is_set()
 
     async def run(self) -> None:

@@ -10,6 +10,7 @@ import signal
 
 from .daemon import Daemon
 from .logs import stop_logging
+from .timeouts import within
 
 log = logging.getLogger("mwapjobs.daemon")
 QUIT_RELEASE_SECONDS = 2.0
@@ -48,7 +49,7 @@ async def _quit(daemon: Daemon, sig: signal.Signals) -> None:
     restart; nothing counts this as a crash."""
     released: int | str = 0
     try:
-        released = await asyncio.wait_for(daemon.engine.release_all(), QUIT_RELEASE_SECONDS)
+        released = await within(daemon.engine.release_all(), QUIT_RELEASE_SECONDS)
     except Exception as exc:
         released = f"not released ({type(exc).__name__}); they run again after their lease"
     log.error("second signal: exiting now", extra={"signal": sig.name, "released": released})

@@ -25,6 +25,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 LOG_EVERY = 60.0
+# A task still running this long after `cancel()` is cancelled again (it swallowed it);
+# longer than any clean-up on cancellation here (a last save, handing work back).
+RECANCEL_SECONDS = 10.0
 
 
 class FailureLog:
@@ -117,12 +120,16 @@ class Supervisor:
             await asyncio.gather(task, return_exceptions=True)
 
     async def stop(self) -> None:
-        tasks = [*self._tasks.values(), *self._once]
+        """Cancel every task and wait for them; a task that swallowed its cancellation
+        (a library may, as `asyncio.wait_for` does in 3.11) is cancelled again every
+        RECANCEL_SECONDS rather than waited for forever."""
+        pending = {*self._tasks.values(), *self._once}
         self._tasks.clear()
         self._once.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _done, pending = await asyncio.wait(pending, timeout=RECANCEL_SECONDS)
 
     @staticmethod
     async def _every(failures: FailureLog, interval: float,

@@ -39,6 +39,7 @@ from ..storage.mongo import Mongo
 from ..storage.notifications import NotificationStore
 from ..storage.runs import RunStore
 from ..supervisor import Supervisor
+from ..timeouts import within
 from .channels import (
     Channel,
     ChannelError,
@@ -124,7 +125,7 @@ class Dispatcher:
             self._hurry.set()
         if self._tasks and self.pending():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), flush_timeout)
+                await within(self._idle.wait(), flush_timeout)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -146,7 +147,7 @@ class Dispatcher:
                 continue
             item = queue[0]
             try:
-                await asyncio.wait_for(channel.send(item.message), self.timeout)
+                await within(channel.send(item.message), self.timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -179,7 +180,7 @@ class Dispatcher:
             await asyncio.sleep(delay)
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._hurry.wait(), delay)
+            await within(self._hurry.wait(), delay)
 
 
 def _aware(value: datetime) -> datetime:
@@ -433,7 +434,7 @@ class AlertManager:
     async def _check(self, rule: Rule, ctx: RuleContext) -> list[Condition] | None:
         timeout = max(self.check_interval, 5.0)
         try:
-            conditions = await asyncio.wait_for(rule.check(ctx), timeout)
+            conditions = await within(rule.check(ctx), timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -534,7 +535,7 @@ class AlertManager:
 
     async def _send_once(self, channel: Channel, message: Message) -> str | None:
         try:
-            await asyncio.wait_for(channel.send(message), self.channel_timeout)
+            await within(channel.send(message), self.channel_timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -35,6 +35,7 @@ from motor.motor_asyncio import AsyncIOMotorClient
 from pymongo.errors import ConnectionFailure
 from pymongo.uri_parser import parse_uri
 
+from ..timeouts import within
 from .embedded import index_collection
 from .names import (
     FILE_WALK,
@@ -250,7 +251,7 @@ class Mongo:
             self.mark_up()
             return
         try:
-            await asyncio.wait_for(self.call(lambda db: db.command("ping")), timeout)
+            await within(self.call(lambda db: db.command("ping")), timeout)
         except TimeoutError:
             error = TimeoutError(f"no answer to a ping within {timeout:g}s")
             self.mark_down(error)

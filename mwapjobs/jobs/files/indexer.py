@@ -50,6 +50,7 @@ from ...queues import Job, PermanentError, Postpone, QueueRegistry, TransientErr
 from ...ratelimit import KeyedLimiter
 from ...storage.files import FileIndexStore
 from ...storage.integrations import IntegrationStore
+from ...timeouts import within
 from ..providers import provider_kind
 from ..refresh.now import refresh_now
 from .client import Connection, ProviderClient
@@ -276,7 +277,7 @@ class FileIndexer:
             key = work.conn.key
             self._acquiring[key] = self._acquiring.get(key, 0) + 1
             try:
-                await asyncio.wait_for(gate.acquire(), PROVIDER_WAIT)
+                await within(gate.acquire(), PROVIDER_WAIT)
             except TimeoutError:
                 self._park(key, pid)
                 raise Postpone(f"{self.settings.provider_concurrency} passes of this provider "

@@ -67,6 +67,7 @@ from ...outbound import UrlPolicy
 from ...queues import Job, QueueRegistry
 from ...ratelimit import KeyedLimiter
 from ...storage.integrations import IntegrationStore
+from ...timeouts import within
 from ..refresh.now import refresh_now
 from ..refresh.runs import MANUAL_PRIORITY, fingerprint
 from . import probes
@@ -169,7 +170,7 @@ class _Sweep:
         delay = start - asyncio.get_running_loop().time()
         if delay > 0 and not self.hurry.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.hurry.wait(), delay)
+                await within(self.hurry.wait(), delay)
 
 
 class HealthChecker:

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from ...storage.integrations import IntegrationStore
+from ...timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class ResultWriter:
             if not self._closing and len(self.pending) < FLUSH_MAX:
                 self._full.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), FLUSH_DELAY)
+                    await within(self._full.wait(), FLUSH_DELAY)
             batch, self.pending = self.pending, []
             await self._flush(batch)
 

@@ -42,6 +42,7 @@ from ...logs import secrets
 from ...storage.contacts import ContactStore
 from ...storage.integrations import IntegrationStore
 from ...storage.notifications import NotificationStore
+from ...timeouts import within
 from .auth0 import Auth0Users, Found, Lookup, NotFound, RateLimited, Unavailable, mask_email
 from .render import Item, load_templates, render
 
@@ -108,7 +109,7 @@ class OwnerMailer:
                 group = await asyncio.shield(claim)
             except asyncio.CancelledError:  # what the claim took must not wait out the hold
                 with contextlib.suppress(Exception):
-                    await self._release(await asyncio.wait_for(claim, SEND_GRACE), now)
+                    await self._release(await within(claim, SEND_GRACE), now)
                 raise
             if not group:
                 break
@@ -181,10 +182,10 @@ class OwnerMailer:
             # The daemon stops while the email is on its way (a thread cannot be
             # cancelled): let it end, briefly, and record it, so that it is not sent twice.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(sending), SEND_GRACE)
+                await within(asyncio.shield(sending), SEND_GRACE)
             if sending.done() and not sending.cancelled() and sending.exception() is None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(done, SEND_GRACE)
+                    await within(done, SEND_GRACE)
             else:
                 done.close()
             raise
@@ -210,7 +211,7 @@ class OwnerMailer:
         release = self.notifications.retry_owner_later(
             [d["_id"] for d in group], now, now, "interrupted by a shutdown", count=False)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(release), 2.0)
+            await within(asyncio.shield(release), 2.0)
 
     async def _contact(self, owner: str, now: datetime) -> Lookup:
         cached = await self.contacts.get(owner, now)

@@ -62,6 +62,7 @@ from ...storage.changes import (
 from ...storage.mongo import StoreUnavailable
 from ...storage.names import INTEGRATIONS, PROVIDERS
 from ...supervisor import FailureLog
+from ...timeouts import within
 from .discovery import RefreshSync, SyncReport, log_report
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ class ChangeFollower:
         await stream.close()
         if followed.handled is not None and followed.handled != followed.saved:
             with contextlib.suppress(Exception):  # replayed from the older one: harmless
-                await asyncio.wait_for(self._save(followed), SAVE_ON_CLOSE_TIMEOUT)
+                await within(self._save(followed), SAVE_ON_CLOSE_TIMEOUT)
 
     async def _save(self, followed: Followed) -> None:
         token = followed.handled
