@@ -24,7 +24,7 @@ from tests.support.wire_server import SecantusServer, secantusd_path
 
 # The token-refresh world's fixtures (oauth_server, oauth, tls_server, world); a module
 # that defines a fixture of the same name uses its own.
-pytest_plugins = ("tests.support.refresh_world",)
+pytest_plugins = ("tests.support.refresh_world", "tests.support.hang_guard")
 
 REAL_MONGODB_URI = os.environ.get("MWAPJOBS_TEST_MONGODB_URI")
 ROOT = Path(__file__).resolve().parents[1]
