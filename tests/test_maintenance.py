@@ -128,7 +128,8 @@ def flow(status: str, expires: datetime) -> dict[str, Any]:
 async def test_expired_flows_are_reset_as_the_backend_resets_them(
         make_upkeep: Callable[..., Upkeep], mongo: Mongo,
         caplog: pytest.LogCaptureFixture) -> None:
-    past, future = NOW - timedelta(minutes=5), NOW + timedelta(minutes=5)
+    now = datetime.now(UTC)  # not NOW (import time): the run may reach this minutes later
+    past, future = now - timedelta(minutes=5), now + timedelta(minutes=5)
     seeded = {name: await insert_integration(mongo, None, provider=str(ObjectId()),
                                              tenant_id="t1", oauth=state,
                                              updated_at=OLD)

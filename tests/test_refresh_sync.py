@@ -20,6 +20,7 @@ from mwapjobs.config import RefreshSettings
 from mwapjobs.crypto import MwapCipher
 from mwapjobs.engine import Engine
 from mwapjobs.jobs.refresh.discovery import FULL_EVERY, RefreshSync
+from mwapjobs.jobs.refresh.now import refresh_now
 from mwapjobs.jobs.refresh.runs import (
     MANUAL_PRIORITY,
     QUEUE,
@@ -367,6 +368,26 @@ async def test_a_queued_manual_or_health_refresh_is_not_sent_back(h: Harness,
     assert run["state"] == "delayed" and same_ms(run["deadline"], new_expiry)
     fresh = await get_integration(h.mongo, iid)
     assert fresh is not None and run["data"]["connection"] == connection_fingerprint(fresh)
+
+
+async def test_a_manual_refresh_added_during_a_pass_is_not_sent_back(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pass read the pending runs before the manual refresh was added (a new
+    integration, refreshed by its owner at once): its "add" must not replace that run."""
+    iid = await h.add(expires_in=7200)
+    doc = await get_integration(h.mongo, iid)
+    assert doc is not None
+    read_pending = h.engine.runs.pending_by_job
+
+    async def read_then_manual(queue: str, job_ids: Any) -> Any:
+        seen = await read_pending(queue, job_ids)  # nothing pending yet
+        await refresh_now(h.engine, doc, utcnow())  # the owner's call lands meanwhile
+        return seen
+
+    monkeypatch.setattr(h.engine.runs, "pending_by_job", read_then_manual)
+    await h.sync.sync_once(full=True)
+    [run] = (await h.pending()).values()
+    assert (run["state"], run["priority"]) == ("waiting", MANUAL_PRIORITY)
 
 
 # -- a dead access token without a refresh token is not left active -------------------------

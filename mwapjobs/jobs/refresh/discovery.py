@@ -159,10 +159,12 @@ class RefreshSync:
             if step.expire and await self._expire(doc, now):
                 report.expired += 1
             if step.run in ("add", "move") and step.run_at is not None:
+                # An add replaces nothing: a run that appeared since `pending` was read
+                # (a manual or health refresh, due now) is the engine's, as it is.
                 await self.engine.add(
                     QUEUE, run_data(doc, refused_before=str(doc["_id"]) in dead_tokens),
                     job_id=jid, run_at=step.run_at,
-                    deadline=as_utc(doc["tokenExpiresAt"]), replace=True,
+                    deadline=as_utc(doc["tokenExpiresAt"]), replace=step.run == "move",
                 )
                 if step.run == "add":
                     report.added += 1
