@@ -449,8 +449,14 @@ async def test_a_restart_resumes_from_the_stored_token(
         await wait_for(lambda: has_run(world.mongo, added), message="added: a run")
     opened = [r for r in caplog.records
               if r.getMessage() == "following changes with a change stream"]
-    assert {(r.collection, r.resumed) for r in opened} == {  # type: ignore[attr-defined]
-        (INTEGRATIONS, True), (PROVIDERS, True)}
+    resumed = {(r.collection, r.resumed) for r in opened}  # type: ignore[attr-defined]
+    assert (INTEGRATIONS, True) in resumed, resumed
+    # The providers' stream saw no write: its token may have left the server's oplog
+    # window meanwhile (CI's server keeps 5,000 entries), and then the stream starts
+    # afresh with a full pass, as documented; either way it follows again.
+    refused = any(r.getMessage().startswith("the change stream cannot resume")
+                  for r in caplog.records)
+    assert (PROVIDERS, True) in resumed or ((PROVIDERS, False) in resumed and refused), resumed
 
 
 @WIRE_LANE_ONLY
