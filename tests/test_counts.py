@@ -19,6 +19,7 @@ from mwapjobs.storage.mongo import Mongo
 from mwapjobs.storage.names import RUNS
 from mwapjobs.storage.runs import STATES
 from tests.conftest import TEST_SIGNING_KEY, wait_for
+from tests.support.mwap_data import insert_all
 
 
 @pytest.fixture
@@ -139,7 +140,7 @@ async def test_stats_cost_the_same_with_any_history(engine: Engine, mongo: Mongo
     history: list[dict[str, Any]] = [
         {"_id": ObjectId(), "queue": "q", "state": "completed", "finishedAt": now,
          "createdAt": now, "runAt": now, "data": {}, "attempts": []} for _ in range(5000)]
-    await mongo.call(lambda db: db[RUNS].insert_many(history))
+    await insert_all(mongo, RUNS, history)
     engine.count_finished("q", "completed", len(history))  # as the engine counts its own
     assert await trips_of_stats() == small  # no query more, none of them per run
     assert (await ops.stats())["q"]["completed"] == 5000

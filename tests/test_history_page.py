@@ -13,6 +13,7 @@ from bson import ObjectId
 from mwapjobs.storage.mongo import Mongo
 from mwapjobs.storage.names import RUNS
 from mwapjobs.storage.runs import HISTORY_WINDOWS, RunStore
+from tests.support.mwap_data import insert_all
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 # Ages in seconds: inside the first window, and in each wider one, and beyond them all.
@@ -27,7 +28,7 @@ def run(age: float | None, state: str = "completed", queue: str = "q") -> dict[s
 
 
 async def seed(mongo: Mongo, docs: list[dict[str, Any]]) -> None:
-    await mongo.call(lambda db: db[RUNS].insert_many(docs))
+    await insert_all(mongo, RUNS, docs)
 
 
 def newest_first(docs: list[dict[str, Any]]) -> list[ObjectId]:

@@ -17,7 +17,7 @@ from mwapjobs.storage.mongo import Mongo
 from mwapjobs.storage.names import ANALYTICS_DAILY, FILE_INDEX, PROJECTS
 from tests.conftest import ROOT, make_settings
 from tests.support.admin import ADMIN_TOKEN, call, with_admin
-from tests.support.mwap_data import insert_tenant
+from tests.support.mwap_data import insert_all, insert_tenant
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -49,7 +49,7 @@ async def test_the_job_panels_in_chromium(mongo: Mongo) -> None:
          "folderpath": "/Clients", "failingSince": now - timedelta(hours=2),
          "lastError": {"code": "files/folder-not-found",
                        "message": "no folder named 'Clients' in / on Google Drive", "at": now}}]
-    await mongo.call(lambda db: db[FILE_INDEX].insert_many(summaries))
+    await insert_all(mongo, FILE_INDEX, summaries)
     settings = make_settings(**with_admin(
         refresh={"enabled": False}, health={"enabled": False}, smtp_host="127.0.0.1",
         admin={"tokens": with_admin()["admin"]["tokens"], "cookie_secure": False}))

@@ -40,7 +40,7 @@ from mwapjobs.storage.names import (
 )
 from tests.conftest import make_settings, wait_for
 from tests.support.admin import call, with_admin
-from tests.support.mwap_data import insert_integration, insert_tenant, new_hex_id
+from tests.support.mwap_data import insert_all, insert_integration, insert_tenant, new_hex_id
 
 NOW = datetime.now(UTC)
 OLD = NOW - timedelta(days=200)
@@ -101,7 +101,7 @@ def upkeep(daemon: Daemon) -> Upkeep:
 
 
 async def insert(mongo: Mongo, collection: str, docs: list[dict[str, Any]]) -> None:
-    await mongo.call(lambda db: db[collection].insert_many(docs))
+    await insert_all(mongo, collection, docs)
 
 
 async def ids(mongo: Mongo, collection: str, query: dict[str, Any] | None = None) -> set[Any]:

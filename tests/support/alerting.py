@@ -21,6 +21,7 @@ from mwapjobs.storage.integrations import IntegrationStore
 from mwapjobs.storage.mongo import Mongo
 from mwapjobs.storage.names import NOTIFICATIONS, RUNS
 from tests.conftest import make_settings
+from tests.support.mwap_data import insert_all
 
 
 class RecordingChannel:
@@ -88,7 +89,7 @@ async def add_runs(mongo: Mongo, queue: str, state: str, n: int, *, ago: float =
              "runAt": at, "createdAt": at,
              **({"finishedAt": at} if state in ("completed", "failed") else {})}
             for _ in range(n)]
-    await mongo.call(lambda db: db[RUNS].insert_many(docs))
+    await insert_all(mongo, RUNS, docs)
 
 
 async def clear_runs(mongo: Mongo, queue: str, state: str) -> None:

@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
+from pymongo.errors import BulkWriteError
 
 from mwapjobs.crypto import MwapCipher
 from mwapjobs.storage.mongo import Mongo
@@ -177,11 +178,26 @@ async def insert_integration(mongo: Mongo, cipher: MwapCipher | None, **options:
     return str(doc["_id"])
 
 
-async def insert_integrations(mongo: Mongo, docs: Sequence[dict[str, Any]],
-                              batch: int = 5000) -> None:
+async def insert_all(mongo: Mongo, collection: str, docs: Sequence[dict[str, Any]],
+                     batch: int = 1000) -> None:
+    """Insert `docs` (each with its `_id`) in batches, idempotently. On a slow wire server
+    a batch can outlast the socket timeout after it was applied; the driver then retries
+    it as a retryable write, and a server that does not recognise the retry answers with
+    duplicate `_id`s. Those are the seed's own documents, already in: not an error."""
     for start in range(0, len(docs), batch):
         chunk = list(docs[start:start + batch])
-        await mongo.call(lambda db, chunk=chunk: db[INTEGRATIONS].insert_many(chunk))
+        try:
+            await mongo.call(lambda db, chunk=chunk: db[collection].insert_many(
+                chunk, ordered=False))
+        except BulkWriteError as exc:
+            if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])) or \
+                    exc.details.get("writeConcernErrors"):
+                raise
+
+
+async def insert_integrations(mongo: Mongo, docs: Sequence[dict[str, Any]],
+                              batch: int = 5000) -> None:
+    await insert_all(mongo, INTEGRATIONS, docs, batch)
 
 
 async def get_integration(mongo: Mongo, integration_id: Any) -> dict[str, Any] | None:
