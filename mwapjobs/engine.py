@@ -376,6 +376,26 @@ class Engine:
             self.wake(queue)
         return Added(str(run["_id"]), run["state"], created, self)
 
+    async def move(self, queue: str, seen: dict[str, Any], data: dict[str, Any], *,
+                   run_at: datetime, deadline: datetime | None) -> bool:
+        """Give a pending run read earlier (`seen`, as `runs.pending_by_job` returns it) a
+        new time and data, if it is still as it was read: not started, and not moved or
+        replaced by anyone since (a run someone asked for meanwhile, due now, stays due
+        now). Its priority is kept. True if it was moved."""
+        data = self.registry.get(queue).check_data(data)
+        due, now = as_utc(run_at), self.clock()
+        state: State = "delayed" if due > now else "waiting"
+        run = await self.runs.move_if_unchanged(seen, {
+            "runAt": due, "data": data, "state": state,
+            "deadline": as_utc(deadline) if deadline else None})
+        if run is None:
+            return False
+        if state == "delayed":
+            self._timer.note(due, queue)
+        else:
+            self.wake(queue)
+        return True
+
     async def promote_matching(self, queue: str, data: dict[str, Any], *,
                                postponed_only: bool = False) -> int:
         """Run now the delayed runs of `queue` whose data has these values (for example

@@ -379,7 +379,7 @@ async def test_a_manual_refresh_added_during_a_pass_is_not_sent_back(
     assert doc is not None
     read_pending = h.engine.runs.pending_by_job
 
-    async def read_then_manual(queue: str, job_ids: Any) -> Any:
+    async def read_then_manual(queue: str, job_ids: Any = None) -> Any:
         seen = await read_pending(queue, job_ids)  # nothing pending yet
         await refresh_now(h.engine, doc, utcnow())  # the owner's call lands meanwhile
         return seen
@@ -388,6 +388,53 @@ async def test_a_manual_refresh_added_during_a_pass_is_not_sent_back(
     await h.sync.sync_once(full=True)
     [run] = (await h.pending()).values()
     assert (run["state"], run["priority"]) == ("waiting", MANUAL_PRIORITY)
+
+
+async def test_a_reconnect_does_not_move_a_manual_refresh_added_after_the_read(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tenant reconnected (a move is due) and refreshed by hand while the pass ran:
+    the run the pass read was replaced by the manual one, due now, which it leaves."""
+    iid = await h.add(expires_in=7200, refresh_token="rt-old")
+    await h.sync.sync_once()
+    await update_integration(h.mongo, iid, {"refreshToken": h.cipher.encrypt("rt-new"),
+                                            "tokenExpiresAt": utcnow() + timedelta(hours=3)})
+    doc = await get_integration(h.mongo, iid)
+    assert doc is not None
+    read_pending = h.engine.runs.pending_by_job
+
+    async def read_then_manual(queue: str, job_ids: Any = None) -> Any:
+        seen = await read_pending(queue, job_ids)  # the delayed run, before the reconnect
+        await refresh_now(h.engine, doc, utcnow())
+        return seen
+
+    monkeypatch.setattr(h.engine.runs, "pending_by_job", read_then_manual)
+    report = await h.sync.sync_once(full=False)
+    [run] = (await h.pending()).values()
+    assert (run["state"], run["priority"]) == ("waiting", MANUAL_PRIORITY)
+    assert report.moved == 0
+
+
+async def test_a_full_pass_keeps_the_run_of_an_integration_created_while_it_read(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An integration created (and refreshed by its owner at once) after the pass read
+    the integrations is not one that "no longer exists": its run is not dropped."""
+    read_docs = h.store.changed_since
+    created: list[str] = []
+
+    async def read_then_create(since: Any) -> Any:
+        docs = await read_docs(since)  # without the new one
+        iid = await h.add(expires_in=7200)
+        doc = await get_integration(h.mongo, iid)
+        assert doc is not None
+        await refresh_now(h.engine, doc, utcnow())
+        created.append(iid)
+        return docs
+
+    monkeypatch.setattr(h.store, "changed_since", read_then_create)
+    report = await h.sync.sync_once(full=True)
+    [run] = (await h.pending()).values()
+    assert run["jobId"] == job_id(created[0]) and run["priority"] == MANUAL_PRIORITY
+    assert report.dropped == 0
 
 
 # -- a dead access token without a refresh token is not left active -------------------------

@@ -818,6 +818,21 @@ class RunStore:
             )
         )
 
+    async def move_if_unchanged(self, seen: dict[str, Any],
+                                fields: dict[str, Any]) -> dict[str, Any] | None:
+        """Update a pending run read earlier (`seen`: its `_id` and `runAt`) if it is still
+        as it was read: not started, and not moved or replaced since. One round trip; the
+        filter repeats what was read, so a caller's stale view never overwrites a newer
+        decision. None when it changed meanwhile (or is gone)."""
+        return await self._mongo.call(
+            lambda db: db[RUNS].find_one_and_update(
+                {"_id": seen["_id"], "state": {"$in": ["delayed", "waiting"]},
+                 "runAt": seen["runAt"]},
+                {"$set": fields},
+                return_document=ReturnDocument.AFTER,
+            )
+        )
+
     # -- history, for alert rules -------------------------------------------------
 
     async def count_finished_since(self, queue: str, state: State, since: datetime) -> int:

@@ -99,15 +99,22 @@ class RefreshSync:
         async with self._turn:
             full = self._passes % FULL_EVERY == 0 if full is None else full
             started = self.clock()
+            # A full pass reads the pending runs before the integrations: what it drops
+            # as belonging to no integration then belongs to none in a list read after
+            # it (an integration created meanwhile, refreshed by hand at once, keeps the
+            # run it was given).
+            pending = await self.engine.runs.pending_by_job(QUEUE) if full else None
             docs = await self.store.changed_since(None if full else self._watermark)
             report = SyncReport(full=full, seen=len(docs))
             await self._lift_changed_providers(report)
             if full:
                 await self._watch_provider_urls()
-            job_ids = None if full else [job_id(str(d["_id"])) for d in docs]
+            if pending is None:
+                pending = await self.engine.runs.pending_by_job(
+                    QUEUE, [job_id(str(d["_id"])) for d in docs])
             # After a full pass, what is left pending belongs to integrations that no
             # longer exist.
-            await self._reconcile(docs, job_ids, report, drop_rest=full)
+            await self._reconcile(docs, pending, report, drop_rest=full)
             stamps = [as_utc(d["updatedAt"]) for d in docs
                       if isinstance(d.get("updatedAt"), datetime)]
             if stamps:
@@ -123,10 +130,11 @@ class RefreshSync:
         `untouched` (hex ids): those whose changes left the tokens alone, which gain no
         run here (see `decide`)."""
         async with self._turn:
+            pending = await self.engine.runs.pending_by_job(
+                QUEUE, [job_id(str(k)) for k in keys])  # before the documents: see sync_once
             docs = await self.store.by_ids(keys)
             report = SyncReport(full=False, seen=len(docs), source="change-stream")
-            await self._reconcile(docs, [job_id(str(k)) for k in keys], report,
-                                  drop_rest=True, untouched=untouched)
+            await self._reconcile(docs, pending, report, drop_rest=True, untouched=untouched)
             return report
 
     async def sync_providers(self, provider_ids: Collection[str] | None) -> SyncReport:
@@ -141,13 +149,12 @@ class RefreshSync:
             await self._watch_provider_urls(provider_ids)
             return report
 
-    async def _reconcile(self, docs: list[dict[str, Any]], job_ids: list[str] | None,
+    async def _reconcile(self, docs: list[dict[str, Any]], pending: dict[str, dict[str, Any]],
                          report: SyncReport, *, drop_rest: bool,
                          untouched: Collection[str] = ()) -> None:
-        """Add, move or drop the runs of `docs` (with the pending runs of `job_ids`, all
-        when None); with `drop_rest`, drop what is pending for none of `docs`."""
+        """Add, move or drop the runs of `docs` (`pending`: their runs as read, by job id;
+        consumed); with `drop_rest`, drop what is pending for none of `docs`."""
         dead_tokens = await self.store.states_with_refresh_failure()
-        pending = await self.engine.runs.pending_by_job(QUEUE, job_ids)
         now = self.clock()
         for doc in docs:
             jid = job_id(str(doc["_id"]))
@@ -158,18 +165,19 @@ class RefreshSync:
                 report.dropped += 1
             if step.expire and await self._expire(doc, now):
                 report.expired += 1
-            if step.run in ("add", "move") and step.run_at is not None:
-                # An add replaces nothing: a run that appeared since `pending` was read
-                # (a manual or health refresh, due now) is the engine's, as it is.
-                await self.engine.add(
-                    QUEUE, run_data(doc, refused_before=str(doc["_id"]) in dead_tokens),
-                    job_id=jid, run_at=step.run_at,
-                    deadline=as_utc(doc["tokenExpiresAt"]), replace=step.run == "move",
-                )
-                if step.run == "add":
-                    report.added += 1
-                else:
-                    report.moved += 1
+            if step.run_at is None:
+                continue
+            data = run_data(doc, refused_before=str(doc["_id"]) in dead_tokens)
+            deadline = as_utc(doc["tokenExpiresAt"])
+            # Neither touches a run that appeared or changed since `pending` was read (a
+            # manual or health refresh, due now): that run is the engine's, as it is.
+            if step.run == "add":
+                await self.engine.add(QUEUE, data, job_id=jid, run_at=step.run_at,
+                                      deadline=deadline)
+                report.added += 1
+            elif step.run == "move" and have is not None and await self.engine.move(
+                    QUEUE, have, data, run_at=step.run_at, deadline=deadline):
+                report.moved += 1
         if drop_rest:  # pending for an integration that no longer exists: decide(None, ...)
             for jid in pending:
                 if await self.engine.cancel(QUEUE, jid):
