@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import secrets
 import time
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
+from tests.support.local_server import LocalServer
 
-class FakeAuth0:
+
+class FakeAuth0(LocalServer):
     def __init__(self, client_id: str = "m2m-client", client_secret: str = "m2m-s3cret",
                  token_lifetime: int = 86400) -> None:
+        super().__init__()
         self.client_id = client_id
         self.client_secret = client_secret
         self.token_lifetime = token_lifetime
@@ -36,8 +38,10 @@ class FakeAuth0:
         self.token_requests: list[dict[str, Any]] = []
         self.user_requests: list[tuple[str, str | None]] = []  # (user id, bearer token)
         self._limits: list[dict[str, str]] = []
-        self._runner: web.AppRunner | None = None
-        self.url = ""
+
+    @property
+    def url(self) -> str:
+        return self.base_url
 
     def rate_limit(self, times: int = 1, retry_after: str | None = "1",
                    reset: float | None = None) -> None:
@@ -84,25 +88,6 @@ class FakeAuth0:
                                       "errorCode": "inexistent_user"}, status=404)
         return web.json_response({"user_id": user_id, **user})
 
-    async def start(self) -> FakeAuth0:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/oauth/token", self._token)
         app.router.add_get("/api/v2/users/{id}", self._user)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> FakeAuth0:
-        return await self.start()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()

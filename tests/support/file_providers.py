@@ -44,6 +44,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from tests.support.file_tree import ROOT, Item, Tree
+from tests.support.local_server import LocalServer
 
 DRIVE_FOLDER = "application/vnd.google-apps.folder"
 
@@ -88,11 +89,11 @@ def _decode(token: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-class FileProviderServer:
+class FileProviderServer(LocalServer):
     def __init__(self, latency: float = 0.0, max_page: int = 1000, port: int = 0) -> None:
+        super().__init__(port)
         self.latency = latency
         self.max_page = max_page
-        self.port = port
         self.trees: dict[str, Tree] = {}
         self.stale_tokens: set[str] = set()
         self.faults: dict[str, list[Fault]] = {}
@@ -101,12 +102,10 @@ class FileProviderServer:
         self.peak: dict[str, int] = {}
         self.gates: dict[str, asyncio.Event] = {}  # a tag whose requests wait (`hold`)
         self.graph_folder_first = True  # a Graph delta starts with the folder itself
-        self._runner: web.AppRunner | None = None
 
     # -- lifecycle and set-up ----------------------------------------------------------
 
-    async def __aenter__(self) -> FileProviderServer:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/{tag}/dropbox/2/files/list_folder", self._dropbox_list)
         app.router.add_post("/{tag}/dropbox/2/files/list_folder/continue", self._dropbox_continue)
         app.router.add_get("/{tag}/drive/v3/files/root", self._drive_root)
@@ -116,20 +115,10 @@ class FileProviderServer:
         app.router.add_get("/{tag}/graph/v1.0/me/drive/{rest:.*}", self._graph)
         app.router.add_post("/_seed", self._seed)
         app.router.add_get("/_stats", self._stats)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.base_url
 
     def tree(self, tag: str) -> Tree:
         return self.trees.setdefault(tag, Tree(tag))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from types import TracebackType
 from typing import Any
 
 import jwt
@@ -32,15 +31,17 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from mwapjobs.api.auth import JwksCache
+from tests.support.local_server import LocalServer
 
 AUDIENCE = "https://api.mwap.test"
 ISSUER = "https://idp.test/"
 
 
-class JwksServer:
+class JwksServer(LocalServer):
     """An identity provider's JWKS endpoint plus its private keys; an async context manager."""
 
     def __init__(self, audience: str = AUDIENCE, issuer: str = ISSUER) -> None:
+        super().__init__()
         self.audience = audience
         self.issuer = issuer
         self.fetches = 0
@@ -50,30 +51,17 @@ class JwksServer:
         self._current = ""
         self._gate = asyncio.Event()
         self._gate.set()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
         self.add_key("key-1")
 
-    async def __aenter__(self) -> JwksServer:
-        app = web.Application()
-        app.router.add_get("/.well-known/jwks.json", self._jwks)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
-        return self
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/.well-known/jwks.json"
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/.well-known/jwks.json", self._jwks)
+
+    def stopping(self) -> None:
         self.release()
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     def cache(self, **options: Any) -> JwksCache:
         """A `JwksCache` for this server (options as for `JwksCache`, e.g. clock, ttl)."""

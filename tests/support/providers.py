@@ -43,10 +43,11 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Literal
 
 from aiohttp import web
+
+from tests.support.local_server import LocalServer
 
 Kind = Literal["dropbox", "google", "microsoft", "generic"]
 KINDS: tuple[Kind, ...] = ("dropbox", "google", "microsoft", "generic")
@@ -124,14 +125,17 @@ class Probe:
     status: int | None = None
 
 
-class ProviderServer:
+class ProviderServer(LocalServer):
     """The simulated provider APIs; an async context manager (`start`/`stop` too)."""
+
+    shutdown_timeout = 0.5
+    backlog = 1024
 
     def __init__(self, latency: float = 0.0, host: str = "127.0.0.1", port: int = 0,
                  record: bool = True) -> None:
+        super().__init__(port)
         self.latency = latency
         self.host = host
-        self.port = port
         self.record = record
         self.default = Reply.ok()
         self.requests: list[Probe] = []
@@ -144,39 +148,23 @@ class ProviderServer:
         self._replies: dict[str, Reply] = {}
         self._scripts: dict[str, deque[Reply]] = {}
         self._release = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
+
+    @property
+    def url(self) -> str:
+        return self.base_url
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/{tag}/dropbox/2/users/get_current_account", self._dropbox)
         app.router.add_get("/{tag}/google/drive/v3/about", self._google)
         app.router.add_get("/{tag}/graph/v1.0/me/drive", self._microsoft)
         app.router.add_get("/{tag}/generic/{rest:.*}", self._generic)
         app.router.add_get("/_stats", self._stats)
         app.router.add_post("/_reset", self._reset)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        self.url = f"http://{self.host}:{self.port}"
 
-    async def stop(self) -> None:
+    def stopping(self) -> None:
         self.release()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> ProviderServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.stop()
 
     # -- configuration ----------------------------------------------------------------------
 

@@ -23,14 +23,19 @@ import argparse
 import asyncio
 import contextlib
 import sys
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
+from tests.support.local_server import LocalServer
 
-class QuotaServer:
-    def __init__(self, latency: float = 0.0, record: bool = True) -> None:
+
+class QuotaServer(LocalServer):
+    shutdown_timeout = 0.5
+    backlog = 1024
+
+    def __init__(self, latency: float = 0.0, record: bool = True, port: int = 0) -> None:
+        super().__init__(port)
         self.latency = latency
         self.record = record
         self.usage: tuple[int, int] = (3 * 2**30, 15 * 2**30)
@@ -40,8 +45,10 @@ class QuotaServer:
         self.count = 0
         self.in_flight: dict[str, int] = {}
         self.peak_by_tag: dict[str, int] = {}
-        self._runner: web.AppRunner | None = None
-        self.url = ""
+
+    @property
+    def url(self) -> str:
+        return self.base_url
 
     def metadata(self, kind: str, tag: str | None = None) -> dict[str, Any]:
         base = f"{self.url}/{tag or kind}"
@@ -96,9 +103,7 @@ class QuotaServer:
             "total": allocated, "used": used, "remaining": allocated - used,
             "deleted": 0, "state": "normal"}})
 
-    async def start(self, port: int = 0) -> QuotaServer:
-        app = web.Application()
-
+    def routes(self, app: web.Application) -> None:
         async def dropbox(request: web.Request) -> web.Response:
             return await self._serve(request, "dropbox")
 
@@ -111,29 +116,11 @@ class QuotaServer:
         app.router.add_post("/{tag}/dropbox/2/users/get_space_usage", dropbox)
         app.router.add_get("/{tag}/google/drive/v3/about", google)
         app.router.add_get("/{tag}/graph/v1.0/me/drive", graph)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port, backlog=1024)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> QuotaServer:
-        return await self.start()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
 
 async def _main(port: int, latency: float) -> None:
-    server = await QuotaServer(latency=latency, record=False).start(port)
-    print(f"PORT {server.url.rsplit(':', 1)[1]}", flush=True)
+    server = await QuotaServer(latency=latency, record=False, port=port).start()
+    print(f"PORT {server.port}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:

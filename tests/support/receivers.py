@@ -37,6 +37,7 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from tests.support.local_server import LocalServer
 from tests.support.tls import LocalCert
 
 
@@ -47,21 +48,20 @@ def free_port() -> int:
         return port
 
 
-class WebhookReceiver:
+class WebhookReceiver(LocalServer):
     """An HTTP endpoint that records JSON POSTs and can be told to fail."""
 
     def __init__(self, port: int = 0) -> None:
-        self.port = port
+        super().__init__(port)
         self.bodies: list[Any] = []
         self.requests: list[tuple[int, Any]] = []
         self._faults: list[int] = []
         self._fail_always: int | None = None
-        self._runner: web.AppRunner | None = None
         self._changed = asyncio.Event()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"{self.base_url}/hook"
 
     def fail(self, status: int = 500, times: int | None = None) -> None:
         """Answer `status` to the next `times` requests (all of them when None)."""
@@ -86,21 +86,8 @@ class WebhookReceiver:
         self._changed.set()
         return web.Response(status=status, text="ok" if status < 300 else "receiver failure")
 
-    async def start(self) -> WebhookReceiver:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     async def wait_for(self, count: int, timeout: float = 10.0) -> list[Any]:
         """Wait until at least `count` bodies were accepted (2xx)."""
@@ -109,12 +96,6 @@ class WebhookReceiver:
                 self._changed.clear()
                 await self._changed.wait()
         return self.bodies
-
-    async def __aenter__(self) -> WebhookReceiver:
-        return await self.start()
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.stop()
 
 
 @dataclass
