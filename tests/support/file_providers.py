@@ -44,7 +44,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from tests.support.file_tree import ROOT, Item, Tree
-from tests.support.local_server import LocalServer
+from tests.support.local_server import LocalServer, serve_until_killed
 
 DRIVE_FOLDER = "application/vnd.google-apps.folder"
 
@@ -444,21 +444,13 @@ def _unescape(value: str) -> str:
     return re.sub(r"\\(.)", r"\1", value)
 
 
-async def _main(port: int, latency: float, max_page: int) -> None:
-    async with FileProviderServer(latency, max_page, port) as server:
-        print(f"PORT {server.port}", flush=True)
-        await asyncio.Event().wait()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--max-page", type=int, default=1000)
     args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(args.port, args.latency, args.max_page))
-    return 0
+    return serve_until_killed(FileProviderServer(args.latency, args.max_page, args.port))
 
 
 if __name__ == "__main__":

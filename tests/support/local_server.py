@@ -4,6 +4,8 @@ stopped with `async with` (or `start()`/`stop()` where a test needs them apart).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Self
 
 from aiohttp import web
@@ -52,3 +54,16 @@ class LocalServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def serve_until_killed(server: LocalServer) -> int:
+    """Run `server` as a process of its own (the benchmarks' simulators): print
+    `PORT <n>` once it listens, serve until killed."""
+    async def serve() -> None:
+        async with server:
+            print(f"PORT {server.port}", flush=True)
+            await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+    return 0

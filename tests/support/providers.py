@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import time
@@ -47,7 +46,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from tests.support.local_server import LocalServer
+from tests.support.local_server import LocalServer, serve_until_killed
 
 Kind = Literal["dropbox", "google", "microsoft", "generic"]
 KINDS: tuple[Kind, ...] = ("dropbox", "google", "microsoft", "generic")
@@ -343,24 +342,13 @@ def _body(kind: Kind, status: int, code: str | None) -> Any:
     return {"error": code or f"http_{status}"}
 
 
-async def _main(port: int, latency: float) -> None:
-    server = ProviderServer(latency=latency, port=port, record=False)
-    await server.start()
-    print(f"PORT {server.port}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await server.stop()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Simulated provider APIs for health checks")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per answer")
     args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(args.port, args.latency))
-    return 0
+    return serve_until_killed(ProviderServer(latency=args.latency, port=args.port,
+                                             record=False))
 
 
 if __name__ == "__main__":

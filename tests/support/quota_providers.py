@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 from typing import Any
 
 from aiohttp import web
 
-from tests.support.local_server import LocalServer
+from tests.support.local_server import LocalServer, serve_until_killed
 
 
 class QuotaServer(LocalServer):
@@ -118,23 +117,12 @@ class QuotaServer(LocalServer):
         app.router.add_get("/{tag}/graph/v1.0/me/drive", graph)
 
 
-async def _main(port: int, latency: float) -> None:
-    server = await QuotaServer(latency=latency, record=False, port=port).start()
-    print(f"PORT {server.port}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await server.stop()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Simulated storage-quota APIs")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0)
     args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(args.port, args.latency))
-    return 0
+    return serve_until_killed(QuotaServer(latency=args.latency, record=False, port=args.port))
 
 
 if __name__ == "__main__":
