@@ -228,7 +228,11 @@ async def test_retries_with_exponential_backoff_then_completes(make_engine: Make
     assert seconds(a1, a2) >= delay - TOLERANCE
     assert seconds(a2, a3) >= 2 * delay - TOLERANCE
 
-    assert events.names(added.run_id) == ["retrying", "retrying", "completed"]
+    # Listeners hear of an outcome once its write is acknowledged, a moment after the
+    # stored state can be read.
+    expected = ["retrying", "retrying", "completed"]
+    await wait_for(lambda: events.names(added.run_id) == expected, timeout=5,
+                   message="the listener's events")
     retrying = events.of("retrying")
     assert [r["attempt"] for r in retrying] == [1, 2]
     assert retrying[0]["error"]["message"] == "flaky 1"
@@ -255,7 +259,9 @@ async def test_exhausted_attempts_fail_the_run(make_engine: MakeEngine) -> None:
     assert run["attemptsMade"] == 2
     assert [a["outcome"] for a in run["attempts"]] == ["retrying", "failed"]
     assert calls == 2
-    assert events.names(added.run_id) == ["retrying", "failed"]
+    expected = ["retrying", "failed"]
+    await wait_for(lambda: events.names(added.run_id) == expected, timeout=5,
+                   message="the listener's events")
     assert events.of("failed")[0]["error"]["type"] == "ConnectionError"
 
 
@@ -278,7 +284,9 @@ async def test_permanent_error_fails_without_retry(make_engine: MakeEngine) -> N
     assert run["error"] == {"message": "grant revoked", "type": "PermanentError",
                             "permanent": True}
     assert [a["outcome"] for a in run["attempts"]] == ["failed"]
-    assert events.names(added.run_id) == ["failed"]
+    expected = ["failed"]
+    await wait_for(lambda: events.names(added.run_id) == expected, timeout=5,
+                   message="the listener's events")
 
 
 async def test_transient_retry_after_is_honoured(make_engine: MakeEngine) -> None:
