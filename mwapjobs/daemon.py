@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -19,6 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from . import gcpolicy
 from .alerts import AlertManager
 from .api.app import Resources, build_app
 from .api.auth import Authenticator, JwksCache
@@ -81,6 +81,7 @@ class Daemon:
         self.http: aiohttp.ClientSession | None = None
         self._ctx: JobContext | None = None
         self._runner: web.AppRunner | None = None
+        self._gc_installed = False
         self._engine_up = asyncio.Event()
 
     async def start(self) -> None:
@@ -114,7 +115,9 @@ class Daemon:
         interval = watchdog_interval()
         if interval:
             self.tasks.every("watchdog", interval, ping_watchdog, first=0.0)
-        gc.freeze()  # what lives as long as the process is never re-scanned by a full GC
+        gcpolicy.install()  # no full collection in a burst: see gcpolicy
+        self._gc_installed = True
+        self.tasks.every("gc", gcpolicy.TICK, gcpolicy.tick)
         notify("READY=1")
         log.info("listening", extra={"host": self.settings.http.host, "port": self.port})
 
@@ -162,6 +165,9 @@ class Daemon:
         await self.tasks.stop()
         await self.alerts.stop()
         await self.loop_lag.stop()
+        if self._gc_installed:
+            gcpolicy.uninstall()
+            self._gc_installed = False
         if self._runner is not None:
             await self._runner.cleanup()
         if self.http is not None:
