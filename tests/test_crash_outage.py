@@ -102,7 +102,12 @@ HEALTHZ_BUDGET = 0.1      # seconds, the probes during the outage (but one in 50
 HEALTHZ_CEILING = 0.5
 READYZ_NOTICE = 5.0       # seconds from the outage's start to a 503 from /readyz
 LOG_LINES_PER_SECOND = 20  # warning + error lines, averaged over the outage
-LOOP_LAG_BUDGET = 0.25    # seconds, the loop's worst lag around the outage
+# Seconds, the loop's worst lag around the outage (4-5 ms on a quiet machine). A loop
+# blocked by the dead server (a synchronous query waits out server selection, 1 s, or a
+# socket timeout) lags a second or more; CI's two busy cores can keep a runnable
+# process from the CPU for a few hundred milliseconds (325 ms seen once, after the
+# server was back, while /healthz stayed under 100 ms).
+LOOP_LAG_BUDGET = 0.5
 BEAT_EVERY = 30.0         # a repeat with one slot in the middle of the outage
 TICK_EVERY = 5.0          # a repeat that shows the clock runs after the outage
 
