@@ -200,7 +200,11 @@ class Scheduler:
         self._writer: JobStore | None = None  # every instance's: set, remove, list
         self._clock: _ClockThread | None = None  # the leader's
         self._store: JobStore | None = None  # the clock's own
-        self._wanted = False  # this instance leads: the clock should run
+        self._leads = False  # what leadership said last
+        # The clock should run (what `healthy` and `check_clock` hold it to): set once a
+        # start ended, so the moment a new leader spends starting its clock does not read
+        # as a dead clock (readiness went 200, 503, 200 right after start-up).
+        self._wanted = False
         # Starting, stopping and restarting the clock, one at a time: each waits on the
         # I/O thread, and a check during a slow start would otherwise start a second
         # clock (two threads firing every occurrence, one of them never stopped).
@@ -257,15 +261,21 @@ class Scheduler:
 
     async def start_clock(self) -> None:
         """This instance leads: run the clock (retried by `check_clock` if it fails)."""
-        self._wanted = True
+        self._leads = True
         async with self._clock_lock:
-            if self._clock is None and self._wanted:
-                self._clock, self._store = await self._in_thread(self._start_sync)
+            if not self._leads:  # stopped meanwhile
+                return
+            try:
+                if self._clock is None:
+                    self._clock, self._store = await self._in_thread(self._start_sync)
+            finally:  # a failed start is a clock that should run: `check_clock` retries
+                self._wanted = self._leads
 
     async def stop_clock(self) -> None:
         """This instance no longer leads: stop firing (the triggers stay)."""
-        self._wanted = False
+        self._leads = False
         async with self._clock_lock:
+            self._wanted = False
             clock, self._clock = self._clock, None
             if clock is not None:
                 if self._store is not None:

@@ -10,6 +10,7 @@ become exactly one run.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -322,3 +323,30 @@ async def test_a_slow_clock_start_is_not_doubled_by_the_check(
     assert len(started) == 1, f"{len(started)} clocks started"
     await engine.leadership.resign()  # the lease lost: the clock stops
     assert not any(c._thread.is_alive() for c in started), "a clock thread still runs"
+
+
+async def test_a_clock_being_started_is_not_read_as_a_dead_one(
+        engines: Callable[[], Engine], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leadership gained (at start-up, or back after a lapse): while the new leader
+    starts its clock, the engine stays ready, as it was as a follower (readiness went
+    200, 503, 200 right after start-up)."""
+    engine = engines()
+    await engine.start()
+    scheduler = engine.scheduler
+    await scheduler.stop_clock()  # a follower now
+    assert scheduler.healthy and engine.running
+    entered, release = threading.Event(), threading.Event()
+    start_sync = scheduler._start_sync
+
+    def slow_start() -> Any:
+        entered.set()
+        release.wait(10)
+        return start_sync()
+
+    monkeypatch.setattr(scheduler, "_start_sync", slow_start)
+    starting = asyncio.ensure_future(scheduler.start_clock())
+    await wait_for(entered.is_set, timeout=5, message="the clock's start under way")
+    assert scheduler.healthy and engine.running
+    release.set()
+    await starting
+    assert scheduler.clock_running and scheduler.healthy and engine.running
