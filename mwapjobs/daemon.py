@@ -81,16 +81,15 @@ class Daemon:
         self.http: aiohttp.ClientSession | None = None
         self._ctx: JobContext | None = None
         self._runner: web.AppRunner | None = None
-        self._gc_installed = False
+        self._release_gc: Callable[[], None] = lambda: None
         self._engine_up = asyncio.Event()
 
     async def start(self) -> None:
         """Serve HTTP now; bring the engine up in the background. Raises ConfigError for
         a `[queues.NAME]` section that names no registered queue (a typo must not pass)."""
         if self.mongo.embedded:
-            log.warning("running on the embedded in-memory store: nothing is durable, every "
-                        "job and schedule is lost when the process exits (set MONGODB_URI "
-                        "to persist)")
+            log.warning("running on the embedded in-memory store: nothing is durable, every job "
+                        "and schedule is lost when the process exits (set MONGODB_URI to persist)")
         app = self.app()
         unknown = sorted(set(self.settings.queues) - set(self.registry.names()))
         if unknown:
@@ -115,9 +114,7 @@ class Daemon:
         interval = watchdog_interval()
         if interval:
             self.tasks.every("watchdog", interval, ping_watchdog, first=0.0)
-        gcpolicy.install()  # no full collection in a burst: see gcpolicy
-        self._gc_installed = True
-        self.tasks.every("gc", gcpolicy.TICK, gcpolicy.tick)
+        self._release_gc = gcpolicy.install(self.tasks)  # no full collection in a burst
         notify("READY=1")
         log.info("listening", extra={"host": self.settings.http.host, "port": self.port})
 
@@ -165,9 +162,7 @@ class Daemon:
         await self.tasks.stop()
         await self.alerts.stop()
         await self.loop_lag.stop()
-        if self._gc_installed:
-            gcpolicy.uninstall()
-            self._gc_installed = False
+        self._release_gc()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.http is not None:

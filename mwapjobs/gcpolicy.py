@@ -24,8 +24,11 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,23 @@ def _young_collections() -> int:
     return int(gc.get_stats()[0]["collections"])
 
 
-def install() -> None:
-    """A daemon starts: freeze what is alive, leave full collections to `tick`."""
+def install(tasks: Supervisor) -> Callable[[], None]:
+    """A daemon starts: freeze what is alive, leave full collections to `tick`, run
+    every TICK s among `tasks`. Returns what the daemon calls once it stopped (once
+    is enough: later calls do nothing)."""
+    _take()
+    tasks.every("gc", TICK, tick)
+    released: list[bool] = []
+
+    def release() -> None:
+        if not released:
+            released.append(True)
+            _give_back()
+
+    return release
+
+
+def _take() -> None:
     if _state.users == 0:
         young, middle, _ = gc.get_threshold()
         _state.saved_threshold = gc.get_threshold()
@@ -79,8 +97,8 @@ def install() -> None:
     gc.freeze()
 
 
-def uninstall() -> None:
-    """A daemon stopped; the last one gives the interpreter its thresholds back."""
+def _give_back() -> None:
+    """The last daemon to stop gives the interpreter its thresholds back."""
     _state.users = max(0, _state.users - 1)
     if _state.users == 0:
         gc.set_threshold(*_state.saved_threshold)

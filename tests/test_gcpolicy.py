@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import AsyncIterator
 
 import pytest
 
 from mwapjobs import gcpolicy
 from mwapjobs.gcpolicy import CALM_INTERVAL, CALM_YOUNG_PER_SECOND, MAX_INTERVAL, THAW_EVERY
+from mwapjobs.supervisor import Supervisor
 
 BUSY = CALM_YOUNG_PER_SECOND * 10
 
@@ -31,19 +33,25 @@ def test_decide(since_full: float, young_per_second: float, fulls: int, step: st
 
 
 @pytest.fixture
-def policy() -> object:
+async def policy() -> AsyncIterator[Supervisor]:
     before = gc.get_threshold()
-    gcpolicy.install()
-    yield
-    gcpolicy.uninstall()
+    tasks = Supervisor()
+    release = gcpolicy.install(tasks)
+    yield tasks
+    await tasks.stop()
+    release()
+    release()  # once is enough: a second call gives nothing back twice
     assert gc.get_threshold() == before
     gc.unfreeze()
 
 
-def test_a_running_daemon_leaves_no_automatic_full_collection(policy: object) -> None:
+async def test_a_running_daemon_leaves_no_automatic_full_collection(
+        policy: Supervisor) -> None:
     assert gc.get_threshold()[2] == gcpolicy.NO_AUTOMATIC_FULL
-    gcpolicy.install()  # a second daemon in the same process
-    gcpolicy.uninstall()  # ... stopped: the first one still runs
+    other = Supervisor()
+    release = gcpolicy.install(other)  # a second daemon in the same process
+    await other.stop()
+    release()  # ... stopped: the first one still runs
     assert gc.get_threshold()[2] == gcpolicy.NO_AUTOMATIC_FULL
     fulls = gc.get_stats()[2]["collections"]
     garbage = [[i] for i in range(200_000)]  # far past the default thresholds
@@ -52,7 +60,7 @@ def test_a_running_daemon_leaves_no_automatic_full_collection(policy: object) ->
 
 
 async def test_a_tick_when_due_collects_cycles_and_freezes_the_survivors(
-        policy: object, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        policy: Supervisor, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="mwapjobs.gcpolicy")
     await gcpolicy.tick()  # just installed: nothing due
