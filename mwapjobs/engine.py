@@ -42,6 +42,7 @@ from .logs import secrets
 from .outcomes import Finished, OutcomeWriter
 from .policy import retry_time, stall_verdict
 from .queues import (
+    AndThen,
     Backoff,
     InvalidJobData,
     Job,
@@ -64,6 +65,7 @@ from .storage.runs import (
     RunId,
     RunStore,
     State,
+    new_run,
     parse_run_id,
 )
 from .supervisor import FailureLog, Supervisor
@@ -580,6 +582,8 @@ class Engine:
             queue.check_data(run.get("data"))
             async with asyncio.timeout(run.get("timeout") or queue.options.timeout):
                 result = await queue.handler(job)
+                if isinstance(result, AndThen):
+                    queue.check_data(result.data)  # the next run's, before it is written
         except asyncio.CancelledError:
             raise  # shutdown: `stop` hands the run back
         except InvalidJobData as exc:
@@ -602,16 +606,21 @@ class Engine:
                    "attempt": job.attempt, "maxAttempts": job.max_attempts, "data": job.data}
 
         def done(fields: dict[str, Any], event: str, payload: dict[str, Any],
-                 due: datetime | None = None) -> Finished:
-            outcome = Outcome(run["_id"], {**fields, "isolate": False}, attempt)
+                 due: datetime | None = None, follow: dict[str, Any] | None = None,
+                 ) -> Finished:
+            outcome = Outcome(run["_id"], {**fields, "isolate": False}, attempt, follow)
             return Finished(outcome, job.queue, event, {**summary, **payload}, due)
 
         if error is None:
             attempt["outcome"] = "completed"
+            follow = None
+            if isinstance(result, AndThen):
+                follow, result = self._next_run(job.queue, result, now), result.result
             summary_result = _result_summary(result)
             return done({"state": "completed", "finishedAt": now, "durationMs": duration_ms,
                          "result": summary_result, "error": None},
-                        "completed", {"result": summary_result, "durationMs": duration_ms})
+                        "completed", {"result": summary_result, "durationMs": duration_ms},
+                        follow=follow)
         if isinstance(error, Postpone):
             until = now + timedelta(seconds=error.delay)
             attempt.update(outcome="postponed", reason=secrets.scrub(str(error)[:300]))
@@ -636,10 +645,24 @@ class Engine:
         return done({"state": "delayed", "runAt": retry_at, "error": err}, "retrying",
                     {"error": err, "retryAt": retry_at, "durationMs": duration_ms}, retry_at)
 
+    def _next_run(self, queue: str, then: AndThen, now: datetime) -> dict[str, Any]:
+        """The run a handler asked for with its result (`AndThen`), as `add` makes it."""
+        options = self.registry.get(queue).options
+        return new_run(queue, then.data, job_id=then.job_id, due=as_utc(then.run_at), now=now,
+                       priority=options.priority, max_attempts=options.attempts,
+                       backoff=options.backoff_doc(), timeout=options.timeout,
+                       deadline=as_utc(then.deadline) if then.deadline else None)
+
     async def _written(self, batch: list[Finished], written: set[RunId]) -> None:
         """After a batch of outcomes was written: wake the timer, log, emit events."""
         for item in batch:
             run_id = item.outcome.run_id
+            follow = item.outcome.follow
+            if follow is not None:  # inserted with the batch (or a pending one moved)
+                if follow["state"] == "delayed":
+                    self._timer.note(as_utc(follow["runAt"]), item.queue)
+                else:
+                    self.wake(item.queue)
             self._leased.discard(run_id)
             self._lost.discard(run_id)
             payload = item.payload

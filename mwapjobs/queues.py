@@ -119,6 +119,21 @@ class Job:
     deadline: datetime | None
 
 
+@dataclass(frozen=True)
+class AndThen:
+    """What a handler may return to schedule its job's next run (same queue) with this
+    one's outcome: `result` is the run's result; the next run is written in the same
+    round trip as the completion, and only if it completes. If a pending run of
+    `job_id` exists by then (someone added one meanwhile), that run is moved to this
+    time and data instead, as `add(..., replace=True)` does."""
+
+    result: Any
+    data: dict[str, Any]
+    job_id: str
+    run_at: datetime
+    deadline: datetime | None = None
+
+
 Handler = Callable[[Job], Awaitable[Any]]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote, quote_plus
@@ -25,11 +25,12 @@ from mwapjobs.config import RefreshSettings
 from mwapjobs.crypto import MwapCipher
 from mwapjobs.jobs.refresh.handler import RefreshFailed, TokenRefresher
 from mwapjobs.jobs.refresh.runs import QUEUE, job_id
-from mwapjobs.queues import Job, Postpone, TransientError
+from mwapjobs.queues import AndThen, Job, Postpone, TransientError
 from mwapjobs.storage.integrations import IntegrationStore
 from mwapjobs.storage.providers import config_fingerprint
 from tests.support.mwap_data import (
     ABSENT,
+    as_utc,
     get_integration,
     insert_integration,
     integration_state,
@@ -62,7 +63,13 @@ def job_for(integration_id: str, attempt: int = 1) -> Job:
 
 
 async def refresh_once(world: World, iid: str, **settings: Any) -> Any:
-    """Run the refresh handler once, as the engine would, and return its result."""
+    """Run the refresh handler once, as the engine would, and return its result (without
+    the next run it asks for: see test_the_next_run_goes_with_the_result)."""
+    answer = await handle_once(world, iid, **settings)
+    return answer.result if isinstance(answer, AndThen) else answer
+
+
+async def handle_once(world: World, iid: str, **settings: Any) -> Any:
     async with aiohttp.ClientSession() as http:
         refresher = TokenRefresher(IntegrationStore(world.mongo), world.cipher, http,
                                    RefreshSettings(**settings), utcnow, policy=LOCAL)
@@ -101,6 +108,35 @@ async def test_client_secret_post_when_the_provider_asks_for_it(world: World) ->
                         "client_id": CID, "client_secret": SECRET}
     assert (req.auth_method, req.status) == ("client_secret_post", 200)
     assert "expiresAt" in result
+
+
+async def test_the_next_run_goes_with_the_result(world: World) -> None:
+    """Tokens written: the handler hands the engine the next refresh (written with the
+    completion, one round trip), for the new tokens, due `lead` (+ jitter) before the
+    new expiry, which is its deadline."""
+    provider = await world.provider()
+    iid, _ = await world.integration(provider)
+    settings = RefreshSettings(lead=300, jitter=30)
+
+    answer = await handle_once(world, iid, lead=300, jitter=30)
+
+    assert isinstance(answer, AndThen)
+    expires = as_utc((await world.doc(iid))["tokenExpiresAt"])
+    assert abs(datetime.fromisoformat(answer.result["expiresAt"]) - expires) < timedelta(
+        milliseconds=1)  # BSON dates keep milliseconds
+    assert answer.job_id == job_id(iid) and answer.data["integrationId"] == iid
+    assert answer.data["connection"] == answer.result["connection"]
+    assert answer.deadline is not None and abs(answer.deadline - expires) < timedelta(
+        milliseconds=1)
+    assert expires - timedelta(seconds=settings.lead + settings.jitter) <= answer.run_at \
+        <= expires - timedelta(seconds=settings.lead)
+
+
+async def test_no_next_run_when_nothing_was_written(world: World) -> None:
+    provider = await world.provider()
+    iid, _ = await world.integration(provider, status="revoked")
+    answer = await handle_once(world, iid)
+    assert not isinstance(answer, AndThen) and "skipped" in answer
 
 
 @pytest.mark.parametrize("secret", ["s3c%2Fr+e/t", "s3c%r+e/t%", "a b:c&d=é"])

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
-from pymongo.errors import DuplicateKeyError, OperationFailure
+from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateMany
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
 from .batch import by_id
 from .mongo import Mongo
@@ -133,10 +133,35 @@ class Outcome:
     run_id: ObjectId
     fields: dict[str, Any]
     attempt: dict[str, Any]
+    follow: dict[str, Any] | None = None  # a new run (`new_run`) to insert with it
+
 
     @property
     def finishing(self) -> bool:
         return self.fields.get("state") in FINISHED
+
+
+def new_run(queue: str, data: dict[str, Any], *, job_id: str | None, due: datetime,
+            now: datetime, priority: int, max_attempts: int, backoff: dict[str, Any],
+            timeout: float | None, deadline: datetime | None,
+            slot: str | None = None) -> dict[str, Any]:
+    """A run document as `add` writes it: delayed or waiting by `due`."""
+    doc: dict[str, Any] = {
+        "_id": ObjectId(), "queue": queue, "jobId": job_id, "data": data,
+        "state": "delayed" if due > now else "waiting", "priority": priority,
+        "runAt": due, "attemptsMade": 0, "maxAttempts": max_attempts, "backoff": backoff,
+        "timeout": timeout, "deadline": deadline, "createdAt": now, "attempts": [],
+    }
+    if job_id is not None:
+        doc["key"] = dedupe_key(queue, job_id)
+    if slot is not None:
+        doc["slot"] = slot
+    return doc
+
+
+def _movable(doc: dict[str, Any]) -> dict[str, Any]:
+    """What a new run hands a pending run of its job id that it replaces."""
+    return {name: doc[name] for name in ("runAt", "data", "state", "priority", "deadline")}
 
 
 def _create_index(
@@ -247,23 +272,13 @@ class RunStore:
         id; with `replace`, a found run not yet started takes the new time and data.
 
         Returns (run, created)."""
-        state: State = "delayed" if due > now else "waiting"
-        doc: dict[str, Any] = {
-            "_id": ObjectId(), "queue": queue, "jobId": job_id, "data": data,
-            "state": state, "priority": priority, "runAt": due, "attemptsMade": 0,
-            "maxAttempts": max_attempts, "backoff": backoff, "timeout": timeout,
-            "deadline": deadline, "createdAt": now, "attempts": [],
-        }
-        if job_id is not None:
-            doc["key"] = dedupe_key(queue, job_id)
-        if slot is not None:
-            doc["slot"] = slot
+        doc = new_run(queue, data, job_id=job_id, due=due, now=now, priority=priority,
+                      max_attempts=max_attempts, backoff=backoff, timeout=timeout,
+                      deadline=deadline, slot=slot)
         run, created = await self.insert(doc)
         if not created and replace and job_id is not None and (
                 run["runAt"] != due or run["data"] != data):
-            updated = await self.replace_pending(queue, job_id, {
-                "runAt": due, "data": data, "state": state, "priority": priority,
-                "deadline": deadline})
+            updated = await self.replace_pending(queue, job_id, _movable(doc))
             if updated is not None:
                 run = updated
         return run, created
@@ -437,7 +452,9 @@ class RunStore:
         their job id), each handing every run its own fields (`batch.by_id`) and
         only where the run is still ours. A run written already by an earlier try
         with the same `token` counts as written; a third query reads those back
-        only when the updates matched fewer runs than given.
+        only when the updates matched fewer runs than given. The next runs that
+        finishing outcomes carry (`Outcome.follow`) are inserted in the same round
+        trip, after the update that frees their job ids.
         """
         written: set[ObjectId] = set()
         for finishing in (True, False):
@@ -459,15 +476,42 @@ class RunStore:
                 {"$project": drop},
             ]
             ids = [o.run_id for o in group]
-            result = await self._mongo.call(_update_many(
-                {"_id": {"$in": ids}, "state": "active", "leaseOwner": owner}, pipeline))
-            if result.modified_count == len(ids):
+            query = {"_id": {"$in": ids}, "state": "active", "leaseOwner": owner}
+            follows = [o.follow for o in group if o.follow is not None]
+            if follows:
+                modified = await self._update_then_insert(query, pipeline, follows)
+            else:
+                modified = int((await self._mongo.call(_update_many(query, pipeline)))
+                               .modified_count)
+            if modified == len(ids):
                 written.update(ids)
                 continue
             docs = await self._mongo.call(
                 _find_ids({"_id": {"$in": ids}, "writeToken": token}))
             written.update(d["_id"] for d in docs)
         return written
+
+    async def _update_then_insert(self, query: dict[str, Any], update: Any,
+                                  docs: list[dict[str, Any]]) -> int:
+        """`update_many(query, update)`, then insert `docs`, in one ordered round trip;
+        returns how many documents the update changed. A new run whose job id is pending
+        already (added by someone meanwhile, or inserted by an earlier try of this very
+        write) moves that run to its time and data instead, as `add(replace=True)`."""
+        ops: list[Any] = [UpdateMany(query, update), *(InsertOne(d) for d in docs)]
+        try:
+            result = await self._mongo.call(lambda db: db[RUNS].bulk_write(ops))
+            return int(result.modified_count)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors") or []
+            first = min((int(e["index"]) for e in errors), default=0)
+            if first == 0 or any(e.get("code") != 11000 for e in errors):
+                raise
+            modified = int(exc.details.get("nModified") or 0)
+        for doc in docs[first - 1:]:  # the refused one, and those after it (not tried)
+            _, created = await self.insert(doc)
+            if not created and doc.get("jobId") is not None:
+                await self.replace_pending(doc["queue"], doc["jobId"], _movable(doc))
+        return modified
 
     async def release(self, ids: list[ObjectId], owner: str) -> int:
         """Give our unfinished active runs back (shutdown): waiting again, attempt refunded."""

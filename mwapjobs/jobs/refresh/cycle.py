@@ -12,13 +12,15 @@ This is the one place of token refresh's policy; `register` wires it to the engi
                                                                    try again later, or
                                                                    expired + notification
 
-After a successful write-back the next refresh is scheduled here, at once, for the
-tokens just written (`data.connection`), so the cycle never waits for discovery's next
-pass; discovery stays as the safety net for what the backend writes and deletes (and
-for a follow-up lost to a crash between the two writes).
+After a successful write-back the handler returns the next refresh with its result
+(`next_refresh`, the engine's `AndThen`), for the tokens just written
+(`data.connection`): the engine writes it in the same round trip as the completion, so
+the cycle never waits for discovery's next pass; discovery stays as the safety net for
+what the backend writes and deletes (and for a run lost to a crash between the token
+write and the completion).
 
-The follow-ups are taken off the engine's event path (a burst of completions must not
-wait for their inserts) into a small in-process queue drained by one task.
+The follow-ups of failures are taken off the engine's event path into a small
+in-process queue drained by one task.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, Literal
 
 from ...config import RefreshSettings
 from ...engine import Engine, as_utc
+from ...queues import AndThen
 from ...storage.integrations import IntegrationStore
 from .runs import QUEUE, fingerprint, job_id
 
@@ -94,6 +97,19 @@ def next_run(run: dict[str, Any]) -> tuple[dict[str, Any], datetime] | None:
     return follow, expires_at
 
 
+def next_refresh(data: dict[str, Any], result: dict[str, Any], settings: RefreshSettings,
+                 now: datetime) -> AndThen | dict[str, Any]:
+    """What the handler returns after a refresh with `result`: with the next run, due
+    before the new expiry, when it wrote tokens; else `result` alone. Pure."""
+    follow = next_run({"data": data, "result": result})
+    if follow is None:
+        return result
+    next_data, expires_at = follow
+    integration_id = str(next_data.get("integrationId"))
+    due = due_time(integration_id, expires_at, settings)
+    return AndThen(result, next_data, job_id(integration_id), max(due, now), expires_at)
+
+
 async def give_up(store: IntegrationStore, integration: dict[str, Any], reason: str,
                   now: datetime) -> None:
     """The tenant's grant is dead: remember which refresh token was refused (discovery then
@@ -123,7 +139,7 @@ class RefreshCycle:
 
     def on_event(self, event: str, run: dict[str, Any]) -> None:
         """An engine event (synchronous: queued, handled by `run`)."""
-        if run.get("queue") != QUEUE or event not in ("completed", "failed"):
+        if run.get("queue") != QUEUE or event != "failed":
             return
         try:
             self._pending.put_nowait((event, run))
@@ -136,26 +152,11 @@ class RefreshCycle:
         while True:
             event, run = await self._pending.get()
             try:
-                if event == "completed":
-                    await self.schedule_next(run)
-                else:
-                    await self.follow_failure(run.get("data") or {}, run.get("error") or {})
+                await self.follow_failure(run.get("data") or {}, run.get("error") or {})
             except Exception as exc:  # discovery's next pass repairs the schedule
                 log.warning("refresh follow-up failed; discovery will catch up",
                             extra={"runId": run.get("runId"), "event": event,
                                    "error": f"{type(exc).__name__}: {exc}"[:300]})
-
-    async def schedule_next(self, run: dict[str, Any]) -> None:
-        """A refresh wrote new tokens: the integration's next refresh, for those tokens."""
-        follow = next_run(run)
-        if follow is None:
-            return
-        data, expires_at = follow
-        integration_id = str(data.get("integrationId"))
-        due = due_time(integration_id, expires_at, self.settings)
-        await self.engine.add(QUEUE, data, job_id=job_id(integration_id),
-                              run_at=max(due, self.clock()), deadline=expires_at,
-                              replace=True)
 
     async def follow_failure(self, data: dict[str, Any], error: dict[str, Any]) -> None:
         """A run failed for good: try again later, or mark the integration expired."""

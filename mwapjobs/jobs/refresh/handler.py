@@ -55,13 +55,13 @@ from ...crypto import DecryptionError, MwapCipher
 from ...engine import Engine, as_utc
 from ...logs import secrets
 from ...outbound import UrlPolicy
-from ...queues import Job, PermanentError, Postpone, QueueRegistry, TransientError
+from ...queues import AndThen, Job, PermanentError, Postpone, QueueRegistry, TransientError
 from ...ratelimit import KeyedLimiter
 from ...storage.integrations import IntegrationStore
 from ...storage.providers import Problem, ProviderHolds, config_fingerprint
 from ...supervisor import Supervisor
 from ..providers import provider_kind
-from .cycle import give_up
+from .cycle import give_up, next_refresh
 from .runs import QUEUE, connection_fingerprint
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class TokenRefresher:
         registry.register(QUEUE, self, attempts=3, backoff={"delay": 5.0},
                           timeout=self.settings.request_timeout * 2, concurrency=50)
 
-    async def __call__(self, job: Job) -> dict[str, Any]:
+    async def __call__(self, job: Job) -> AndThen | dict[str, Any]:
         integration_id = str(job.data["integrationId"])
         integration = await self.store.get(integration_id)
         if integration is None:
@@ -156,8 +156,10 @@ class TokenRefresher:
         if refused is not None:
             await give_up(self.store, integration, str(refused), self.clock())
             raise refused
-        return await self._save(integration, refresh_token, tokens,
-                                refused_before=bool(job.data.get("refusedBefore")))
+        result = await self._save(integration, refresh_token, tokens,
+                                  refused_before=bool(job.data.get("refusedBefore")))
+        # The next refresh, for the tokens just written, goes with the completion.
+        return next_refresh(job.data, result, self.settings, self.clock())
 
     def _stored_token(self, stored: str) -> str:
         """The plaintext of a stored token. Plain text (written by the backend's PATCH) is
@@ -362,8 +364,8 @@ class TokenRefresher:
             return {"skipped": "the integration changed during the refresh; newer tokens kept"}
         if refused_before:  # the tenant reconnected: the old refusal is history
             await self.store.clear_refresh_failure(str(integration["_id"]))
-        # `connection` names the tokens just written, as discovery sees them: the cycle
-        # schedules the next refresh for them (cycle.py).
+        # `connection` names the tokens just written, as discovery sees them: the next
+        # refresh is for them (cycle.next_refresh).
         return {"expiresAt": fields["tokenExpiresAt"].isoformat(),
                 "rotated": new_refresh is not None and new_refresh != refresh_token,
                 "connection": connection_fingerprint({**integration, **fields})}
