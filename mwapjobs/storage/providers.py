@@ -103,11 +103,15 @@ class ProviderHolds:
 
     # -- reads --------------------------------------------------------------------------
 
-    async def get(self, provider_id: str, *, fresh: bool = False) -> dict[str, Any] | None:
-        """The provider's hold, or None; reused for `cache_seconds` unless `fresh`."""
+    async def get(self, provider_id: str, *, fresh: bool = False,
+                  max_age: float | None = None) -> dict[str, Any] | None:
+        """The provider's hold, or None; a read is reused for `max_age` s (default
+        `cache_seconds`) unless `fresh`. Putting a provider on hold, lifting it or
+        claiming its probe forgets the read, so the next `get` asks again."""
         now = self._monotonic()
         cached = self._cache.get(provider_id)
-        if not fresh and cached is not None and now - cached[0] < self.cache_seconds:
+        age = self.cache_seconds if max_age is None else max_age
+        if not fresh and cached is not None and now - cached[0] < age:
             return cached[1]
         doc: dict[str, Any] | None = await self._mongo.call(
             lambda db: db[PROVIDER_STATE].find_one({"_id": provider_id}, {"hold": 1})

@@ -40,6 +40,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import random
 import re
 from collections.abc import Callable, Iterable
@@ -142,7 +143,10 @@ class TokenRefresher:
         refused: RefreshFailed | None = None
         # Admission and a new hold happen inside the provider's slot: the requests queued
         # behind this one see the hold before they are sent, so a burst for a broken
-        # provider costs one refused request, not one per tenant.
+        # provider costs one refused request, not one per tenant. The hold is read before
+        # the slot, so that no query waits between the slot's paced start and the request
+        # (a slow store then bunched requests past the provider's rate).
+        await self.holds.get(str(provider["_id"]))
         async with self.limiter.slot(str(provider["_id"])):
             probing = await self._admit(provider)
             try:
@@ -180,7 +184,9 @@ class TokenRefresher:
         """May this run ask the provider? False: yes, as usual. True: yes, as the
         re-probe of a held provider. Raises Postpone while the provider is on hold."""
         provider_id = str(provider["_id"])
-        if await self.holds.get(provider_id) is None:
+        # Read just before the slot; a hold set or lifted since then was forgotten, and
+        # is asked for again here.
+        if await self.holds.get(provider_id, max_age=math.inf) is None:
             return False
         hold = await self.holds.get(provider_id, fresh=True)  # held: never act on a stale read
         if hold is None:
