@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -26,6 +27,7 @@ from mwapjobs.crypto import MwapCipher
 from mwapjobs.jobs.refresh.handler import RefreshFailed, TokenRefresher
 from mwapjobs.jobs.refresh.runs import QUEUE, job_id
 from mwapjobs.queues import AndThen, Job, Postpone, TransientError
+from mwapjobs.ratelimit import KeyedLimiter
 from mwapjobs.storage.integrations import IntegrationStore
 from mwapjobs.storage.providers import config_fingerprint
 from tests.support.mwap_data import (
@@ -130,6 +132,31 @@ async def test_the_next_run_goes_with_the_result(world: World) -> None:
         milliseconds=1)
     assert expires - timedelta(seconds=settings.lead + settings.jitter) <= answer.run_at \
         <= expires - timedelta(seconds=settings.lead)
+
+
+async def test_no_query_waits_between_the_paced_start_and_the_request(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limiter spaces the starts of a provider's requests; a query between a start
+    and its request (waiting on a busy store) would bunch requests at the provider."""
+    provider = await world.provider()
+    iid, _ = await world.integration(provider)
+    trips: dict[str, int] = {}
+    real_slot, real_request = KeyedLimiter.slot, TokenRefresher._request
+
+    @contextlib.asynccontextmanager
+    async def slot(self: KeyedLimiter, key: str) -> AsyncIterator[None]:
+        async with real_slot(self, key):
+            trips["start"] = world.mongo.round_trips
+            yield
+
+    async def request(self: TokenRefresher, *args: Any) -> Any:
+        trips["request"] = world.mongo.round_trips
+        return await real_request(self, *args)
+
+    monkeypatch.setattr(KeyedLimiter, "slot", slot)
+    monkeypatch.setattr(TokenRefresher, "_request", request)
+    await refresh_once(world, iid)
+    assert trips["request"] == trips["start"], trips
 
 
 async def test_no_next_run_when_nothing_was_written(world: World) -> None:
