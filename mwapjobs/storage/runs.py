@@ -135,7 +135,6 @@ class Outcome:
     attempt: dict[str, Any]
     follow: dict[str, Any] | None = None  # a new run (`new_run`) to insert with it
 
-
     @property
     def finishing(self) -> bool:
         return self.fields.get("state") in FINISHED
