@@ -135,7 +135,11 @@ def test_idle_connections_cannot_take_the_server_down(limited: DaemonProcess) ->
             assert p.get("/healthz", timeout=2)[0] == 200
             worst = max(worst, time.monotonic() - t0)
             time.sleep(0.05)
-        assert worst < 0.5, worst
+        # Never failing and never near the 2 s timeout: a SYN dropped while the accept
+        # queue is momentarily full comes back after TCP's 1 s initial retransmission
+        # timeout (seen once on CI's busy cores: 0.99 s); a server that stops accepting
+        # fails the probes outright.
+        assert worst < 1.5, worst
         # A client that trickles its headers is cut off after idle_timeout.
         slow.settimeout(0.5)
         t0 = time.monotonic()
