@@ -372,10 +372,8 @@ class Engine:
             max_attempts=options.attempts, backoff=options.backoff_doc(),
             timeout=options.timeout, deadline=as_utc(deadline) if deadline else None,
             slot=slot, replace=replace)
-        if run["state"] == "delayed" and (created or replace):
-            self._timer.note(as_utc(run["runAt"]), queue)
-        elif run["state"] == "waiting":
-            self.wake(queue)
+        if created or replace or run["state"] == "waiting":
+            self._announce(queue, run)
         return Added(str(run["_id"]), run["state"], created, self)
 
     async def move(self, queue: str, seen: dict[str, Any], data: dict[str, Any], *,
@@ -392,11 +390,15 @@ class Engine:
             "deadline": as_utc(deadline) if deadline else None})
         if run is None:
             return False
-        if state == "delayed":
-            self._timer.note(due, queue)
-        else:
-            self.wake(queue)
+        self._announce(queue, run)
         return True
+
+    def _announce(self, queue: str, run: dict[str, Any]) -> None:
+        """A run was written delayed or waiting: arm the due timer, or wake a worker."""
+        if run["state"] == "delayed":
+            self._timer.note(as_utc(run["runAt"]), queue)
+        elif run["state"] == "waiting":
+            self.wake(queue)
 
     async def promote_matching(self, queue: str, data: dict[str, Any], *,
                                postponed_only: bool = False) -> int:
@@ -657,12 +659,8 @@ class Engine:
         """After a batch of outcomes was written: wake the timer, log, emit events."""
         for item in batch:
             run_id = item.outcome.run_id
-            follow = item.outcome.follow
-            if follow is not None:  # inserted with the batch (or a pending one moved)
-                if follow["state"] == "delayed":
-                    self._timer.note(as_utc(follow["runAt"]), item.queue)
-                else:
-                    self.wake(item.queue)
+            if item.outcome.follow is not None:  # inserted with the batch (or moved)
+                self._announce(item.queue, item.outcome.follow)
             self._leased.discard(run_id)
             self._lost.discard(run_id)
             payload = item.payload

@@ -134,7 +134,7 @@ class RefreshCycle:
         self.store = store
         self.settings = settings
         self.clock = clock
-        self._pending: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(
+        self._pending: asyncio.Queue[dict[str, Any]] = asyncio.Queue(
             MAX_FOLLOW_UPS)
 
     def on_event(self, event: str, run: dict[str, Any]) -> None:
@@ -142,7 +142,7 @@ class RefreshCycle:
         if run.get("queue") != QUEUE or event != "failed":
             return
         try:
-            self._pending.put_nowait((event, run))
+            self._pending.put_nowait(run)
         except asyncio.QueueFull:
             log.warning("refresh follow-ups are backing up; discovery schedules the rest",
                         extra={"runId": run.get("runId")})
@@ -150,12 +150,12 @@ class RefreshCycle:
     async def run(self) -> None:
         """Carry out follow-ups one by one, for as long as the engine runs."""
         while True:
-            event, run = await self._pending.get()
+            run = await self._pending.get()
             try:
                 await self.follow_failure(run.get("data") or {}, run.get("error") or {})
             except Exception as exc:  # discovery's next pass repairs the schedule
                 log.warning("refresh follow-up failed; discovery will catch up",
-                            extra={"runId": run.get("runId"), "event": event,
+                            extra={"runId": run.get("runId"), "event": "failed",
                                    "error": f"{type(exc).__name__}: {exc}"[:300]})
 
     async def follow_failure(self, data: dict[str, Any], error: dict[str, Any]) -> None:
