@@ -193,6 +193,10 @@ class Engine:
         # the same transitions by the minute they happened in (the throughput counters).
         self._count_deltas: Counter[tuple[str, State]] = Counter()
         self._minute_deltas: Counter[tuple[datetime, str, State]] = Counter()
+        # A flush and a read of the counters, one at a time: a flush's deltas are on the
+        # wire (in neither place) until it is acknowledged, and a read in between would
+        # miss them (a count of 0 where 5,000 had finished).
+        self._counters = asyncio.Lock()
         self._throughput_pruned: datetime | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -492,16 +496,19 @@ class Engine:
             return
         if not self.leadership.leading:  # lost the lease: the new leader fires it
             raise RuntimeError("this instance no longer leads; the fire is not written")
-        slot = f"{queue}:{job_id}@{as_utc(fire_time).isoformat()}"
+        fired = as_utc(fire_time).isoformat()
+        slot = f"{queue}:{job_id}@{fired}"
         try:
             added = await self.add(queue, data, job_id=job_id, slot=slot)
         except InvalidJobData as exc:
             log.error("repeat fire refused: its data no longer fits the job type",
-                      extra={"queue": queue, "jobId": job_id, "error": str(exc)})
+                      extra={"queue": queue, "jobId": job_id, "fireTime": fired,
+                             "error": str(exc)})
             return
         if not added.created:
             log.info("repeat fire skipped: the previous run is still pending",
-                     extra={"queue": queue, "jobId": job_id, "runId": added.run_id})
+                     extra={"queue": queue, "jobId": job_id, "fireTime": fired,
+                            "runId": added.run_id})
 
     # -- working ---------------------------------------------------------------
 
@@ -848,18 +855,19 @@ class Engine:
         """Write the counters gathered since the last flush: one update per queue that
         changed, plus one per minute touched for the throughput (usually one), on the
         counter task's own beat rather than on each completion's write."""
-        deltas, self._count_deltas = self._count_deltas, Counter()
-        try:
-            await self.runs.bump(dict(deltas))
-        except BaseException:
-            self._count_deltas.update(deltas)  # kept for the next flush
-            raise
-        minutes, self._minute_deltas = self._minute_deltas, Counter()
-        try:
-            await self.runs.bump_minutes(dict(minutes))
-        except BaseException:
-            self._minute_deltas.update(minutes)
-            raise
+        async with self._counters:
+            deltas, self._count_deltas = self._count_deltas, Counter()
+            try:
+                await self.runs.bump(dict(deltas))
+            except BaseException:
+                self._count_deltas.update(deltas)  # kept for the next flush
+                raise
+            minutes, self._minute_deltas = self._minute_deltas, Counter()
+            try:
+                await self.runs.bump_minutes(dict(minutes))
+            except BaseException:
+                self._minute_deltas.update(minutes)
+                raise
         now = as_utc(self.clock())
         if self._throughput_pruned is None or now - self._throughput_pruned > timedelta(hours=1):
             self._throughput_pruned = now  # TTL does it on a server; this bounds the rest
@@ -868,24 +876,32 @@ class Engine:
     async def throughput(self, since: datetime) -> dict[datetime, dict[str, dict[str, int]]]:
         """minute → queue → {completed, failed} from `since`, as written by every instance,
         with what this one has not flushed yet."""
-        found = await self.runs.throughput(since)
-        for (minute, queue, state), n in self._minute_deltas.items():
+        async with self._counters:
+            found = await self.runs.throughput(since)
+            unflushed = list(self._minute_deltas.items())
+        for (minute, queue, state), n in unflushed:
             if minute >= since:
                 counts = found.setdefault(minute, {}).setdefault(
                     queue, dict.fromkeys(FINISHED, 0))
                 counts[state] = counts.get(state, 0) + n
         return found
 
+    async def _finished(self) -> tuple[dict[str, dict[str, int]], Counter[tuple[str, State]]]:
+        """The finished counters as written, and what this instance has not flushed yet:
+        read together, so that a flush on its way is counted once, not zero times."""
+        async with self._counters:
+            return await self.runs.finished_counts(), Counter(self._count_deltas)
+
     async def counts(self, queue: str) -> dict[State, int]:
         """Runs of `queue` by state. Pending states are counted (their number is the
         work at hand, not history); finished ones come from the counters, so this costs
         the same with a thousand finished runs or a million."""
         pending = await asyncio.gather(*(self.runs.count(queue, s) for s in PENDING))
-        finished = (await self.runs.finished_counts()).get(queue, {})
+        written, unflushed = await self._finished()
+        finished = written.get(queue, {})
         out: dict[State, int] = dict(zip(PENDING, pending, strict=True))
         for state in FINISHED:
-            out[state] = max(0, finished.get(state, 0)
-                             + self._count_deltas.get((queue, state), 0))
+            out[state] = max(0, finished.get(state, 0) + unflushed[(queue, state)])
         return out
 
     async def count(self, queue: str, state: State) -> int:
@@ -893,22 +909,22 @@ class Engine:
         counters for a finished one (a page of history then counts no pending runs)."""
         if state not in FINISHED:
             return await self.runs.count(queue, state)
-        finished = (await self.runs.finished_counts()).get(queue, {})
-        return max(0, finished.get(state, 0) + self._count_deltas.get((queue, state), 0))
+        written, unflushed = await self._finished()
+        return max(0, written.get(queue, {}).get(state, 0) + unflushed[(queue, state)])
 
     async def all_counts(self) -> dict[str, dict[State, int]]:
         """`counts` of every queue, with one read of the counters."""
         names = self.registry.names()
         pending = await asyncio.gather(*(self.runs.count(q, s) for q in names
                                          for s in PENDING))
-        finished = await self.runs.finished_counts()
+        finished, unflushed = await self._finished()
         out: dict[str, dict[State, int]] = {}
         for i, queue in enumerate(names):
             counts: dict[State, int] = dict(zip(
                 PENDING, pending[i * len(PENDING):(i + 1) * len(PENDING)], strict=True))
             for state in FINISHED:
                 counts[state] = max(0, finished.get(queue, {}).get(state, 0)
-                                    + self._count_deltas.get((queue, state), 0))
+                                    + unflushed[(queue, state)])
             out[queue] = counts
         return out
 

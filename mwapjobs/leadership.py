@@ -121,25 +121,31 @@ class Leadership:
         self._failures.succeeded()
 
     async def resign(self) -> None:
-        """Stop leading for good and free the lease at once (a graceful stop)."""
+        """Stop leading for good and free the lease at once (a graceful stop).
+
+        The lease is freed before the leader's work has ended, so the next instance
+        takes over within its `poll_every` however long our clock thread or a leader
+        loop takes to stop (a pass of the clock can wait on MongoDB for seconds). That is
+        safe: we stop acting as the leader first (`leading` is False, so a fire in flight
+        is refused), and what may still be on the wire is idempotent (a repeat's run has
+        a unique slot, leader loops write conditionally), as after a pause."""
         self._closed = True
         fence = self.fence
         if fence is None:
             return
-        await self._lost("stopping")
+        self._step_down("stopping")
         try:
             await self.store.release(LEASE, self.owner, fence)
         except Exception as exc:  # it runs out by itself within `ttl`
             log.warning("could not release the leader lease", extra={
                 "error": f"{type(exc).__name__}: {exc}"[:300]})
+        await self._end_leader_work()
 
     async def abandon(self) -> None:
         """Stop leading without a word to the database, as a killed process would (tests
         of failover): the lease stays taken until it runs out."""
         self.fence = None
-        await self.tasks.stop()
-        for lose in self._on_lose:
-            await lose()
+        await self._end_leader_work()
 
     async def _gained(self) -> None:
         self.changes += 1
@@ -150,11 +156,18 @@ class Leadership:
             await gain()
 
     async def _lost(self, why: str) -> None:
+        self._step_down(why)
+        await self._end_leader_work()
+
+    def _step_down(self, why: str) -> None:
+        """Stop acting as the leader now (no await: nothing leads in between)."""
         self.changes += 1
         log.log(logging.INFO if why == "stopping" else logging.WARNING,
                 "this instance no longer leads",
                 extra={"owner": self.owner, "fence": self.fence, "why": why})
         self.fence = None
+
+    async def _end_leader_work(self) -> None:
         await self.tasks.stop()
         for lose in self._on_lose:
             await lose()

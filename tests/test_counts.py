@@ -3,6 +3,7 @@ change, and at a cost that does not depend on how much history there is."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -45,6 +46,10 @@ async def actual(mongo: Mongo) -> dict[str, int]:
         counts[state] = int(await mongo.call(
             lambda db, s=state: db[RUNS].count_documents({"queue": "q", "state": s})))
     return counts
+
+
+async def actual_completed(mongo: Mongo, n: int) -> bool:
+    return (await actual(mongo))["completed"] == n
 
 
 async def settled(engine: Engine, mongo: Mongo) -> None:
@@ -144,3 +149,38 @@ async def test_stats_cost_the_same_with_any_history(engine: Engine, mongo: Mongo
     engine.count_finished("q", "completed", len(history))  # as the engine counts its own
     assert await trips_of_stats() == small  # no query more, none of them per run
     assert (await ops.stats())["q"]["completed"] == 5000
+
+
+async def test_a_flush_on_its_way_is_counted_once_by_a_read_meanwhile(
+        engine: Engine, mongo: Mongo) -> None:
+    """A flush takes its deltas out of memory and writes them: until the write is
+    acknowledged they are in neither place. A count read meanwhile must still see them
+    (it saw 0 of 5,000 on the wire lane), and once, not twice."""
+    for _ in range(5):
+        await engine.add("q", {})
+    await settled(engine, mongo)
+    assert (await engine.counts("q"))["completed"] == 5
+    written = engine.runs.bump
+    on_the_wire = asyncio.Event()
+    acknowledge = asyncio.Event()
+
+    async def slow_bump(deltas: Any) -> None:
+        if deltas:  # the counter task flushes nothing too, on its beat
+            on_the_wire.set()
+            await acknowledge.wait()
+        await written(deltas)
+
+    engine.runs.bump = slow_bump  # type: ignore[method-assign]
+    for _ in range(3):
+        await engine.add("q", {})
+    await wait_for(lambda: actual_completed(mongo, 8), message="eight completed runs")
+    flush = asyncio.create_task(engine._flush_counts())
+    await asyncio.wait_for(on_the_wire.wait(), 5)
+    reads = [asyncio.create_task(engine.counts("q")),
+             asyncio.create_task(engine.count("q", "completed")),
+             asyncio.create_task(engine.all_counts())]
+    await asyncio.sleep(0)  # the reads are under way, waiting on the flush
+    acknowledge.set()
+    await flush
+    counts, completed, every = await asyncio.gather(*reads)
+    assert counts["completed"] == completed == every["q"]["completed"] == 8

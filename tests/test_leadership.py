@@ -77,6 +77,35 @@ async def test_a_graceful_stop_hands_the_lease_over_at_once(mongo: Mongo) -> Non
     assert b.leading and b.fence == 2  # a new holder, a new fence
 
 
+async def test_a_graceful_stop_frees_the_lease_before_the_leaders_work_has_ended(
+        mongo: Mongo) -> None:
+    """Stopping the clock can wait on MongoDB for seconds (its pass is on the wire): the
+    next instance must not wait for it. The stopping one no longer leads meanwhile."""
+    a, b = leader(mongo, "a"), leader(mongo, "b")
+    clock_stopped = asyncio.Event()
+
+    async def slow_stop() -> None:
+        await clock_stopped.wait()
+
+    async def nothing() -> None:
+        pass
+
+    a.on_change(nothing, slow_stop)
+    await a.step()
+    resigning = asyncio.create_task(a.resign())
+    await wait_for(lambda: not a.leading)
+
+    async def b_took_it() -> bool:
+        await b.step()
+        return b.leading
+
+    await wait_for(b_took_it, 5, message="b to take the freed lease")
+    assert not resigning.done() and not a.leading  # a's clock is still stopping
+    clock_stopped.set()
+    await resigning
+    assert b.leading and not a.leading
+
+
 async def test_a_stopping_instance_never_takes_the_lease_again_while_it_drains(
         mongo: Mongo) -> None:
     """The renewal loop keeps ticking during a drain: after `resign` its steps must not
