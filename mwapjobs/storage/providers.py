@@ -29,10 +29,11 @@ never lift or re-arm each other's hold by mistake.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -91,6 +92,10 @@ class ProviderHolds:
         self.cache_seconds = cache_seconds
         self._monotonic = monotonic
         self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        # Bumped before and after every write of ours: a read that overlapped a write
+        # may hold what was there before it, and is then not kept (it once was, and the
+        # next run sent a request the hold just written should have stopped).
+        self._writes = 0
 
     async def ensure_indexes(self) -> None:
         """Integrations by provider and expiry, for the alert's "tokens at risk" counts."""
@@ -113,13 +118,26 @@ class ProviderHolds:
         age = self.cache_seconds if max_age is None else max_age
         if not fresh and cached is not None and now - cached[0] < age:
             return cached[1]
+        writes = self._writes
         doc: dict[str, Any] | None = await self._mongo.call(
             lambda db: db[PROVIDER_STATE].find_one({"_id": provider_id}, {"hold": 1})
         )
         hold = doc.get("hold") if doc else None
         hold = hold if isinstance(hold, dict) else None
-        self._cache[provider_id] = (now, hold)
+        if self._writes == writes:
+            self._cache[provider_id] = (now, hold)
         return hold
+
+    @contextlib.contextmanager
+    def _writing(self, provider_id: str) -> Iterator[None]:
+        """Around a write: forget the cached read, and any read overlapping the write."""
+        self._writes += 1
+        self._cache.pop(provider_id, None)
+        try:
+            yield
+        finally:
+            self._writes += 1
+            self._cache.pop(provider_id, None)
 
     async def all(self) -> list[dict[str, Any]]:
         """Every provider on hold: `{_id, name, slug, hold}`."""
@@ -197,40 +215,41 @@ class ProviderHolds:
                 "httpStatus": problem.http_status, "config": config,
                 "nextProbeAt": now + timedelta(seconds=recheck), "lastProbeAt": None,
                 "probes": 0, "lastSeenAt": now}
-        self._cache.pop(provider_id, None)
-        try:
-            await self._mongo.call(
-                lambda db: db[PROVIDER_STATE].update_one(
-                    {"_id": provider_id, "hold.config": {"$ne": config}},
-                    {"$set": {"hold": hold, "name": provider.get("name"),
-                              "slug": provider.get("slug")}},
-                    upsert=True,
+        with self._writing(provider_id):
+            try:
+                await self._mongo.call(
+                    lambda db: db[PROVIDER_STATE].update_one(
+                        {"_id": provider_id, "hold.config": {"$ne": config}},
+                        {"$set": {"hold": hold, "name": provider.get("name"),
+                                  "slug": provider.get("slug")}},
+                        upsert=True,
+                    )
                 )
-            )
-            return True
-        except DuplicateKeyError:  # held already, for this very configuration
-            await self._mongo.call(
-                lambda db: db[PROVIDER_STATE].update_one(
-                    {"_id": provider_id, "hold.config": config},
-                    {"$set": {"hold.error": problem.error, "hold.reason": problem.reason,
-                              "hold.httpStatus": problem.http_status,
-                              "hold.lastSeenAt": now}},
+                return True
+            except DuplicateKeyError:  # held already, for this very configuration
+                await self._mongo.call(
+                    lambda db: db[PROVIDER_STATE].update_one(
+                        {"_id": provider_id, "hold.config": config},
+                        {"$set": {"hold.error": problem.error, "hold.reason": problem.reason,
+                                  "hold.httpStatus": problem.http_status,
+                                  "hold.lastSeenAt": now}},
+                    )
                 )
-            )
-            return False
+                return False
 
     async def claim_probe(self, provider_id: str, config: str, now: datetime,
                           recheck: float) -> bool:
         """Take the re-probe that is due (one caller wins) and arm the next one."""
-        self._cache.pop(provider_id, None)
-        result = await self._mongo.call(
-            lambda db: db[PROVIDER_STATE].update_one(
-                {"_id": provider_id, "hold.config": config, "hold.nextProbeAt": {"$lte": now}},
-                {"$set": {"hold.nextProbeAt": now + timedelta(seconds=recheck),
-                          "hold.lastProbeAt": now},
-                 "$inc": {"hold.probes": 1}},
+        with self._writing(provider_id):
+            result = await self._mongo.call(
+                lambda db: db[PROVIDER_STATE].update_one(
+                    {"_id": provider_id, "hold.config": config,
+                     "hold.nextProbeAt": {"$lte": now}},
+                    {"$set": {"hold.nextProbeAt": now + timedelta(seconds=recheck),
+                              "hold.lastProbeAt": now},
+                     "$inc": {"hold.probes": 1}},
+                )
             )
-        )
         return bool(result.modified_count)
 
     async def lift(self, provider_id: str, config: str | None, now: datetime,
@@ -240,11 +259,11 @@ class ProviderHolds:
         query: dict[str, Any] = {"_id": provider_id, "hold": {"$exists": True}}
         if config is not None:
             query["hold.config"] = config
-        self._cache.pop(provider_id, None)
-        before: dict[str, Any] | None = await self._mongo.call(
-            lambda db: db[PROVIDER_STATE].find_one_and_update(
-                query, {"$unset": {"hold": ""}}, return_document=ReturnDocument.BEFORE)
-        )
+        with self._writing(provider_id):
+            before: dict[str, Any] | None = await self._mongo.call(
+                lambda db: db[PROVIDER_STATE].find_one_and_update(
+                    query, {"$unset": {"hold": ""}}, return_document=ReturnDocument.BEFORE)
+            )
         if before is None or not isinstance(before.get("hold"), dict):
             return None
         hold: dict[str, Any] = before["hold"]
