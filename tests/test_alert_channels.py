@@ -18,7 +18,8 @@ from mwapjobs.queues import Job, PermanentError
 from mwapjobs.storage.mongo import Mongo
 from tests.conftest import REAL_MONGODB_URI, make_settings, wait_for
 from tests.support.alerting import RecordingChannel, add_runs, manager, registry
-from tests.support.receivers import SmtpReceiver, WebhookReceiver, free_port
+from tests.support.ports import free_port
+from tests.support.receivers import SmtpReceiver, WebhookReceiver
 from tests.support.tls import self_signed
 
 # -- channels ----------------------------------------------------------------------------

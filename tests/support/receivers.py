@@ -25,7 +25,6 @@ on 127.0.0.1 (no TLS)::
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,14 +37,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from tests.support.local_server import LocalServer
+from tests.support.ports import free_port
 from tests.support.tls import LocalCert
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class WebhookReceiver(LocalServer):

@@ -19,7 +19,8 @@ from typing import IO, Any
 import pymongo
 from pymongo.errors import PyMongoError
 
-from tests.support.processes import ROOT, free_port
+from tests.support.ports import free_port
+from tests.support.processes import ROOT
 
 SERVER_START_TIMEOUT = 60.0
 SERVER_STOP_TIMEOUT = 20.0
