@@ -124,9 +124,20 @@ def _result_summary(value: Any) -> Any:
         return value
     if isinstance(value, str):
         return secrets.scrub(value[:2000])
-    if isinstance(value, dict) and len(repr(value)) <= 4000:
+    if isinstance(value, dict) and _plain_keys(value) and len(repr(value)) <= 4000:
         return value
     return secrets.scrub(repr(value)[:2000])
+
+
+def _plain_keys(value: Any) -> bool:
+    """No key anywhere inside that an update operator would read as an operator or a
+    path (`$x`, `a.b`): a result is stored with `$set` and `$push`."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and not k.startswith("$") and "." not in k
+                   and _plain_keys(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_plain_keys(v) for v in value)
+    return True
 
 
 def _error_doc(exc: BaseException, permanent: bool) -> dict[str, Any]:

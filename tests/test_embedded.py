@@ -10,6 +10,7 @@ from typing import Any
 
 import mongomock
 import pytest
+from bson import ObjectId
 
 from mwapjobs.storage import embedded
 from mwapjobs.storage.embedded import index_collection
@@ -139,3 +140,97 @@ def test_a_date_range_reads_only_the_runs_in_range() -> None:
     assert indexes.candidates(query) == set(range(10))
     page = list(indexed.find(query).sort([("finishedAt", -1)]).limit(5))
     assert [d["_id"] for d in page] == [0, 1, 2, 3, 4]
+
+
+def update_twins(n: int, seed: int) -> tuple[Any, Any, list[Any]]:
+    """Twins with ObjectId ids and a partial unique index, as the runs collection has."""
+    rng = random.Random(seed)
+    ids = [ObjectId() for _ in range(n)]
+    pair = (mongomock.MongoClient(tz_aware=True).db[RUNS],
+            mongomock.MongoClient(tz_aware=True).db[RUNS])
+    specs, ordered = EMBEDDED_INDEXES[RUNS]
+    index_collection(pair[0], specs, ordered)
+    for coll in pair:
+        coll.create_index("slot", unique=True,
+                          partialFilterExpression={"slot": {"$exists": True}})
+    for i, _id in enumerate(ids):
+        doc = {"_id": _id, "queue": rng.choice(["a", "b"]),
+               "state": rng.choice(["waiting", "delayed", "active"]),
+               "runAt": T0 + timedelta(seconds=rng.choice([-5, 0, 10])),
+               "attemptsMade": rng.choice([0, 1]), "attempts": rng.choice([[], [{"n": 1}]]),
+               "data": {"i": i}}
+        for coll in pair:
+            coll.insert_one(dict(doc))
+    return pair[0], pair[1], ids
+
+
+def random_update(rng: random.Random, ids: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    query: dict[str, Any] = rng.choice([
+        {"_id": {"$in": rng.sample(ids, rng.randint(1, 12))}},
+        {"_id": rng.choice(ids), "state": rng.choice(["waiting", "active"])},
+        {"_id": {"$in": rng.sample(ids, 5)}, "state": "active", "leaseOwner": "me"},
+        {"queue": rng.choice(["a", "b"]), "state": "delayed",
+         "runAt": {"$lte": T0 + timedelta(seconds=rng.choice([0, 10]))}},
+    ])
+    update: dict[str, Any] = {}
+    if rng.random() < 0.8:
+        update["$set"] = {k: v for k, v in rng.sample([
+            ("state", rng.choice(["active", "completed", "waiting"])),
+            ("leaseOwner", "me"),
+            ("leaseUntil", T0 + timedelta(microseconds=rng.randint(0, 10**6))),
+            ("error", {"type": "E", "at": T0}), ("slot", f"s{rng.randint(0, 3)}"),
+            ("runAt", datetime(2026, 12, 1, 13, 0))], rng.randint(1, 3))}
+    if rng.random() < 0.4:
+        update["$inc"] = {"attemptsMade": rng.choice([1, -1, 0])}
+    if rng.random() < 0.3:
+        update["$unset"] = {rng.choice(["leaseOwner", "claimToken", "missing"]): ""}
+    if rng.random() < 0.3:
+        update["$push"] = {"attempts": {"n": rng.randint(1, 9), "at": T0}}
+    if not update or rng.random() < 0.05:
+        update = rng.choice([{"$set": {"a.b": 1}}, {"$max": {"attemptsMade": 3}},
+                             [{"$set": {"state": "waiting"}}], {"$set": {"_id": ids[0]}}])
+    return query, update
+
+
+def outcome(call: Any) -> Any:
+    try:
+        result = call()
+    except Exception as exc:
+        return type(exc).__name__
+    return (result.matched_count, result.modified_count) if hasattr(result, "matched_count") \
+        else result
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_updates_change_what_plain_mongomock_changes(seed: int) -> None:
+    """The fast path for simple updates (`embedded._update`): the same documents, the
+    same counts, the same errors (a duplicate slot, a changed `_id`), and indexes that
+    still find every document afterwards."""
+    indexed, plain, ids = update_twins(120, seed)
+    rng = random.Random(seed)
+    for _ in range(300):
+        query, update = random_update(rng, ids)
+        how = rng.choice(["update_one", "update_many", "find_one_and_update"])
+        results = [outcome(lambda c=c, h=how, q=query, u=update: getattr(c, h)(q, u))
+                   for c in (indexed, plain)]
+        assert results[0] == results[1], (how, query, update)
+    assert list(indexed.find().sort("_id")) == list(plain.find().sort("_id"))
+    for query in [due("a", T0), {"state": "active"}, {"slot": "s1"},
+                  {"queue": "b", "state": "delayed", "runAt": {"$lte": T0}}]:
+        assert list(indexed.find(query).sort("_id")) == list(plain.find(query).sort("_id"))
+
+
+def test_an_update_mongomock_refuses_half_way_leaves_the_indexes_true() -> None:
+    """mongomock applies an update field by field and raises at an `$inc` of a string
+    or a `$push` onto one, keeping what it changed before: the indexes must follow."""
+    indexed, plain, ids = update_twins(10, 9)
+    for coll in (indexed, plain):
+        coll.update_one({"_id": ids[0]}, {"$set": {"attemptsMade": "two", "attempts": "x"}})
+    for update in ({"$set": {"state": "completed"}, "$inc": {"attemptsMade": 1}},
+                   {"$set": {"queue": "c"}, "$push": {"attempts": {"n": 2}}}):
+        errors = [outcome(lambda c=c, u=update: c.update_one({"_id": ids[0]}, u))
+                  for c in (indexed, plain)]
+        assert errors[0] == errors[1] and isinstance(errors[0], str), errors
+    assert indexed.find_one({"_id": ids[0]}) == plain.find_one({"_id": ids[0]})
+    for query in [{"queue": "c", "state": "completed"}, {"state": "completed"}]:
+        assert list(indexed.find(query)) == list(plain.find(query))

@@ -1,11 +1,12 @@
-"""Per-document values in one update: the form that works on MongoDB and on mongomock.
+"""Per-document values in one update: a pipeline form that works on MongoDB and on
+mongomock, for writes that compute from the stored document (analytics' sums, the file
+index's quotas and paths).
 
-Writing different values into many documents in one round trip is what `bulk_write`
-is for, but mongomock's `bulk_write` with `UpdateOne` is broken with pymongo >= 4.11,
-and mongomock has no `$indexOfArray` either. A pipeline update whose first stage hands
-each document its own value does work on both: `by_id` builds a binary decision tree on
-`_id` (O(log n) comparisons per document), and the filter limits the update to the
-documents of the batch.
+A pipeline update whose first stage hands each document its own value: `by_id` builds a
+binary decision tree on `_id` (O(log n) comparisons per document), and the filter limits
+the update to the documents of the batch; mongomock has no `$indexOfArray`. Writes of
+plain values (a run's outcome) are one `UpdateOne` per document in one `bulk_write`
+instead, which mongomock's bulk accepts since `embedded.py` mends it for pymongo 4.11.
 """
 
 from __future__ import annotations

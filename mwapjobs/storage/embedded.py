@@ -20,25 +20,39 @@ match before it sorts and cuts the page, so a claim of 100 runs in a burst of 10
 cost 10,000 filters and copies. Stable sorting and filtering commute, so the page is
 the same documents in the same order.
 
+Updates of indexed collections made only of `$set`, `$unset`, `$inc` and a plain
+`$push` on top-level fields (every claim, renewal and outcome of a run) are applied
+here (`_update`): mongomock deep-copies and deep-compares each whole document it
+updates, and checks every unique index on each, which made a claim of 200 runs cost
+200 µs a run. A shallow copy restores a document here, because only top-level values
+are replaced, never mutated; unique indexes are checked when a field they read
+changed. A filter's `_id` equality or `$in` picks the candidates by hash and is not
+checked again against each of them (a claim compared every run with every id).
+
 The indexes stay current through the few places where mongomock changes data: its
-store's `__setitem__` (inserts, rollbacks) and `__delitem__` (deletes), and the two
-methods that update a stored document in place. These are patched once, at class
-level, and do nothing more for collections without indexes. mongomock is pinned
+store's `__setitem__` (inserts, rollbacks) and `__delitem__` (deletes), the two
+methods that update a stored document in place (even when they raise half-way, as
+mongomock does on an `$inc` of a string, keeping what it changed), and `_update`.
+These are patched once, at class level, and do nothing more for collections without
+indexes. mongomock is pinned
 below 5 (`pyproject.toml`); tests/test_embedded.py checks the answers against plain
 mongomock.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
+import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import mongomock.collection
 import mongomock.store
-from mongomock import helpers
+from bson import BSON, ObjectId
+from mongomock import DuplicateKeyError, helpers
 from mongomock.filtering import filter_applies, resolve_sort_key
 from sortedcontainers import SortedList
 
@@ -77,67 +91,105 @@ class HashIndexes:
     def __init__(self, specs: Sequence[tuple[str, ...]],
                  ordered: Sequence[tuple[tuple[str, ...], str]] = ()) -> None:
         self.specs = sorted({*specs, *(spec for spec, _ in ordered)}, key=len, reverse=True)
-        self._entries: dict[tuple[str, ...], dict[Any, set[Any]]] = {
+        # Every set and ordered entry holds documents by their insertion rank, an int:
+        # mongomock's order is insertion order, so sorting ranks is sorting documents,
+        # and an int hashes in C where an ObjectId's `__hash__` is a Python call (it was
+        # a quarter of the store's time in a burst, five lookups per candidate per claim).
+        self._entries: dict[tuple[str, ...], dict[Any, set[int]]] = {
             s: {} for s in self.specs}
         self.ordered = list(ordered)
         self._sorted: dict[tuple[tuple[str, ...], str], dict[Any, SortedList[Any]]] = {
             o: {} for o in self.ordered}
-        # _id -> its key per spec (None: not indexed, every field null or missing) and its
-        # entry per ordered index (None: no date), tuples aligned with `specs`/`ordered`:
-        # a run of 100,000 pays for each of these, so they are kept small.
-        self._keys: dict[Any, tuple[Any, ...]] = {}
-        self._dates: dict[Any, tuple[Any, ...]] = {}
+        # rank -> its key per spec (None: not indexed, every field null or missing) and
+        # its entry per ordered index (None: no date), tuples aligned with `specs` and
+        # `ordered`: a run of 100,000 pays for each of these, so they are kept small.
+        self._keys: dict[int, tuple[Any, ...]] = {}
+        self._dates: dict[int, tuple[Any, ...]] = {}
         self._spec_at = {spec: i for i, spec in enumerate(self.specs)}
-        self._wild: set[Any] = set()  # documents with an array or document in a field
-        self._order: dict[Any, int] = {}  # _id -> insertion rank, for mongomock's order
+        self._fields = sorted({f for spec in self.specs for f in spec})
+        self._wild: set[int] = set()  # documents with an array or document in a field
+        self._rank: dict[Any, int] = {}  # _id -> insertion rank
+        self._id_at: dict[int, Any] = {}  # insertion rank -> _id
         self._next = itertools.count()
 
     # -- upkeep --------------------------------------------------------------
 
     def put(self, doc: dict[str, Any]) -> None:
+        """Index `doc` (new, or changed in place): only the entries whose key or date
+        changed move, so an update that touches no indexed field costs a comparison."""
         _id = doc.get("_id")
-        self.drop(_id, keep_order=True)
-        self._order.setdefault(_id, next(self._next))
+        rank = self._rank.get(_id)
+        if rank is None:
+            rank = self._rank[_id] = next(self._next)
+            self._id_at[rank] = _id
         try:
-            keys = tuple(_indexed(tuple(_key(_field(doc, f)) for f in spec))
-                         for spec in self.specs)
+            value = {f: _key(_field(doc, f)) for f in self._fields}  # each field once
         except _Unhashable:
-            self._wild.add(_id)
+            self._unindex(rank)
+            self._wild.add(rank)
             return
-        for spec, key in zip(self.specs, keys, strict=True):
+        keys = tuple(_indexed(tuple(map(value.__getitem__, spec))) for spec in self.specs)
+        self._wild.discard(rank)
+        old_keys = self._keys.get(rank)
+        old_dates = self._dates.get(rank, ())
+        for i, (spec, key) in enumerate(zip(self.specs, keys, strict=True)):
+            old = old_keys[i] if old_keys is not None else None
+            if old_keys is not None and old == key:
+                continue
+            if old is not None:
+                self._unlist(spec, old, rank)
             if key is not None:
-                self._entries[spec].setdefault(key, set()).add(_id)
-        self._keys[_id] = keys
-        rank = self._order[_id]
+                self._entries[spec].setdefault(key, set()).add(rank)
+        self._keys[rank] = keys
         dates: list[Any] = []
-        for spec, field in self.ordered:
+        for j, (spec, field) in enumerate(self.ordered):
             when = _field(doc, field)
-            key = keys[self._spec_at[spec]]
+            at = self._spec_at[spec]
+            key = keys[at]
             entry = None
             if key is not None and isinstance(when, datetime):
-                entry = (_utc_naive(when), rank, _id)
-                self._sorted[(spec, field)].setdefault(key, SortedList()).add(entry)
+                entry = (_utc_naive(when), rank)
+            old_entry = old_dates[j] if j < len(old_dates) else None
+            old_key = old_keys[at] if old_keys is not None else None
+            if entry != old_entry or key != old_key:
+                groups = self._sorted[(spec, field)]
+                if old_entry is not None and old_key in groups:
+                    groups[old_key].discard(old_entry)
+                if entry is not None:
+                    groups.setdefault(key, SortedList()).add(entry)
             dates.append(entry)
         if any(entry is not None for entry in dates):
-            self._dates[_id] = tuple(dates)
+            self._dates[rank] = tuple(dates)
+        else:
+            self._dates.pop(rank, None)
 
-    def drop(self, _id: Any, *, keep_order: bool = False) -> None:
-        self._wild.discard(_id)
-        keys = self._keys.pop(_id, None)
-        if keys is not None:
-            for (spec, field), entry in zip(self.ordered, self._dates.pop(_id, ()),
-                                            strict=False):
-                group = self._sorted[(spec, field)].get(keys[self._spec_at[spec]])
-                if group is not None and entry is not None:
-                    group.discard(entry)
-            for spec, key in zip(self.specs, keys, strict=True):
-                ids = self._entries[spec].get(key) if key is not None else None
-                if ids is not None:
-                    ids.discard(_id)
-                    if not ids:
-                        del self._entries[spec][key]
-        if not keep_order:
-            self._order.pop(_id, None)
+    def _unlist(self, spec: tuple[str, ...], key: Any, rank: int) -> None:
+        ranks = self._entries[spec].get(key)
+        if ranks is not None:
+            ranks.discard(rank)
+            if not ranks:
+                del self._entries[spec][key]
+
+    def drop(self, _id: Any) -> None:
+        """The document is gone: forget it, its rank too."""
+        rank = self._rank.pop(_id, None)
+        if rank is not None:
+            self._unindex(rank)
+            self._wild.discard(rank)
+            del self._id_at[rank]
+
+    def _unindex(self, rank: int) -> None:
+        keys = self._keys.pop(rank, None)
+        if keys is None:
+            return
+        for (spec, field), entry in zip(self.ordered, self._dates.pop(rank, ()),
+                                        strict=False):
+            group = self._sorted[(spec, field)].get(keys[self._spec_at[spec]])
+            if group is not None and entry is not None:
+                group.discard(entry)
+        for spec, key in zip(self.specs, keys, strict=True):
+            if key is not None:
+                self._unlist(spec, key, rank)
 
     def clear(self) -> None:
         for entries in self._entries.values():
@@ -147,18 +199,20 @@ class HashIndexes:
         self._dates.clear()
         self._keys.clear()
         self._wild.clear()
-        self._order.clear()
+        self._rank.clear()
+        self._id_at.clear()
 
     # -- lookups ---------------------------------------------------------------
 
-    def candidates(self, query: Any) -> set[Any] | None:
-        """A superset of the `_id`s of the documents `query` can match, or None if no
-        index narrows it down."""
+    def candidates(self, query: Any) -> set[int] | None:
+        """The ranks of a superset of the documents `query` can match (see `in_order`),
+        or None if no index narrows it down."""
         if not isinstance(query, dict):
             return None
         ids = _values(query.get("_id")) if "_id" in query else None
         if ids is not None:
-            return set(ids)
+            rank = self._rank
+            return {rank[i] for i in ids if i in rank}
         for spec, field in self.ordered:  # a range on an ordered field: only the range
             found = self._range(spec, field, query)
             if found is not None:
@@ -170,7 +224,7 @@ class HashIndexes:
         branches = query.get("$or")
         if isinstance(branches, list) and branches:
             rest = {k: v for k, v in query.items() if k != "$or"}
-            union: set[Any] = set()
+            union: set[int] = set()
             for branch in branches:
                 found = self.candidates({**rest, **branch}) if isinstance(branch, dict) \
                     else None
@@ -186,18 +240,18 @@ class HashIndexes:
                     return found
         return None
 
-    def _lookup(self, spec: tuple[str, ...], query: dict[str, Any]) -> set[Any] | None:
+    def _lookup(self, spec: tuple[str, ...], query: dict[str, Any]) -> set[int] | None:
         combos = _combos(spec, query)
         if combos is None:
             return None
         entries = self._entries[spec]
-        found: set[Any] = set()
+        found: set[int] = set()
         for combo in combos:
             found |= entries.get(combo, set())
         return found
 
     def _range(self, spec: tuple[str, ...], field: str,
-               query: dict[str, Any]) -> set[Any] | None:
+               query: dict[str, Any]) -> set[int] | None:
         bounds = _date_bounds(query.get(field))
         if bounds is None:
             return None
@@ -205,14 +259,14 @@ class HashIndexes:
         if combos is None:
             return None
         low, high = bounds
-        found: set[Any] = set()
+        found: set[int] = set()
         groups = self._sorted[(spec, field)]
         for combo in combos:
             group = groups.get(combo)
             if group:
                 start = 0 if low is None else group.bisect_left((low,))
                 stop = len(group) if high is None else group.bisect_right((high, _TOP))
-                found.update(entry[2] for entry in group.islice(start, stop))
+                found.update(map(_rank_of, group.islice(start, stop)))
         return found
 
     def exact_count(self, query: Any) -> int | None:
@@ -231,15 +285,17 @@ class HashIndexes:
                 return len(self._entries[spec].get(key, ()))
         return None
 
-    def in_order(self, ids: Iterable[Any]) -> list[Any]:
-        order = self._order
-        return sorted((i for i in ids if i in order), key=order.__getitem__)
+    def in_order(self, ranks: Iterable[int]) -> list[Any]:
+        """The `_id`s of `candidates`, in mongomock's order (insertion order)."""
+        return list(map(self._id_at.__getitem__, sorted(ranks)))
 
 
 _TOP = float("inf")  # sorts after every insertion rank at the same date
+_rank_of = operator.itemgetter(1)  # of an ordered entry (date, rank)
 _applies: Callable[[Any, Any], bool] = filter_applies
 _sort_key: Callable[[str, Any], Any] = resolve_sort_key
 _aware: Callable[[Any], Any] = helpers.make_datetime_timezone_aware_in_document
+_stored_dates: Callable[[Any], Any] = helpers.patch_datetime_awareness_in_document
 
 
 def _combos(spec: tuple[str, ...], query: dict[str, Any]) -> list[tuple[Any, ...]] | None:
@@ -320,10 +376,14 @@ _original_iter = _Collection._iter_documents
 _original_compute = _Cursor._compute_results
 _original_count = _Collection.count_documents
 _original_update_doc = _Collection._apply_update_document
+_original_update = _Collection._update
 _original_update_pipeline = _Collection._apply_update_pipeline
 _original_setitem = _Store.__setitem__
 _original_delitem = _Store.__delitem__
 _original_drop = _Store.drop
+_Bulk: Any = mongomock.collection.BulkOperationBuilder
+_original_add_update = _Bulk.add_update
+_original_add_replace = _Bulk.add_replace
 
 
 def _iter_documents(self: Any, filter: Any) -> Iterator[dict[str, Any]]:
@@ -335,10 +395,25 @@ def _iter_documents(self: Any, filter: Any) -> Iterator[dict[str, Any]]:
     if not ids:
         _applies(filter, {})  # still refuse a malformed filter, as mongomock does
     documents = self._store._documents
+    rest = _beyond_ids(filter)
     for _id in indexes.in_order(ids):
         document = documents.get(_id)
-        if document is not None and _applies(filter, document):
+        if document is not None and _applies(rest, document):
             yield document
+
+
+_EXACT_IDS = (ObjectId, str)  # types whose Python equality and hash are BSON's
+
+
+def _beyond_ids(filter: dict[str, Any]) -> dict[str, Any]:
+    """The filter without its `_id` condition when the candidates were picked by that
+    very condition (an equality or `$in` of ObjectIds or strings, looked up by hash):
+    mongomock would check each document's `_id` against every value of the `$in` again,
+    200 comparisons per document for a claim of 200 runs."""
+    values = _values(filter.get("_id")) if "_id" in filter else None
+    if values is None or not all(type(v) in _EXACT_IDS for v in values):
+        return filter
+    return {k: v for k, v in filter.items() if k != "_id"}
 
 
 def _by(key: str, document: dict[str, Any]) -> Any:
@@ -354,8 +429,8 @@ def _plain_values(dataset: list[dict[str, Any]], key: str) -> list[Any] | None:
     simple type (numbers, strings or dates), whose Python order is BSON's."""
     if "." in key:
         return None
-    values = [d.get(key, _MISSING) for d in dataset]
-    return values if {type(v) for v in values} in _PLAIN else None
+    values = list(map(operator.methodcaller("get", key, _MISSING), dataset))
+    return values if set(map(type, values)) in _PLAIN else None
 
 
 def _page(collection: Any, indexes: HashIndexes, spec: Any, sort: Any, fields: Any,
@@ -367,7 +442,9 @@ def _page(collection: Any, indexes: HashIndexes, spec: Any, sort: Any, fields: A
     if ids is None:
         return None
     documents = collection._store._documents
-    dataset = [documents[i] for i in indexes.in_order(ids) if i in documents]
+    # map() and the C slots below, not comprehensions: a claim's page looks at every due
+    # run, and per-candidate bytecode was most of its cost.
+    dataset = [d for d in map(documents.get, indexes.in_order(ids)) if d is not None]
     if not dataset:
         _applies(spec, {})  # still refuse a malformed filter, as mongomock does
     for key, direction in reversed(list(sort.items() if isinstance(sort, dict) else sort)):
@@ -382,7 +459,7 @@ def _page(collection: Any, indexes: HashIndexes, spec: Any, sort: Any, fields: A
             try:
                 order = sorted(range(len(dataset)), key=plain.__getitem__,
                                reverse=direction < 0)
-                dataset = [dataset[i] for i in order]
+                dataset = list(map(dataset.__getitem__, order))
                 continue
             except TypeError:  # naive and aware datetimes, say: BSON's comparison then
                 pass
@@ -425,17 +502,145 @@ def _count_documents(self: Any, filter: Any, **kwargs: Any) -> int:
 
 
 def _apply_update_document(self: Any, existing: dict[str, Any], *args: Any) -> None:
-    _original_update_doc(self, existing, *args)
-    indexes = _indexes(self._store)
-    if indexes is not None and "_id" in existing and existing["_id"] in self._store._documents:
-        indexes.put(existing)
+    try:
+        _original_update_doc(self, existing, *args)
+    finally:  # an update that fails half-way (mongomock raises) leaves what it changed
+        _reindex(self, existing)
 
 
 def _apply_update_pipeline(self: Any, existing: dict[str, Any], *args: Any) -> None:
-    _original_update_pipeline(self, existing, *args)
-    indexes = _indexes(self._store)
-    if indexes is not None and existing.get("_id") in self._store._documents:
+    try:
+        _original_update_pipeline(self, existing, *args)
+    finally:
+        _reindex(self, existing)
+
+
+def _reindex(collection: Any, existing: dict[str, Any]) -> None:
+    """A stored document was changed in place: index it as it is now. Not if it is not
+    the one stored under its `_id` (an upsert's new document, or an update that changed
+    `_id`, which mongomock then refuses and rolls back)."""
+    indexes = _indexes(collection._store)
+    if indexes is not None and collection._store._documents.get(
+            existing.get("_id")) is existing:
         indexes.put(existing)
+
+
+_SIMPLE = frozenset({"$set", "$unset", "$inc", "$push"})
+
+
+def _simple_update(document: Any) -> dict[str, dict[str, Any]] | None:
+    """The update document, datetimes as mongomock stores them, if it only sets, unsets,
+    increments or pushes one value onto top-level fields, each named once; else None
+    (mongomock's own path then)."""
+    if not isinstance(document, dict) or not document or not set(document) <= _SIMPLE:
+        return None
+    seen: set[str] = set()
+    for op, fields in document.items():
+        if not isinstance(fields, dict) or not fields:
+            return None
+        for name, value in fields.items():
+            if (not isinstance(name, str) or not name or name in seen or name == "_id"
+                    or "." in name or "$" in name or "\0" in name):
+                return None
+            if op == "$inc" and (isinstance(value, bool) or not isinstance(value, int | float)):
+                return None
+            if op == "$push" and isinstance(value, dict) and any(
+                    str(k).startswith("$") for k in value):
+                return None  # $each, $slice, ...
+            seen.add(name)
+    patched: dict[str, dict[str, Any]] = _stored_dates(document)
+    if "$set" in patched or "$push" in patched:
+        BSON.encode({**patched.get("$set", {}), **patched.get("$push", {})})  # as mongomock
+    return patched
+
+
+def _own(value: Any) -> Any:
+    """A value for one document: containers are never shared between documents."""
+    return copy.deepcopy(value) if isinstance(value, dict | list) else value
+
+
+def _applies_simply(document: dict[str, Any], update: dict[str, dict[str, Any]]) -> bool:
+    """False where mongomock must say what happens: an `$inc` of a non-number, a
+    `$push` onto a non-array."""
+    return (all(not isinstance(v, bool) and isinstance(v, int | float)
+                for v in (document.get(name, 0) for name in update.get("$inc", {})))
+            and all(isinstance(document.get(name, []), list) for name in update.get("$push", {})))
+
+
+def _apply_simple(document: dict[str, Any], update: dict[str, dict[str, Any]]) -> None:
+    """Apply a `_simple_update` in place (`_applies_simply` said it can); replaced values
+    are never mutated, so a shallow copy taken before restores the document."""
+    for name, value in update.get("$set", {}).items():
+        document[name] = _own(value)
+    for name in update.get("$unset", {}):
+        document.pop(name, None)
+    for name, value in update.get("$inc", {}).items():
+        document[name] = document.get(name, 0) + value
+    for name, value in update.get("$push", {}).items():
+        document[name] = [*document.get(name, []), _own(value)]
+
+
+def _unique_fields(collection: Any) -> set[str]:
+    """The top-level fields a unique index of the collection reads (its key and partial
+    filter): a write that changes none of them cannot break uniqueness."""
+    fields: set[str] = set()
+
+    def names(expression: Any) -> None:
+        if isinstance(expression, dict):
+            for key, value in expression.items():
+                if not str(key).startswith("$"):
+                    fields.add(str(key).split(".")[0])
+                names(value)
+        elif isinstance(expression, list):
+            for item in expression:
+                names(item)
+
+    for index in collection._store.indexes.values():
+        if index.get("unique"):
+            fields.update(str(key).split(".")[0] for key, _ in index.get("key", ()))
+            names(index.get("partialFilterExpression"))
+    return fields
+
+
+def _update(self: Any, spec: Any, document: Any, upsert: bool = False,
+            manipulate: bool = False, multi: bool = False, check_keys: bool = False,
+            **options: Any) -> dict[str, Any]:
+    """mongomock's `_update` for the updates the engine makes on every run (claim,
+    renewal, outcome: `$set`/`$unset`/`$inc`/`$push` on top-level fields), without its
+    deep copy and deep comparison of each whole document: a shallow copy is enough to
+    restore a document, as only top-level values are replaced. Anything else (upserts,
+    pipelines, replacements, dotted or positional paths, options) is mongomock's."""
+    indexes = _indexes(self._store)
+    update = (_simple_update(document) if indexes is not None and not upsert
+              and not any(options.values()) and isinstance(spec, dict) else None)
+    spec = _stored_dates(spec)
+    matches = (list(itertools.islice(self._iter_documents(spec), None if multi else 1))
+               if update is not None else [])
+    if indexes is None or update is None or not all(
+            _applies_simply(d, update) for d in matches):
+        result: dict[str, Any] = _original_update(
+            self, spec, document, upsert, manipulate, multi, check_keys, **options)
+        return result
+    touched = {name for fields in update.values() for name in fields}
+    check_unique = bool(touched & _unique_fields(self))
+    modified = 0
+    for existing in matches:
+        before = dict(existing)
+        _apply_simple(existing, update)
+        if existing == before:
+            continue
+        indexes.put(existing)  # before the unique check: it looks through the indexes
+        if check_unique:
+            try:
+                self._ensure_uniques(existing)
+            except DuplicateKeyError:
+                self._store[before["_id"]] = before  # restored, and indexed again
+                raise
+        modified += 1
+    matched = len(matches)
+    return {"connectionId": self.database.client._id, "err": None, "n": matched,
+            "nModified": modified, "ok": 1, "upserted": None,
+            "updatedExisting": bool(matched)}
 
 
 def _setitem(self: Any, key: Any, value: Any) -> None:
@@ -459,6 +664,24 @@ def _drop(self: Any) -> None:
         indexes.clear()
 
 
+def _add_update(self: Any, selector: Any, doc: Any, multi: bool = False,
+                upsert: bool = False, collation: Any = None, array_filters: Any = None,
+                hint: Any = None, sort: Any = None) -> None:
+    """pymongo 4.11 hands `UpdateOne`/`ReplaceOne` a `sort` to mongomock's bulk, which
+    does not know it: `bulk_write` of either failed with a TypeError. Without a sort,
+    the operation is mongomock's; with one, it says it cannot."""
+    if sort is not None:
+        raise NotImplementedError("mongomock: bulk updates with a sort")
+    _original_add_update(self, selector, doc, multi, upsert, collation, array_filters, hint)
+
+
+def _add_replace(self: Any, selector: Any, doc: Any, upsert: bool, collation: Any = None,
+                 hint: Any = None, sort: Any = None) -> None:
+    if sort is not None:
+        raise NotImplementedError("mongomock: bulk replacements with a sort")
+    _original_add_replace(self, selector, doc, upsert, collation, hint)
+
+
 # Installed when this module is imported (before any collection is made), so that
 # whatever wraps mongomock afterwards (a test's instrumentation) wraps these.
 _Collection._iter_documents = _iter_documents
@@ -466,6 +689,9 @@ _Cursor._compute_results = _compute_results
 _Collection.count_documents = _count_documents
 _Collection._apply_update_document = _apply_update_document
 _Collection._apply_update_pipeline = _apply_update_pipeline
+_Collection._update = _update
+_Bulk.add_update = _add_update
+_Bulk.add_replace = _add_replace
 _Store.__setitem__ = _setitem
 _Store.__delitem__ = _delitem
 _Store.drop = _drop

@@ -27,10 +27,9 @@ from typing import Any, Literal
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateMany
+from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
-from .batch import by_id
 from .mongo import Mongo
 from .names import QUEUES, RUNS, THROUGHPUT
 
@@ -187,6 +186,17 @@ def _add_minute(minute: datetime, inc: dict[str, int]) -> Callable[[Any], Awaita
     key = minute.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
     return lambda db: db[THROUGHPUT].update_one(
         {"_id": key}, {"$inc": inc, "$setOnInsert": {"minute": minute}}, upsert=True)
+
+
+def _outcome_update(outcome: Outcome, owner: str, token: str) -> UpdateOne:
+    """The write of one attempt's end: its fields, its attempt appended, the lease (and,
+    if it finished, the job id's key) dropped, only while the run is still ours."""
+    drop = {*LEASE_FIELDS, *(("key",) if outcome.finishing else ())}
+    fields = {k: v for k, v in outcome.fields.items() if k not in drop}
+    return UpdateOne(
+        {"_id": outcome.run_id, "state": "active", "leaseOwner": owner},
+        {"$set": {**fields, "writeToken": token}, "$push": {"attempts": outcome.attempt},
+         "$unset": dict.fromkeys(sorted(drop), "")})
 
 
 def _update_many(query: dict[str, Any], update: Any) -> Callable[[Any], Awaitable[Any]]:
@@ -447,66 +457,39 @@ class RunStore:
                              token: str) -> set[ObjectId]:
         """Record the end of several attempts of our runs; returns the ids written.
 
-        One update for the finishing outcomes and one for the others (they keep
-        their job id), each handing every run its own fields (`batch.by_id`) and
-        only where the run is still ours. A run written already by an earlier try
-        with the same `token` counts as written; a third query reads those back
-        only when the updates matched fewer runs than given. The next runs that
-        finishing outcomes carry (`Outcome.follow`) are inserted in the same round
-        trip, after the update that frees their job ids.
+        One ordered `bulk_write`, one round trip: an update per run, each only where the
+        run is still ours, then the next runs that finishing outcomes carry
+        (`Outcome.follow`), after the updates that free their job ids. A run written
+        already by an earlier try with the same `token` counts as written; a second
+        query reads those back only when the updates matched fewer runs than given.
         """
-        written: set[ObjectId] = set()
-        for finishing in (True, False):
-            group = sorted((o for o in outcomes if o.finishing == finishing),
-                           key=lambda o: o.run_id)
-            if not group:
-                continue
-            scalar = sorted({name for o in group for name in o.fields})
-            values = [(o.run_id, {**o.fields, "attempts": [o.attempt]}) for o in group]
-            drop = dict.fromkeys(("_o", *LEASE_FIELDS, *(("key",) if finishing else ())), 0)
-            pipeline = [
-                {"$set": {"_o": by_id(values)}},
-                {"$set": {
-                    **{name: f"$_o.{name}" for name in scalar},
-                    "attempts": {"$concatArrays": [{"$ifNull": ["$attempts", []]},
-                                                   "$_o.attempts"]},
-                    "writeToken": {"$literal": token},
-                }},
-                {"$project": drop},
-            ]
-            ids = [o.run_id for o in group]
-            query = {"_id": {"$in": ids}, "state": "active", "leaseOwner": owner}
-            follows = [o.follow for o in group if o.follow is not None]
-            if follows:
-                modified = await self._update_then_insert(query, pipeline, follows)
-            else:
-                modified = int((await self._mongo.call(_update_many(query, pipeline)))
-                               .modified_count)
-            if modified == len(ids):
-                written.update(ids)
-                continue
-            docs = await self._mongo.call(
-                _find_ids({"_id": {"$in": ids}, "writeToken": token}))
-            written.update(d["_id"] for d in docs)
-        return written
+        if not outcomes:
+            return set()
+        ids = [o.run_id for o in outcomes]
+        follows = [o.follow for o in outcomes if o.follow is not None]
+        modified = await self._update_then_insert(
+            [_outcome_update(o, owner, token) for o in outcomes], follows)
+        if modified == len(ids):
+            return set(ids)
+        docs = await self._mongo.call(_find_ids({"_id": {"$in": ids}, "writeToken": token}))
+        return {d["_id"] for d in docs}
 
-    async def _update_then_insert(self, query: dict[str, Any], update: Any,
-                                  docs: list[dict[str, Any]]) -> int:
-        """`update_many(query, update)`, then insert `docs`, in one ordered round trip;
-        returns how many documents the update changed. A new run whose job id is pending
-        already (added by someone meanwhile, or inserted by an earlier try of this very
-        write) moves that run to its time and data instead, as `add(replace=True)`."""
-        ops: list[Any] = [UpdateMany(query, update), *(InsertOne(d) for d in docs)]
+    async def _update_then_insert(self, updates: list[Any], docs: list[dict[str, Any]]) -> int:
+        """The `updates`, then insert `docs`, in one ordered round trip; returns how many
+        documents the updates changed. A new run whose job id is pending already (added
+        by someone meanwhile, or inserted by an earlier try of this very write) moves
+        that run to its time and data instead, as `add(replace=True)`."""
+        ops: list[Any] = [*updates, *(InsertOne(d) for d in docs)]
         try:
             result = await self._mongo.call(lambda db: db[RUNS].bulk_write(ops))
             return int(result.modified_count)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors") or []
             first = min((int(e["index"]) for e in errors), default=0)
-            if first == 0 or any(e.get("code") != 11000 for e in errors):
+            if first < len(updates) or any(e.get("code") != 11000 for e in errors):
                 raise
             modified = int(exc.details.get("nModified") or 0)
-        for doc in docs[first - 1:]:  # the refused one, and those after it (not tried)
+        for doc in docs[first - len(updates):]:  # the refused one, and those after it
             _, created = await self.insert(doc)
             if not created and doc.get("jobId") is not None:
                 await self.replace_pending(doc["queue"], doc["jobId"], _movable(doc))
