@@ -37,6 +37,24 @@ make_engine = engines.make_engine
 # -- running work ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("returned", [
+    {"$where": "sleep(1000)"}, {"a.b": 1}, {"nested": [{"$inc": {"n": 1}}]},
+])
+async def test_a_result_with_operator_or_path_keys_is_stored_as_text(
+        make_engine: MakeEngine, returned: dict[str, Any]) -> None:
+    """A result is written with `$set`: a key an update would read as an operator or
+    a path must not fail the write (the run would be lost to its lease) or change other
+    fields; it is kept as text."""
+    async def handler(job: Job) -> dict[str, Any]:
+        return returned
+
+    engine = await make_engine(registry(handler))
+    added = await engine.add("q", {})
+    run = await wait_state(engine, added.run_id, "completed", "failed")
+    assert run["state"] == "completed" and run["result"] == repr(returned)
+    assert run["attemptsMade"] == 1 and "a" not in run and "nested" not in run
+
+
 async def test_added_run_executes_and_records_result_and_attempt(make_engine: MakeEngine) -> None:
     seen: list[Job] = []
 
