@@ -429,7 +429,11 @@ class Engine:
     async def wait_settled(self, run_id: str, timeout: float) -> dict[str, Any] | None:
         """The run once it finished or was postponed (`settled`), or as it is after
         `timeout` s; None if there is no such run. Outcomes written here wake the wait at
-        once; a run taken by another instance is seen within WAIT_POLL s."""
+        once; a run taken by another instance is seen within WAIT_POLL s.
+
+        A run this instance settled is returned once its write was acknowledged here,
+        not as soon as the stored state reads settled (a moment before): the counts
+        (`counts`, stats, `/metrics`) include it by then."""
         oid = parse_run_id(run_id)
         if oid is None:
             return None
@@ -439,7 +443,7 @@ class Engine:
             while True:
                 run = await self.runs.get(oid)
                 left = deadline - time.monotonic()
-                if run is None or settled(run) or left <= 0:
+                if run is None or left <= 0 or (settled(run) and oid not in self._leased):
                     return run
                 woken = asyncio.get_running_loop().create_future()
                 self._waiters.setdefault(oid, set()).add(woken)

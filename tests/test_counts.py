@@ -184,3 +184,27 @@ async def test_a_flush_on_its_way_is_counted_once_by_a_read_meanwhile(
     await flush
     counts, completed, every = await asyncio.gather(*reads)
     assert counts["completed"] == completed == every["q"]["completed"] == 8
+
+
+async def test_a_run_waited_for_is_counted_when_the_wait_returns(
+        engine: Engine, mongo: Mongo) -> None:
+    """The stored state reads `completed` a moment before this instance processed its
+    write's answer (and counted it): `wait_settled` returns after that, so a stats call
+    made then counts the run (CI once read 4 of 5)."""
+    acknowledged = asyncio.Event()
+    record = engine._writer._on_written
+
+    async def slow_record(batch: Any, written: Any) -> None:
+        await acknowledged.wait()
+        await record(batch, written)
+
+    engine._writer._on_written = slow_record
+    added = await engine.add("q", {})
+    await wait_for(lambda: actual_completed(mongo, 1), message="the stored run completed")
+    waiting = asyncio.create_task(engine.wait_settled(added.run_id, 10))
+    await wait_for(lambda: bool(engine._waiters), message="the wait to be parked")
+    assert not waiting.done()
+    acknowledged.set()
+    run = await asyncio.wait_for(waiting, 5)
+    assert run is not None and run["state"] == "completed"
+    assert (await engine.counts("q"))["completed"] == 1

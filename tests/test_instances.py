@@ -534,8 +534,12 @@ def test_leader_sigkilled_midway_another_takes_over_within_the_lease(
     assert came_due >= 1, "no slot came due while nobody led: the test proves nothing"
     assert len(backlog) <= 1, (f"the slots that came due meanwhile fired more than once: "
                                f"{fire_log(b, ps, t_kill, regular + BEAT)}")
-    if catch_run:  # a fire, not a skip: it is the latest slot that came due
-        assert slot_of(catch_run[0]) == grid_slot(catch_up, b.origin, BEAT)
+    if catch_run:  # a fire, not a skip: the latest slot due when the new clock looked,
+        # which is after the lease was taken; its run is written a moment later, and that
+        # moment may cross the next slot (fired by the next pass, as a slot of its own).
+        slot = slot_of(catch_run[0])
+        looked = (grid_slot(t_taken, b.origin, BEAT), grid_slot(catch_up, b.origin, BEAT))
+        assert looked[0] - 1e-3 <= slot <= looked[1] + 1e-3, (rel(slot, t_kill), looked)
     assert_repeat_clean(b, db, allowed)
     assert not missed, f"the repeat stopped after the takeover: {missed}"
     assert codes == [0, 0], codes
@@ -801,7 +805,10 @@ def test_a_pause_made_on_one_instance_reaches_every_instance_and_so_does_the_res
     # Each instance at its next sweep; seen through its API by a test that shares two
     # cores with CI's other lanes, so a sweep late by a second or two is scheduling.
     assert all(t - t_ack <= 2 * SWEEP + MARGIN + 2.0 for t in paused_at.values()), reach
-    assert all(t - t_resume <= 2 * SWEEP + MARGIN + 2.0 for t in resumed_at.values()), back
+    # A resume is slower to reach the last one: those that saw it first start the held
+    # back work at once, and the last one's sweep read waits behind it on the shared
+    # server (7.5 s once in CI, with the other lane at work; about 3 s usually).
+    assert all(t - t_resume <= 4 * SWEEP + MARGIN + 8.0 for t in resumed_at.values()), back
     assert held == ["waiting"], f"the repeat's runs not done in the paused queue: {held}"
     unfinished = [r["state"] for r in db.repeat_runs("beat")
                   if epoch(r["createdAt"]) < t_resume and r["state"] != "completed"]

@@ -93,7 +93,10 @@ async def wait_state(ops: Operations, run_id: str, *states: str,
 async def finished(engine: Engine, ops: Operations, data: dict[str, Any], state: str,
                    queue: str = "q") -> str:
     added = await engine.add(queue, data)
-    await wait_state(ops, added.run_id, state)
+    # Settled as the engine says it (its write acknowledged, so counted), not as soon
+    # as the stored state reads so, a moment before.
+    run = await engine.wait_settled(added.run_id, 10)
+    assert run is not None and run["state"] == state, run
     return added.run_id
 
 
