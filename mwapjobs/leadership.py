@@ -123,23 +123,25 @@ class Leadership:
     async def resign(self) -> None:
         """Stop leading for good and free the lease at once (a graceful stop).
 
-        The lease is freed before the leader's work has ended, so the next instance
-        takes over within its `poll_every` however long our clock thread or a leader
-        loop takes to stop (a pass of the clock can wait on MongoDB for seconds). That is
-        safe: we stop acting as the leader first (`leading` is False, so a fire in flight
-        is refused), and what may still be on the wire is idempotent (a repeat's run has
-        a unique slot, leader loops write conditionally), as after a pause."""
+        The leader loops are cancelled first, then the lease is freed, and only then is
+        the clock stopped (`on_lose`): its thread may be in a pass that waits on MongoDB
+        for seconds, and the next instance need not wait for that. That is safe: we no
+        longer act as the leader (`leading` is False, so a fire still on its way is
+        refused), and a fire already written is idempotent (a repeat's run has a unique
+        slot)."""
         self._closed = True
         fence = self.fence
         if fence is None:
             return
         self._step_down("stopping")
+        await self.tasks.stop()
         try:
             await self.store.release(LEASE, self.owner, fence)
         except Exception as exc:  # it runs out by itself within `ttl`
             log.warning("could not release the leader lease", extra={
                 "error": f"{type(exc).__name__}: {exc}"[:300]})
-        await self._end_leader_work()
+        for lose in self._on_lose:
+            await lose()
 
     async def abandon(self) -> None:
         """Stop leading without a word to the database, as a killed process would (tests

@@ -80,7 +80,8 @@ async def test_a_graceful_stop_hands_the_lease_over_at_once(mongo: Mongo) -> Non
 async def test_a_graceful_stop_frees_the_lease_before_the_leaders_work_has_ended(
         mongo: Mongo) -> None:
     """Stopping the clock can wait on MongoDB for seconds (its pass is on the wire): the
-    next instance must not wait for it. The stopping one no longer leads meanwhile."""
+    next instance must not wait for it. The stopping one no longer leads meanwhile, and
+    its leader loops were stopped before the lease was freed."""
     a, b = leader(mongo, "a"), leader(mongo, "b")
     clock_stopped = asyncio.Event()
 
@@ -90,8 +91,18 @@ async def test_a_graceful_stop_frees_the_lease_before_the_leaders_work_has_ended
     async def nothing() -> None:
         pass
 
+    loop_ended = asyncio.Event()
+
+    async def leader_loop() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            loop_ended.set()
+
     a.on_change(nothing, slow_stop)
+    a.keep("leader-loop", leader_loop)
     await a.step()
+    await asyncio.sleep(0)  # the loop is running
     resigning = asyncio.create_task(a.resign())
     await wait_for(lambda: not a.leading)
 
@@ -101,6 +112,7 @@ async def test_a_graceful_stop_frees_the_lease_before_the_leaders_work_has_ended
 
     await wait_for(b_took_it, 5, message="b to take the freed lease")
     assert not resigning.done() and not a.leading  # a's clock is still stopping
+    assert loop_ended.is_set()  # but no leader loop of a's runs beside b's
     clock_stopped.set()
     await resigning
     assert b.leading and not a.leading
