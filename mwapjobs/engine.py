@@ -189,7 +189,8 @@ class Engine:
         self._lost: set[RunId] = set()  # leases another process took over
         self._active_by_queue: dict[str, int] = {}
         self._wake: dict[str, asyncio.Event] = {}
-        self._claiming: dict[str, asyncio.Lock] = {}
+        self._claiming: dict[str, asyncio.Lock] = {}  # a claim and the start of its runs
+        self._claiming_isolated = asyncio.Lock()
         self._due_hint: dict[str, int] = {}  # queue -> runs the due timer saw fall due
         self._woken: set[str] = set()  # queues woken for another reason than the timer
         self._starved: set[str] = set()  # queues that may have more runs than slots
@@ -274,6 +275,11 @@ class Engine:
         await self.leadership.resign()  # another instance may lead at once
         await self.scheduler.shutdown()
         self._timer.stop()
+        # A claim in flight returns runs that are leased to us: they start and drain
+        # with the others (had they started after this point, unseen, the process would
+        # exit under them and they would run again elsewhere).
+        with contextlib.suppress(TimeoutError):
+            await within(self._claims_done(), max(0.0, deadline - time.monotonic()))
         running = list(self._handlers.values())
         if running:
             log.info("waiting for running jobs", extra={"count": len(running),
@@ -316,6 +322,12 @@ class Engine:
         await asyncio.gather(*handlers, return_exceptions=True)
         await self.scheduler.shutdown()
         self._finish_stop()
+
+    async def _claims_done(self) -> None:
+        """Wait for the claims in flight; once not accepting, no claim starts after."""
+        for lock in [*self._claiming.values(), self._claiming_isolated]:
+            async with lock:
+                pass
 
     def _finish_stop(self) -> None:
         self._started = False
@@ -807,14 +819,17 @@ class Engine:
                     with contextlib.suppress(TimeoutError):  # long runs do not hold it up
                         await within(self._idle.wait(), self.settings.lease_seconds)
                     queues = [q for q in self.registry.names() if q not in self._paused]
-                    run = await self.runs.claim_isolated(queues, self.owner, self.clock(),
-                                                         self.settings.lease_seconds)
-                    if run is None:
-                        break
-                    log.info("running a run alone: it was active when its process died",
-                             extra={"runId": str(run["_id"]), "queue": run["queue"],
-                                    "crashes": run.get("crashes")})
-                    task = self._start_run(self.registry.get(run["queue"]), run)
+                    async with self._claiming_isolated:
+                        if not self._accepting:
+                            break
+                        run = await self.runs.claim_isolated(queues, self.owner, self.clock(),
+                                                             self.settings.lease_seconds)
+                        if run is None:
+                            break
+                        log.info("running a run alone: it was active when its process died",
+                                 extra={"runId": str(run["_id"]), "queue": run["queue"],
+                                        "crashes": run.get("crashes")})
+                        task = self._start_run(self.registry.get(run["queue"]), run)
                     await asyncio.wait({task}, timeout=self.settings.lease_seconds)
             finally:
                 self._isolating = False

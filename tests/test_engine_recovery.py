@@ -301,6 +301,42 @@ async def test_stop_lets_a_short_job_finish(make_engine: MakeEngine) -> None:
     assert engine.running is False
 
 
+async def test_stop_drains_the_runs_of_a_claim_in_flight(make_engine: MakeEngine) -> None:
+    """A claim answered after `stop` began leased its runs to this process: they run and
+    their outcomes are written before `stop` returns. Started unseen (or cancelled in
+    the claim), they stay active under an exiting process and run again elsewhere: a
+    second effect after a graceful restart."""
+    ran: list[str] = []
+
+    async def handler(job: Job) -> str:
+        ran.append(job.run_id)
+        return "once"
+
+    engine = await make_engine(registry(handler))
+    gate = asyncio.Event()
+    in_flight = asyncio.Event()
+    claim = engine.runs.claim
+
+    async def slow_claim(queue: str, *args: Any) -> list[dict[str, Any]]:
+        claimed = await claim(queue, *args)
+        if claimed:  # leased in the database; the answer is still on the wire
+            in_flight.set()
+            await gate.wait()
+        return claimed
+
+    engine.runs.claim = slow_claim  # type: ignore[method-assign]
+    added = await engine.add("q", {})
+    await asyncio.wait_for(in_flight.wait(), 5)
+    stopping = asyncio.ensure_future(engine.stop(5))
+    await wait_for(lambda: not engine.running, timeout=5, message="the stop under way")
+    gate.set()
+    await asyncio.wait_for(stopping, 10)
+    run = await doc(engine, added.run_id)
+    assert run["state"] == "completed", run["state"]
+    assert run["result"] == "once"
+    assert ran == [added.run_id]
+    assert "leaseOwner" not in run
+
 async def test_stop_hands_an_unfinished_job_back(make_engine: MakeEngine) -> None:
     started = asyncio.Event()
     cancelled = asyncio.Event()
