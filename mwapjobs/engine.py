@@ -767,6 +767,8 @@ class Engine:
         """Requeue (or fail) every active run of every process that is gone: one whose
         leases expired, or one of this host that no longer runs."""
         dead = await self.runs.expired_owners(now)
+        if self.owner in dead:
+            await self._release_orphans(now)
         dead |= {o for o in await self.runs.active_owners() if owners.owner_is_dead(o, self.owner)}
         dead.discard(self.owner)
         if not dead:
@@ -805,6 +807,22 @@ class Engine:
         if isolate:
             self._isolation.set()
         self.wake()
+
+    async def _release_orphans(self, now: datetime) -> None:
+        """Hand back the runs leased to this process that it does not hold: MongoDB
+        carried out a claim whose answer never came (a timeout, a frozen server), so no
+        handler started them, nothing renews them, and no other process takes a live
+        owner's runs. Claims wait meanwhile, so none in flight is among them."""
+        async with contextlib.AsyncExitStack() as claims:
+            for lock in [*self._claiming.values(), self._claiming_isolated]:
+                await claims.enter_async_context(lock)
+            ids = [i for i in await self.runs.expired_of(self.owner, now)
+                   if i not in self._leased]
+            released = await self.runs.release(ids, self.owner)
+        if released:
+            log.warning("runs claimed for this process but never started (the claim's "
+                        "answer was lost) were handed back", extra={"count": released})
+            self.wake()
 
     async def _isolate(self) -> None:
         """Run, one at a time and alone in this process, the runs that were active at

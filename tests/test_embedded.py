@@ -5,6 +5,7 @@ on random runs, with the engine's own query shapes (the claim's page above all).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,26 +15,27 @@ from bson import ObjectId
 
 from mwapjobs.storage import embedded
 from mwapjobs.storage.embedded import index_collection
-from mwapjobs.storage.mongo import EMBEDDED_INDEXES
+from mwapjobs.storage.mongo import EMBEDDED_INDEXES, EMBEDDED_PAGE_LEADS
 from mwapjobs.storage.names import RUNS
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
 
-def twins(n: int, seed: int) -> tuple[Any, Any]:
+def twins(n: int, seed: int, priorities: Sequence[Any] = (0, 0, 0, 5, -1),
+          missing: float = 0.2) -> tuple[Any, Any]:
     """The same runs in an indexed collection (as the daemon's) and in a plain one."""
     rng = random.Random(seed)
     indexed = mongomock.MongoClient(tz_aware=True).db[RUNS]
     plain = mongomock.MongoClient(tz_aware=True).db[RUNS]
     specs, ordered = EMBEDDED_INDEXES[RUNS]
-    index_collection(indexed, specs, ordered)
+    index_collection(indexed, specs, ordered, EMBEDDED_PAGE_LEADS[RUNS])
     for i in range(n):
         doc = {"_id": i, "queue": rng.choice(["a", "b"]),
                "state": rng.choice(["waiting", "delayed", "active", "completed"]),
-               "priority": rng.choice([0, 0, 0, 5, -1]),
+               "priority": rng.choice(priorities),
                "runAt": T0 + timedelta(seconds=rng.choice([-30, -5, 0, 0, 10, 60])),
                "isolate": rng.random() < 0.1, "data": {"i": i}}
-        if rng.random() < 0.2:
+        if rng.random() < missing:
             del doc["priority"]  # missing fields sort first, as in MongoDB
         indexed.insert_one(dict(doc))
         plain.insert_one(dict(doc))
@@ -66,6 +68,51 @@ def test_a_page_is_plain_mongomocks_page(seed: int) -> None:
         assert all(d["runAt"].tzinfo is not None for d in got)
 
 
+PAGES: list[tuple[Any, Any, int, int]] = [
+    (due("a", T0), ORDER, 0, 100),
+    (due("b", T0), ORDER, 0, 1),
+    (due("a", T0 + timedelta(seconds=30)), ORDER, 5, 20),
+    ({"queue": "b", "state": {"$in": ["waiting", "delayed"]}}, [("runAt", 1)], 0, 1000),
+    ({"state": "delayed", "runAt": {"$lte": T0}}, [("runAt", 1)], 0, 7),
+    ({"queue": "a", "$or": [{"state": "waiting"}, {"state": "waiting", "isolate": True}]},
+     ORDER, 0, 50),  # two branches read one group: each run once
+]
+
+
+@pytest.mark.parametrize("priorities", [(0,), (3, 3.0), (0, 1)], ids=repr)
+def test_a_page_read_in_index_order_is_plain_mongomocks(priorities: Sequence[Any]) -> None:
+    """With one priority in a group, a claim's page is read from the ordered index
+    (only as far as it needs); with several, or after writes, still mongomock's page."""
+    indexed, plain = twins(400, 5, priorities, missing=0)
+    indexes = embedded._indexes(indexed._store)
+    assert indexes is not None
+    read_in_order = indexes.in_sort_order(due("a", T0), ORDER) is not None
+    assert read_in_order == (len(set(priorities)) == 1)
+    rng = random.Random(6)
+    for step in range(60):
+        for query, sort, skip, limit in PAGES:
+            got = list(indexed.find(query).sort(sort).skip(skip).limit(limit))
+            want = list(plain.find(query).sort(sort).skip(skip).limit(limit))
+            assert got == want, (step, query, sort)
+        i = rng.randrange(420)
+        change = rng.choice([
+            {"$set": {"state": rng.choice(["waiting", "delayed", "active"])}},
+            {"$set": {"runAt": T0 + timedelta(seconds=rng.randint(-40, 40))}},
+            {"$set": {"priority": rng.choice([*priorities, True, "x"])}},
+            {"$unset": {"priority": ""}},
+            {"$set": {"queue": rng.choice(["a", "b"]), "isolate": False}},
+        ])
+        delete = rng.random() < 0.1
+        for coll in (indexed, plain):
+            if delete:
+                coll.delete_one({"_id": i})
+            elif i >= 400:
+                coll.insert_one({"_id": i, "queue": "a", "state": "waiting", "isolate": False,
+                                 "priority": priorities[0], "runAt": T0})
+            else:
+                coll.update_one({"_id": i}, change)
+
+
 def test_the_page_follows_writes() -> None:
     indexed, plain = twins(200, 4)
     for coll in (indexed, plain):
@@ -85,14 +132,19 @@ def test_a_page_filters_and_copies_only_what_it_returns(
                           "runAt": T0 + timedelta(microseconds=i), "isolate": False}
                          for i in range(5000)])
     filtered = 0
-    applies = embedded._applies
+    matcher = embedded.matcher
 
-    def counting(spec: Any, doc: Any) -> bool:
-        nonlocal filtered
-        filtered += 1
-        return applies(spec, doc)
+    def counting(spec: Any) -> Callable[[Any], bool]:
+        match = matcher(spec)
 
-    monkeypatch.setattr(embedded, "_applies", counting)
+        def count(doc: Any) -> bool:
+            nonlocal filtered
+            filtered += 1
+            return match(doc)
+
+        return count
+
+    monkeypatch.setattr(embedded, "matcher", counting)
     page = list(indexed.find(due("a", T0)).sort(ORDER).limit(100))
     assert [d["_id"] for d in page] == list(range(100))
     assert filtered == 100  # not the 5,000 candidates

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
+from pymongo.errors import NetworkTimeout
 
 from mwapjobs.engine import Added, Engine, utcnow
 from mwapjobs.operations import Operations
@@ -278,6 +279,37 @@ async def test_overdue_delayed_run_runs_once_after_downtime(make_engine: MakeEng
     assert calls == [added.run_id]
     assert len(run["attempts"]) == 1
     assert (await doc(b, added.run_id))["attemptsMade"] == 1
+
+
+async def test_a_claim_whose_answer_was_lost_is_handed_back_and_run(
+        make_engine: MakeEngine) -> None:
+    """MongoDB carried out the claim but its answer never came (a frozen server, a socket
+    timeout): the run is active under this live process, which does not know it. Once
+    the lease runs out, the sweep hands it back (attempt refunded) and it runs once."""
+    ran: list[int] = []
+
+    async def handler(job: Job) -> str:
+        ran.append(job.attempt)
+        return "ran"
+
+    engine = await make_engine(registry(handler), lease_seconds=0.6, sweep_interval=0.2)
+    claim = engine.runs.claim
+    lost: list[str] = []
+
+    async def answer_lost(queue: str, *args: Any) -> list[dict[str, Any]]:
+        claimed = await claim(queue, *args)
+        if claimed and not lost:
+            lost.extend(str(r["_id"]) for r in claimed)
+            raise NetworkTimeout("timed out (the claim was carried out)")
+        return claimed
+
+    engine.runs.claim = answer_lost  # type: ignore[method-assign]
+    added = await engine.add("q", {})
+    run = await wait_state(engine, added.run_id, "completed")
+    assert lost == [added.run_id]  # the first claim took it, and its answer was lost
+    assert ran == [1]
+    assert run["attemptsMade"] == 1 and len(run["attempts"]) == 1
+    assert "stalledCount" not in run and not run.get("crashes")
 
 
 # -- shutdown ------------------------------------------------------------------------------

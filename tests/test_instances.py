@@ -337,8 +337,17 @@ def beats(db: CrashDb, ps: list[DaemonProcess]) -> Beats:
             met = slots.get(str(e.get("runId"))) if e.get("jobId") == "beat" and str(
                 e.get("message")).startswith("repeat fire skipped") else None
             t = epoch(e["timestamp"])
-            if met is not None and abs(met - grid_slot(t, origin, BEAT)) < 0.01:
-                refired.append(f"slot {met:.2f} fired again at {t:.2f} by pid {p.pid}")
+            # The slot this fire was for, as it says: a late fire of the slot before,
+            # skipped because this slot's run is pending, is not a second fire of it.
+            fired = epoch(e["fireTime"]) if e.get("fireTime") else grid_slot(t, origin, BEAT)
+            if met is not None and abs(met - fired) < 0.01:
+                around = [f"{rel(epoch(x['timestamp']), met)} pid {q.pid}: {x.get('message')}"
+                          for q in ps for x in list(q.lines)
+                          if met - 1 < epoch(x["timestamp"]) < t + 1
+                          and ("lead" in str(x.get("message")) or "clock" in str(
+                              x.get("message")) or x.get("jobId") == "beat")]
+                refired.append(f"slot {met:.2f} fired again at {t:.2f} by pid {p.pid} "
+                               f"(fireTime {e.get('fireTime')}); around it: {sorted(around)}")
     return Beats(origin, runs, sorted(fires), double_fires(runs, origin, BEAT), refired)
 
 

@@ -77,6 +77,9 @@ EMBEDDED_INDEXES: dict[str, tuple[list[tuple[str, ...]], list[tuple[tuple[str, .
                     [(("projectId",), "syncStatus.lastSync")]),
     FILE_WALK: ([("projectId",), ("projectId", "folderId")], []),
 }
+# The field a collection's pages sort by before an ordered index's date: a claim's
+# (priority, runAt) page is then read in index order (see `HashIndexes.in_sort_order`).
+EMBEDDED_PAGE_LEADS: dict[str, str] = {RUNS: "priority"}
 
 
 class StoreUnavailable(Exception):
@@ -217,7 +220,8 @@ class Mongo:
         APScheduler), or a real pymongo client plus its motor twin."""
         if isinstance(sync_client, mongomock.MongoClient):
             for name, (specs, ordered) in EMBEDDED_INDEXES.items():
-                index_collection(sync_client[db_name][name], specs, ordered)
+                index_collection(sync_client[db_name][name], specs, ordered,
+                                 EMBEDDED_PAGE_LEADS.get(name))
             shared: Any = AsyncMongoMockClient(mock_mongo_client=sync_client, tz_aware=True)
             return cls(shared, db_name, lambda: sync_client, embedded=True)
         if async_client is None:

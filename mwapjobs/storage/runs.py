@@ -526,6 +526,14 @@ class RunStore:
                                          {"state": "active", "leaseUntil": {"$lt": now}}))
         return {str(o) for o in owners if o}
 
+    async def expired_of(self, owner: str, now: datetime) -> list[ObjectId]:
+        """The active runs of `owner` whose lease ran out."""
+        docs = await self._mongo.call(
+            lambda db: db[RUNS].find(
+                {"state": "active", "leaseOwner": owner, "leaseUntil": {"$lt": now}},
+                {"_id": 1}).to_list(None))
+        return [d["_id"] for d in docs]
+
     async def active_of(self, owners: Iterable[str]) -> list[dict[str, Any]]:
         """The active runs of these (dead) processes."""
         found: list[dict[str, Any]] = await self._mongo.call(
