@@ -710,17 +710,19 @@ class Engine:
             for waiter in self._waiters.pop(run_id, ()):
                 if not waiter.done():
                     waiter.set_result(None)
-            logged = {**payload, "data": redact(payload["data"])}
             if item.event == "completed":
-                log.debug("run completed", extra={"runId": payload["runId"],
-                                                  "queue": item.queue,
-                                                  "durationMs": payload["durationMs"]})
-            elif item.event == "failed":
-                log.warning("job failed", extra=logged)
-            elif item.event == "retrying":
-                log.info("job will be retried", extra=logged)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("run completed", extra={"runId": payload["runId"],
+                                                      "queue": item.queue,
+                                                      "durationMs": payload["durationMs"]})
             else:
-                log.info("job postponed", extra=logged)
+                logged = {**payload, "data": redact(payload["data"])}
+                if item.event == "failed":
+                    log.warning("job failed", extra=logged)
+                elif item.event == "retrying":
+                    log.info("job will be retried", extra=logged)
+                else:
+                    log.info("job postponed", extra=logged)
             await self._emit(item.event, payload)  # type: ignore[arg-type]
 
     async def _renew(self) -> None:

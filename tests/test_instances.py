@@ -317,6 +317,11 @@ class Beats:
     fires: list[float]  # when a leader fired: a run created, or a fire skipped
     doubled: dict[str, list[float]]  # slot -> createdAt of its runs, where more than one
     refired: list[str]  # fires for a slot whose run was written already (the index caught)
+    # (Not those of a new leader's first pass, for the slot the old one wrote as it
+    # stepped down: `Leadership.resign` frees the lease before the old clock's pass has
+    # moved the trigger on, by design, and the slot's unique index makes that refire a
+    # no-op. Counted here, so that a report can say so.)
+    handover_refires: list[str] = field(default_factory=list)
 
 
 def slot_of(run: dict[str, Any]) -> float:
@@ -329,7 +334,8 @@ def beats(db: CrashDb, ps: list[DaemonProcess]) -> Beats:
     runs = db.repeat_runs("beat")
     slots = {str(r["_id"]): slot_of(r) for r in runs}
     fires = [epoch(r["createdAt"]) for r in runs]
-    refired = []
+    refired: list[str] = []
+    handover: list[str] = []
     for p in ps:
         for t in skip_times(p, "beat"):  # "repeat fire skipped: the previous run is pending"
             fires.append(t)
@@ -346,9 +352,13 @@ def beats(db: CrashDb, ps: list[DaemonProcess]) -> Beats:
                           if met - 1 < epoch(x["timestamp"]) < t + 1
                           and ("lead" in str(x.get("message")) or "clock" in str(
                               x.get("message")) or x.get("jobId") == "beat")]
-                refired.append(f"slot {met:.2f} fired again at {t:.2f} by pid {p.pid} "
-                               f"(fireTime {e.get('fireTime')}); around it: {sorted(around)}")
-    return Beats(origin, runs, sorted(fires), double_fires(runs, origin, BEAT), refired)
+                text = (f"slot {met:.2f} fired again at {t:.2f} by pid {p.pid} "
+                        f"(fireTime {e.get('fireTime')}); around it: {sorted(around)}")
+                new_leader = lead_lines(p, "this instance leads now", after=met - BEAT,
+                                        before=t)
+                (handover if new_leader else refired).append(text)
+    return Beats(origin, runs, sorted(fires), double_fires(runs, origin, BEAT), refired,
+                 handover)
 
 
 def late(b: Beats, start: float, end: float, tolerance: float = 2 * BEAT,

@@ -72,8 +72,13 @@ class _Unhashable(Exception):
     pass
 
 
+_HASHABLE = frozenset({str, int, float, bool, type(None), ObjectId, datetime})
+
+
 def _key(value: Any) -> Any:
     """A value as an index key; arrays and documents are not indexed (see `_wild`)."""
+    if type(value) in _HASHABLE:  # most are: no `hash` to try
+        return value
     if isinstance(value, list | dict):
         raise _Unhashable
     try:
@@ -84,6 +89,8 @@ def _key(value: Any) -> Any:
 
 
 def _field(doc: dict[str, Any], name: str) -> Any:
+    if "." not in name:
+        return doc.get(name)
     value: Any = doc
     for part in name.split("."):
         if not isinstance(value, dict):
@@ -158,7 +165,11 @@ class HashIndexes:
             if old is not None:
                 self._unlist(spec, old, rank)
             if key is not None:
-                self._entries[spec].setdefault(key, set()).add(rank)
+                entries = self._entries[spec]
+                ranks = entries.get(key)
+                if ranks is None:
+                    ranks = entries[key] = set()
+                ranks.add(rank)
         self._keys[rank] = keys
         dates: list[Any] = []
         lead_value = _lead_key(value.get(self.lead)) if self.lead else None
@@ -177,14 +188,20 @@ class HashIndexes:
                 if old_entry is not None and old_key in groups:
                     groups[old_key].discard(old_entry)
                 if entry is not None:
-                    groups.setdefault(key, SortedList()).add(entry)
+                    group = groups.get(key)
+                    if group is None:
+                        group = groups[key] = SortedList()
+                    group.add(entry)
             if self.lead and ((entry is None) != (old_entry is None) or key != old_key
                               or lead_value != old_lead):
                 leads = self._leads[(spec, field)]
                 if old_entry is not None:
                     _uncount(leads, old_key, old_lead)
                 if entry is not None:
-                    leads.setdefault(key, Counter())[lead_value] += 1
+                    counts = leads.get(key)
+                    if counts is None:
+                        counts = leads[key] = Counter()
+                    counts[lead_value] += 1
             dates.append(entry)
         if self.lead:
             self._lead_of[rank] = lead_value
@@ -460,7 +477,7 @@ def _combos(spec: tuple[str, ...], query: dict[str, Any]) -> list[tuple[Any, ...
 def _indexed(key: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """A key as the index keeps it: None (not indexed) when every field is null or
     missing, as most runs' `key`, `slot`, `claimToken`, `writeToken` and `jobId` are."""
-    return None if all(part is None for part in key) else key
+    return None if key.count(None) == len(key) else key
 
 
 def _date_bounds(condition: Any) -> tuple[datetime | None, datetime | None] | None:
