@@ -105,10 +105,11 @@ class HashIndexes:
 
     def __init__(self, specs: Sequence[tuple[str, ...]],
                  ordered: Sequence[tuple[tuple[str, ...], str]] = (),
-                 lead: str | None = None) -> None:
-        """`lead`: a field pages may sort by before an ordered index's date (the runs'
-        `priority`); its values are counted per ordered group, so a page of a group
-        where it is one value is read in the group's date order (`in_sort_order`)."""
+                 lead: tuple[str, tuple[tuple[str, ...], str]] | None = None) -> None:
+        """`lead`: (a field, an index of `ordered`): pages may sort by the field before
+        the index's date (the runs' `priority`, then `runAt`); its values are counted
+        per group of that index, so a page of groups where it is one value is read in
+        the index's order (`in_sort_order`)."""
         self.specs = sorted({*specs, *(spec for spec, _ in ordered)}, key=len, reverse=True)
         # Every set and ordered entry holds documents by their insertion rank, an int:
         # mongomock's order is insertion order, so sorting ranks is sorting documents,
@@ -125,14 +126,14 @@ class HashIndexes:
         self._keys: dict[int, tuple[Any, ...]] = {}
         self._dates: dict[int, tuple[Any, ...]] = {}
         self._spec_at = {spec: i for i, spec in enumerate(self.specs)}
-        self.lead = lead
-        # Per ordered index and group: how many of its dated documents have each value
-        # of `lead`; and per rank, the value counted.
-        self._leads: dict[tuple[tuple[str, ...], str], dict[Any, Counter[Any]]] = {
-            o: {} for o in self.ordered}
+        self.lead: str | None = lead[0] if lead else None
+        self._led = self.ordered.index(lead[1]) if lead else -1  # the index it leads
+        # Per group of that index: how many of its dated documents have each value of
+        # the lead; and per rank, the value counted.
+        self._leads: dict[Any, Counter[Any]] = {}
         self._lead_of: dict[int, Any] = {}
         self._fields = sorted({f for spec in self.specs for f in spec} | (
-            {lead} if lead else set()))
+            {self.lead} if self.lead else set()))
         self._wild: set[int] = set()  # documents with an array or document in a field
         self._rank: dict[Any, int] = {}  # _id -> insertion rank
         self._id_at: dict[int, Any] = {}  # insertion rank -> _id
@@ -192,9 +193,9 @@ class HashIndexes:
                     if group is None:
                         group = groups[key] = SortedList()
                     group.add(entry)
-            if self.lead and ((entry is None) != (old_entry is None) or key != old_key
-                              or lead_value != old_lead):
-                leads = self._leads[(spec, field)]
+            if j == self._led and ((entry is None) != (old_entry is None)
+                                   or key != old_key or lead_value != old_lead):
+                leads = self._leads
                 if old_entry is not None:
                     _uncount(leads, old_key, old_lead)
                 if entry is not None:
@@ -230,14 +231,14 @@ class HashIndexes:
         lead_value = self._lead_of.pop(rank, None)
         if keys is None:
             return
-        for (spec, field), entry in zip(self.ordered, self._dates.pop(rank, ()),
-                                        strict=False):
+        for j, ((spec, field), entry) in enumerate(zip(self.ordered, self._dates.pop(rank, ()),
+                                                       strict=False)):
             key = keys[self._spec_at[spec]]
             group = self._sorted[(spec, field)].get(key)
             if group is not None and entry is not None:
                 group.discard(entry)
-                if self.lead:
-                    _uncount(self._leads[(spec, field)], key, lead_value)
+                if j == self._led:
+                    _uncount(self._leads, key, lead_value)
         for spec, key in zip(self.specs, keys, strict=True):
             if key is not None:
                 self._unlist(spec, key, rank)
@@ -247,8 +248,7 @@ class HashIndexes:
             entries.clear()
         for groups in self._sorted.values():
             groups.clear()
-        for leads in self._leads.values():
-            leads.clear()
+        self._leads.clear()
         self._lead_of.clear()
         self._dates.clear()
         self._keys.clear()
@@ -359,15 +359,14 @@ class HashIndexes:
             led = False
         if len(sort) != 1 or sort[0][1] != 1:
             return None
-        for spec, field in self.ordered:
-            if field != sort[0][0]:
+        for j, (spec, field) in enumerate(self.ordered):
+            if field != sort[0][0] or (led and j != self._led):
                 continue
             slices = self._slices(spec, field, query)
             if slices is None:
                 continue
             groups = self._sorted[(spec, field)]
             entries = self._entries[spec]
-            leads = self._leads[(spec, field)]
             seen: set[Any] = set()
             streams = []
             for key, low, high in slices:
@@ -377,7 +376,7 @@ class HashIndexes:
                 if not group:
                     continue
                 if led:
-                    seen.update(leads[key])
+                    seen.update(self._leads[key])
                     if len(seen) > 1 or _ODD in seen:
                         return None  # the lead orders them first
                 start = 0 if low is None else group.bisect_left((low,))
@@ -932,7 +931,7 @@ _Store.drop = _drop
 
 def index_collection(collection: Any, specs: Sequence[tuple[str, ...]] = (),
                      ordered: Sequence[tuple[tuple[str, ...], str]] = (),
-                     lead: str | None = None) -> None:
+                     lead: tuple[str, tuple[tuple[str, ...], str]] | None = None) -> None:
     """Give a mongomock collection hash indexes on `specs` (tuples of field names),
     and on `ordered` ((fields, date field) pairs) the same ordered by the date, pages
     sorted by `lead` then the date read in that order (see `HashIndexes`); `_id`

@@ -64,7 +64,7 @@ DEFAULT_EMBEDDED_DB = "mwap"
 EMBEDDED_INDEXES: dict[str, tuple[list[tuple[str, ...]], list[tuple[tuple[str, ...], str]]]] = {
     RUNS: ([("key",), ("slot",), ("claimToken",), ("writeToken",), ("jobId",)],
            [(("queue", "state"), "runAt"), (("state",), "runAt"),
-            (("queue", "state"), "finishedAt"), (("state",), "leaseUntil")]),
+            (("queue", "state"), "finishedAt")]),
     INTEGRATIONS: ([], [((), "updatedAt")]),
     PROVIDERS: ([], []),
     TENANTS: ([("ownerId",)], []),
@@ -77,9 +77,10 @@ EMBEDDED_INDEXES: dict[str, tuple[list[tuple[str, ...]], list[tuple[tuple[str, .
                     [(("projectId",), "syncStatus.lastSync")]),
     FILE_WALK: ([("projectId",), ("projectId", "folderId")], []),
 }
-# The field a collection's pages sort by before an ordered index's date: a claim's
+# The field a collection's pages sort by before one ordered index's date: a claim's
 # (priority, runAt) page is then read in index order (see `HashIndexes.in_sort_order`).
-EMBEDDED_PAGE_LEADS: dict[str, str] = {RUNS: "priority"}
+EMBEDDED_PAGE_LEADS: dict[str, tuple[str, tuple[tuple[str, ...], str]]] = {
+    RUNS: ("priority", (("queue", "state"), "runAt"))}
 
 
 class StoreUnavailable(Exception):
