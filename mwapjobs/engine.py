@@ -609,8 +609,9 @@ class Engine:
             deadline=as_utc(run["deadline"]) if run.get("deadline") else None,
         )
         started_at = self.clock()
-        log.debug("run started", extra={"runId": job.run_id, "queue": job.queue,
-                                        "jobId": job.job_id, "attempt": job.attempt})
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("run started", extra={"runId": job.run_id, "queue": job.queue,
+                                            "jobId": job.job_id, "attempt": job.attempt})
         t0 = time.monotonic()
         error: BaseException | None = None
         result: Any = None

@@ -109,6 +109,7 @@ class DaemonMetrics:
         self.sources: list[Source] = [Source("queue_stats", self._queue_stats,
                                              self._queue_families)]
         self._snapshot: dict[str, Any] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
 
         self.attempts = Counter(
@@ -142,20 +143,30 @@ class DaemonMetrics:
         queue = str(run.get("queue") or "")
         if event == "stalled":
             moved_to = str(run.get("movedTo") or "unknown")
-            self.stalled.labels(queue, moved_to).inc()
+            self._child(self.stalled, queue, moved_to).inc()
             if moved_to == "failed":
-                self.failures.labels(queue, "stalled").inc()
+                self._child(self.failures, queue, "stalled").inc()
             return
         if event not in ATTEMPT_OUTCOMES:
             return
-        self.attempts.labels(queue, event).inc()
+        self._child(self.attempts, queue, event).inc()
         duration_ms = run.get("durationMs")
         if isinstance(duration_ms, int | float):  # every attempt, failed ones included
-            self.durations.labels(queue).observe(duration_ms / 1000)
+            self._child(self.durations, queue).observe(duration_ms / 1000)
         if event == "retrying":
-            self.retries.labels(queue).inc()
+            self._child(self.retries, queue).inc()
         elif event == "failed":
-            self.failures.labels(queue, failure_kind(run)).inc()
+            self._child(self.failures, queue, failure_kind(run)).inc()
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, looked up once: prometheus_client takes a lock and
+        checks the values at every call, twice per run in a burst. (No label set is
+        ever removed from these families, so a child once made stays theirs.)"""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def _init_labels(self) -> None:
         """Make every known series exist (at 0) before its first event, so rates and

@@ -126,6 +126,10 @@ class HashIndexes:
         self._keys: dict[int, tuple[Any, ...]] = {}
         self._dates: dict[int, tuple[Any, ...]] = {}
         self._spec_at = {spec: i for i, spec in enumerate(self.specs)}
+        # Per ordered index, in order: its date field, where its spec's key is in a
+        # document's keys, and its groups (what `put` reads for every write).
+        self._ordered_at = [(field, self._spec_at[spec], self._sorted[(spec, field)])
+                            for spec, field in self.ordered]
         self.lead: str | None = lead[0] if lead else None
         self._led = self.ordered.index(lead[1]) if lead else -1  # the index it leads
         # Per group of that index: how many of its dated documents have each value of
@@ -149,12 +153,17 @@ class HashIndexes:
         if rank is None:
             rank = self._rank[_id] = next(self._next)
             self._id_at[rank] = _id
-        try:
-            value = {f: _key(_field(doc, f)) for f in self._fields}  # each field once
-        except _Unhashable:
-            self._unindex(rank)
-            self._wild.add(rank)
-            return
+        value: dict[str, Any] = {}  # each field once; a loop, as this runs per write
+        for f in self._fields:
+            v = doc.get(f) if "." not in f else _field(doc, f)
+            if type(v) not in _HASHABLE:
+                try:
+                    v = _key(v)
+                except _Unhashable:
+                    self._unindex(rank)
+                    self._wild.add(rank)
+                    return
+            value[f] = v
         keys = tuple(_indexed(tuple(map(value.__getitem__, spec))) for spec in self.specs)
         self._wild.discard(rank)
         old_keys = self._keys.get(rank)
@@ -175,17 +184,15 @@ class HashIndexes:
         dates: list[Any] = []
         lead_value = _lead_key(value.get(self.lead)) if self.lead else None
         old_lead = self._lead_of.get(rank)
-        for j, (spec, field) in enumerate(self.ordered):
-            when = _field(doc, field)
-            at = self._spec_at[spec]
+        for j, (field, at, groups) in enumerate(self._ordered_at):
+            when = doc.get(field) if "." not in field else _field(doc, field)
             key = keys[at]
             entry = None
             if key is not None and isinstance(when, datetime):
-                entry = (_utc_naive(when), rank)
+                entry = (when if when.tzinfo is None else _utc_naive(when), rank)
             old_entry = old_dates[j] if j < len(old_dates) else None
             old_key = old_keys[at] if old_keys is not None else None
             if entry != old_entry or key != old_key:
-                groups = self._sorted[(spec, field)]
                 if old_entry is not None and old_key in groups:
                     groups[old_key].discard(old_entry)
                 if entry is not None:
