@@ -693,10 +693,11 @@ def _copy_out(value: Any, aware: bool) -> Any:
     kind = type(value)
     if kind in _IMMUTABLE:
         return value
-    if kind is dict:
-        return {k: _copy_out(v, aware) for k, v in value.items()}
+    if kind is dict:  # (immutable values inline: most are, and a call each was most)
+        return {k: v if type(v) in _IMMUTABLE else _copy_out(v, aware)
+                for k, v in value.items()}
     if kind is list:
-        return [_copy_out(v, aware) for v in value]
+        return [v if type(v) in _IMMUTABLE else _copy_out(v, aware) for v in value]
     if kind is datetime:
         return value.replace(tzinfo=_UTC) if aware else value
     copied = _copy_field(value, dict)
@@ -711,9 +712,9 @@ def _stored(value: Any) -> Any:
     if kind in _IMMUTABLE:
         return value
     if kind is dict:
-        return {k: _stored(v) for k, v in value.items()}
+        return {k: v if type(v) in _IMMUTABLE else _stored(v) for k, v in value.items()}
     if kind is list:
-        return [_stored(v) for v in value]
+        return [v if type(v) in _IMMUTABLE else _stored(v) for v in value]
     if kind is datetime:
         mongo_us = (value.microsecond // 1000) * 1000
         if value.tzinfo:
@@ -864,16 +865,23 @@ def _update(self: Any, spec: Any, document: Any, upsert: bool = False,
     check_unique = bool(touched & _unique_fields(self))
     modified = 0
     for existing in matches:
-        before = dict(existing)
+        # Only the touched fields change: what they held is enough to tell whether the
+        # document changed, and to restore it.
+        before = {name: existing.get(name, _MISSING) for name in touched}
         _apply_simple(existing, update, share=len(matches) == 1)
-        if existing == before:
+        if all(existing.get(name, _MISSING) == old for name, old in before.items()):
             continue
         indexes.put(existing)  # before the unique check: it looks through the indexes
         if check_unique:
             try:
                 self._ensure_uniques(existing)
             except DuplicateKeyError:
-                self._store[before["_id"]] = before  # restored, and indexed again
+                for name, old in before.items():
+                    if old is _MISSING:
+                        existing.pop(name, None)
+                    else:
+                        existing[name] = old
+                indexes.put(existing)
                 raise
         modified += 1
     matched = len(matches)
