@@ -15,7 +15,11 @@ from bson import ObjectId
 
 from mwapjobs.storage import embedded
 from mwapjobs.storage.embedded import index_collection
-from mwapjobs.storage.mongo import EMBEDDED_INDEXES, EMBEDDED_PAGE_LEADS
+from mwapjobs.storage.mongo import (
+    EMBEDDED_INDEXES,
+    EMBEDDED_ORDERED_ONLY,
+    EMBEDDED_PAGE_LEADS,
+)
 from mwapjobs.storage.names import RUNS
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -28,7 +32,8 @@ def twins(n: int, seed: int, priorities: Sequence[Any] = (0, 0, 0, 5, -1),
     indexed = mongomock.MongoClient(tz_aware=True).db[RUNS]
     plain = mongomock.MongoClient(tz_aware=True).db[RUNS]
     specs, ordered = EMBEDDED_INDEXES[RUNS]
-    index_collection(indexed, specs, ordered, EMBEDDED_PAGE_LEADS[RUNS])
+    index_collection(indexed, specs, ordered, EMBEDDED_PAGE_LEADS[RUNS],
+                     EMBEDDED_ORDERED_ONLY[RUNS])
     for i in range(n):
         doc = {"_id": i, "queue": rng.choice(["a", "b"]),
                "state": rng.choice(["waiting", "delayed", "active", "completed"]),
@@ -201,7 +206,8 @@ def update_twins(n: int, seed: int) -> tuple[Any, Any, list[Any]]:
     pair = (mongomock.MongoClient(tz_aware=True).db[RUNS],
             mongomock.MongoClient(tz_aware=True).db[RUNS])
     specs, ordered = EMBEDDED_INDEXES[RUNS]
-    index_collection(pair[0], specs, ordered)
+    index_collection(pair[0], specs, ordered, EMBEDDED_PAGE_LEADS[RUNS],
+                     EMBEDDED_ORDERED_ONLY[RUNS])
     for coll in pair:
         coll.create_index("slot", unique=True,
                           partialFilterExpression={"slot": {"$exists": True}})

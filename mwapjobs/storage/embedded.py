@@ -51,7 +51,7 @@ import heapq
 import itertools
 import operator
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -105,11 +105,16 @@ class HashIndexes:
 
     def __init__(self, specs: Sequence[tuple[str, ...]],
                  ordered: Sequence[tuple[tuple[str, ...], str]] = (),
-                 lead: tuple[str, tuple[tuple[str, ...], str]] | None = None) -> None:
+                 lead: tuple[str, tuple[tuple[str, ...], str]] | None = None,
+                 only: Mapping[tuple[tuple[str, ...], str], tuple[str, Iterable[Any]]]
+                 | None = None) -> None:
         """`lead`: (a field, an index of `ordered`): pages may sort by the field before
         the index's date (the runs' `priority`, then `runAt`); its values are counted
         per group of that index, so a page of groups where it is one value is read in
-        the index's order (`in_sort_order`)."""
+        the index's order (`in_sort_order`). `only`: per index of `ordered`, (a field of
+        its spec, values): the groups it keeps in order (the runs' `runAt` matters while
+        they wait, `finishedAt` once finished); a query of other groups is answered
+        without it, and a write there moves nothing in it."""
         self.specs = sorted({*specs, *(spec for spec, _ in ordered)}, key=len, reverse=True)
         # Every set and ordered entry holds documents by their insertion rank, an int:
         # mongomock's order is insertion order, so sorting ranks is sorting documents,
@@ -130,6 +135,12 @@ class HashIndexes:
         # document's keys, and its groups (what `put` reads for every write).
         self._ordered_at = [(field, self._spec_at[spec], self._sorted[(spec, field)])
                             for spec, field in self.ordered]
+        # Per ordered index: None (every group), or where the field of `only` is in its
+        # spec's key and the values kept.
+        self._only: list[tuple[int, frozenset[Any]] | None] = [
+            (spec.index(rule[0]), frozenset(rule[1])) if rule else None
+            for spec, field in self.ordered
+            for rule in [(only or {}).get((spec, field))]]
         self.lead: str | None = lead[0] if lead else None
         self._led = self.ordered.index(lead[1]) if lead else -1  # the index it leads
         # Per group of that index: how many of its dated documents have each value of
@@ -188,7 +199,9 @@ class HashIndexes:
             when = doc.get(field) if "." not in field else _field(doc, field)
             key = keys[at]
             entry = None
-            if key is not None and isinstance(when, datetime):
+            rule = self._only[j]
+            if key is not None and isinstance(when, datetime) and (
+                    rule is None or key[rule[0]] in rule[1]):
                 entry = (when if when.tzinfo is None else _utc_naive(when), rank)
             old_entry = old_dates[j] if j < len(old_dates) else None
             old_key = old_keys[at] if old_keys is not None else None
@@ -317,7 +330,7 @@ class HashIndexes:
         if bounds is None:
             return None
         combos = _combos(spec, query)
-        if combos is None:
+        if combos is None or not self._keeps(spec, field, combos):
             return None
         low, high = bounds
         found: set[int] = set()
@@ -329,6 +342,12 @@ class HashIndexes:
                 stop = len(group) if high is None else group.bisect_right((high, _TOP))
                 found.update(map(_rank_of, group.islice(start, stop)))
         return found
+
+    def _keeps(self, spec: tuple[str, ...], field: str,
+               combos: list[tuple[Any, ...]]) -> bool:
+        """Whether the ordered index (`spec`, `field`) keeps all these groups."""
+        rule = self._only[self.ordered.index((spec, field))]
+        return rule is None or all(combo[rule[0]] in rule[1] for combo in combos)
 
     def exact_count(self, query: Any) -> int | None:
         """The number of matches of a query that is exactly an indexed equality."""
@@ -417,7 +436,7 @@ class HashIndexes:
                 out += found
             return out
         combos = _combos(spec, query)
-        if combos is None:
+        if combos is None or not self._keeps(spec, field, combos):
             return None
         low = high = None
         if field in query:
@@ -946,7 +965,9 @@ _Store.drop = _drop
 
 def index_collection(collection: Any, specs: Sequence[tuple[str, ...]] = (),
                      ordered: Sequence[tuple[tuple[str, ...], str]] = (),
-                     lead: tuple[str, tuple[tuple[str, ...], str]] | None = None) -> None:
+                     lead: tuple[str, tuple[tuple[str, ...], str]] | None = None,
+                     only: Mapping[tuple[tuple[str, ...], str], tuple[str, Iterable[Any]]]
+                     | None = None) -> None:
     """Give a mongomock collection hash indexes on `specs` (tuples of field names),
     and on `ordered` ((fields, date field) pairs) the same ordered by the date, pages
     sorted by `lead` then the date read in that order (see `HashIndexes`); `_id`
@@ -954,7 +975,7 @@ def index_collection(collection: Any, specs: Sequence[tuple[str, ...]] = (),
     store = collection._store
     if _indexes(store) is not None:
         return
-    indexes = HashIndexes(specs, ordered, lead)
+    indexes = HashIndexes(specs, ordered, lead, only)
     for document in list(store._documents.values()):
         indexes.put(document)
     setattr(store, _ATTR, indexes)

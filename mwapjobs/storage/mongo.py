@@ -81,6 +81,13 @@ EMBEDDED_INDEXES: dict[str, tuple[list[tuple[str, ...]], list[tuple[tuple[str, .
 # (priority, runAt) page is then read in index order (see `HashIndexes.in_sort_order`).
 EMBEDDED_PAGE_LEADS: dict[str, tuple[str, tuple[tuple[str, ...], str]]] = {
     RUNS: ("priority", (("queue", "state"), "runAt"))}
+# The groups an ordered index keeps (by a field of its spec): a run's `runAt` is read
+# while it waits, its `finishedAt` once it finished, so a claim or an outcome moves
+# fewer entries (other groups' queries are answered by the hash index of the group).
+EMBEDDED_ORDERED_ONLY: dict[str, dict[tuple[tuple[str, ...], str], tuple[str, tuple[str, ...]]]] = {
+    RUNS: {(("queue", "state"), "runAt"): ("state", ("waiting", "delayed")),
+           (("state",), "runAt"): ("state", ("waiting", "delayed")),
+           (("queue", "state"), "finishedAt"): ("state", ("completed", "failed"))}}
 
 
 class StoreUnavailable(Exception):
@@ -222,7 +229,8 @@ class Mongo:
         if isinstance(sync_client, mongomock.MongoClient):
             for name, (specs, ordered) in EMBEDDED_INDEXES.items():
                 index_collection(sync_client[db_name][name], specs, ordered,
-                                 EMBEDDED_PAGE_LEADS.get(name))
+                                 EMBEDDED_PAGE_LEADS.get(name),
+                                 EMBEDDED_ORDERED_ONLY.get(name))
             shared: Any = AsyncMongoMockClient(mock_mongo_client=sync_client, tz_aware=True)
             return cls(shared, db_name, lambda: sync_client, embedded=True)
         if async_client is None:
