@@ -211,6 +211,7 @@ def update_twins(n: int, seed: int) -> tuple[Any, Any, list[Any]]:
     for coll in pair:
         coll.create_index("slot", unique=True,
                           partialFilterExpression={"slot": {"$exists": True}})
+        coll.create_index("key", unique=True, sparse=True)  # as the dedupe key's
     for i, _id in enumerate(ids):
         doc = {"_id": _id, "queue": rng.choice(["a", "b"]),
                "state": rng.choice(["waiting", "delayed", "active"]),
@@ -237,11 +238,13 @@ def random_update(rng: random.Random, ids: list[Any]) -> tuple[dict[str, Any], d
             ("leaseOwner", "me"),
             ("leaseUntil", T0 + timedelta(microseconds=rng.randint(0, 10**6))),
             ("error", {"type": "E", "at": T0}), ("slot", f"s{rng.randint(0, 3)}"),
+            ("key", f"k{rng.randint(0, 2)}"),
             ("runAt", datetime(2026, 12, 1, 13, 0))], rng.randint(1, 3))}
     if rng.random() < 0.4:
         update["$inc"] = {"attemptsMade": rng.choice([1, -1, 0])}
     if rng.random() < 0.3:
-        update["$unset"] = {rng.choice(["leaseOwner", "claimToken", "missing"]): ""}
+        update["$unset"] = {rng.choice(["leaseOwner", "claimToken", "missing", "key",
+                                        "slot"]): ""}
     if rng.random() < 0.3:
         update["$push"] = {"attempts": {"n": rng.randint(1, 9), "at": T0}}
     if not update or rng.random() < 0.05:

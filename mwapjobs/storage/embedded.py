@@ -175,7 +175,8 @@ class HashIndexes:
                     self._wild.add(rank)
                     return
             value[f] = v
-        keys = tuple(_indexed(tuple(map(value.__getitem__, spec))) for spec in self.specs)
+        parts = [tuple(map(value.__getitem__, spec)) for spec in self.specs]
+        keys = tuple([k if k.count(None) != len(k) else None for k in parts])  # `_indexed`
         self._wild.discard(rank)
         old_keys = self._keys.get(rank)
         old_dates = self._dates.get(rank, ())
@@ -839,16 +840,21 @@ def _keep(value: Any) -> Any:
     return value
 
 
-def _unique_fields(collection: Any) -> set[str]:
+def _unique_fields(collection: Any) -> tuple[set[str], set[str]]:
     """The top-level fields a unique index of the collection reads (its key and partial
-    filter): a write that changes none of them cannot break uniqueness."""
+    filter): a write that changes none of them cannot break uniqueness; and those of
+    them whose removal can (a key of an index that is not sparse, where a missing value
+    is a null like another's, or a field of a partial filter). Removing the key of a
+    sparse index only takes the document out of it, as an outcome frees its dedupe key."""
     fields: set[str] = set()
+    removal: set[str] = set()
 
     def names(expression: Any) -> None:
         if isinstance(expression, dict):
             for key, value in expression.items():
                 if not str(key).startswith("$"):
                     fields.add(str(key).split(".")[0])
+                    removal.add(str(key).split(".")[0])
                 names(value)
         elif isinstance(expression, list):
             for item in expression:
@@ -856,9 +862,12 @@ def _unique_fields(collection: Any) -> set[str]:
 
     for index in collection._store.indexes.values():
         if index.get("unique"):
-            fields.update(str(key).split(".")[0] for key, _ in index.get("key", ()))
+            keys = {str(key).split(".")[0] for key, _ in index.get("key", ())}
+            fields.update(keys)
+            if not index.get("sparse"):
+                removal.update(keys)
             names(index.get("partialFilterExpression"))
-    return fields
+    return fields, removal
 
 
 def _update(self: Any, spec: Any, document: Any, upsert: bool = False,
@@ -881,7 +890,10 @@ def _update(self: Any, spec: Any, document: Any, upsert: bool = False,
             self, spec, document, upsert, manipulate, multi, check_keys, **options)
         return result
     touched = {name for fields in update.values() for name in fields}
-    check_unique = bool(touched & _unique_fields(self))
+    unique, removal = _unique_fields(self)
+    removed = update.get("$unset", {})
+    check_unique = any(name in removal if name in removed else name in unique
+                       for name in touched)
     modified = 0
     for existing in matches:
         # Only the touched fields change: what they held is enough to tell whether the
