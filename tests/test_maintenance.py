@@ -224,9 +224,14 @@ async def test_history_is_archived_to_readable_files_then_deleted(
     [note] = await mongo.call(lambda db: db[INTEGRATION_STATE].find({}).to_list(None))
     assert [e["outcome"] for e in note["health"]["history"]] == ["healthy"]
 
-    today = NOW.date().isoformat()
-    runs_file = archive / RUNS / f"{RUNS}-{today}.ndjson.gz"
-    archived_runs = read_archive(runs_file)
+    # One file per UTC day the runs finished on (two if the test ran across midnight).
+    runs_files = sorted((archive / RUNS).glob(f"{RUNS}-*.ndjson.gz"))
+    archived_runs = [r for f in runs_files for r in read_archive(f)]
+    for f in runs_files:
+        for r in read_archive(f):
+            day = datetime.fromisoformat(str(r["finishedAt"]["$date"]).replace("Z", "+00:00"))
+            assert f.name == f"{RUNS}-{day.astimezone(UTC).date().isoformat()}.ndjson.gz"
+    runs_file = runs_files[0]
     assert sorted(ObjectId(r["_id"]["$oid"]) for r in archived_runs) == runs_before[:3]
     assert all(r["state"] == "completed" and "$date" in r["finishedAt"] for r in archived_runs)
     [note_line] = read_archive(archive / NOTIFICATIONS /
@@ -240,7 +245,8 @@ async def test_history_is_archived_to_readable_files_then_deleted(
     assert not [p for p in archive.rglob("*") if p.name.endswith(".tmp")]
     if shutil.which("jq") and shutil.which("zcat"):  # as an operator reads it
         out = await asyncio.to_thread(
-            subprocess.run, f"zcat {runs_file} | jq -c '.state'", shell=True,
+            subprocess.run, f"zcat {' '.join(map(str, runs_files))} | jq -c '.state'",
+            shell=True,
             capture_output=True, text=True, check=True)
         assert out.stdout.split() == ['"completed"'] * 3
 
