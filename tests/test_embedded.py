@@ -295,3 +295,19 @@ def test_an_update_mongomock_refuses_half_way_leaves_the_indexes_true() -> None:
     assert indexed.find_one({"_id": ids[0]}) == plain.find_one({"_id": ids[0]})
     for query in [{"queue": "c", "state": "completed"}, {"state": "completed"}]:
         assert list(indexed.find(query)) == list(plain.find(query))
+
+
+def test_a_unique_index_made_after_writes_is_enforced_by_the_next_one() -> None:
+    """The fields unique indexes read are kept between writes (`_unique_fields`): an
+    index created or dropped afterwards is seen by the next write all the same."""
+    indexed, plain = twins(20, 8)
+    for coll in (indexed, plain):
+        coll.update_one({"_id": 1}, {"$set": {"tag": "x"}})  # read the (no) unique fields
+        coll.create_index("tag", unique=True, sparse=True)
+    for coll in (indexed, plain):
+        with pytest.raises(mongomock.DuplicateKeyError):
+            coll.update_one({"_id": 2}, {"$set": {"tag": "x"}})
+        assert coll.find_one({"_id": 2}).get("tag") is None
+        coll.drop_index("tag_1")
+        coll.update_one({"_id": 2}, {"$set": {"tag": "x"}})  # no index now: allowed
+        assert coll.count_documents({"tag": "x"}) == 2

@@ -65,6 +65,7 @@ from sortedcontainers import SortedList
 from .embedded_match import matcher
 
 _ATTR = "_mwapjobs_index"
+_UNIQUE_ATTR = "_mwapjobs_unique_fields"  # (the indexes dict read, `_unique_fields`)
 _MAX_COMBINATIONS = 64  # values of an `$in` (times another's) worth a lookup
 
 
@@ -567,6 +568,8 @@ _original_update_pipeline = _Collection._apply_update_pipeline
 _original_setitem = _Store.__setitem__
 _original_delitem = _Store.__delitem__
 _original_drop = _Store.drop
+_original_create_index = _Store.create_index
+_original_drop_index = _Store.drop_index
 _Bulk: Any = mongomock.collection.BulkOperationBuilder
 _original_add_update = _Bulk.add_update
 _original_add_replace = _Bulk.add_replace
@@ -841,6 +844,18 @@ def _keep(value: Any) -> Any:
 
 
 def _unique_fields(collection: Any) -> tuple[set[str], set[str]]:
+    """`_read_unique_fields`, kept with the store until its indexes change (every write
+    asked, and reading a dozen index documents each time was a tenth of a claim)."""
+    store = collection._store
+    cached = getattr(store, _UNIQUE_ATTR, None)
+    if cached is not None and cached[0] is store.indexes:  # (replaced by drop_indexes)
+        return cached[1]  # type: ignore[no-any-return]
+    fields = _read_unique_fields(collection)
+    setattr(store, _UNIQUE_ATTR, (store.indexes, fields))
+    return fields
+
+
+def _read_unique_fields(collection: Any) -> tuple[set[str], set[str]]:
     """The top-level fields a unique index of the collection reads (its key and partial
     filter): a write that changes none of them cannot break uniqueness; and those of
     them whose removal can (a key of an index that is not sparse, where a missing value
@@ -935,6 +950,16 @@ def _delitem(self: Any, key: Any) -> None:
         indexes.drop(key)
 
 
+def _create_index(self: Any, index_name: Any, index_dict: Any) -> None:
+    _original_create_index(self, index_name, index_dict)
+    self.__dict__.pop(_UNIQUE_ATTR, None)
+
+
+def _drop_index(self: Any, index_name: Any) -> None:
+    self.__dict__.pop(_UNIQUE_ATTR, None)
+    _original_drop_index(self, index_name)
+
+
 def _drop(self: Any) -> None:
     _original_drop(self)
     indexes = _indexes(self)
@@ -973,6 +998,8 @@ _Bulk.add_replace = _add_replace
 _Store.__setitem__ = _setitem
 _Store.__delitem__ = _delitem
 _Store.drop = _drop
+_Store.create_index = _create_index
+_Store.drop_index = _drop_index
 
 
 def index_collection(collection: Any, specs: Sequence[tuple[str, ...]] = (),
