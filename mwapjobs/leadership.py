@@ -123,23 +123,26 @@ class Leadership:
     async def resign(self) -> None:
         """Stop leading for good and free the lease at once (a graceful stop).
 
-        The leader loops are cancelled first, then the lease is freed, and only then is
-        the clock stopped (`on_lose`): its thread may be in a pass that waits on MongoDB
-        for seconds, and the next instance need not wait for that. That is safe: we no
-        longer act as the leader (`leading` is False, so a fire still on its way is
-        refused), and a fire already written is idempotent (a repeat's run has a unique
-        slot)."""
+        The leader loops are cancelled first (none does leader work after this), then
+        the lease is freed, and only then are their clean-ups waited for and the clock
+        stopped (`on_lose`): a change stream's close waits for its getMore in flight,
+        the clock's thread may be in a pass that waits on MongoDB, each for seconds, and
+        the next instance need not wait for either. That is safe: we no longer act as
+        the leader (`leading` is False, so a fire still on its way is refused), a fire
+        already written is idempotent (a repeat's run has a unique slot), and a stream's
+        token saved late only makes the next leader replay changes it handles again."""
         self._closed = True
         fence = self.fence
         if fence is None:
             return
         self._step_down("stopping")
-        await self.tasks.stop()
+        self.tasks.cancel_all()
         try:
             await self.store.release(LEASE, self.owner, fence)
         except Exception as exc:  # it runs out by itself within `ttl`
             log.warning("could not release the leader lease", extra={
                 "error": f"{type(exc).__name__}: {exc}"[:300]})
+        await self.tasks.stop()
         for lose in self._on_lose:
             await lose()
 

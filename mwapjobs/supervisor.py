@@ -119,6 +119,11 @@ class Supervisor:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    def cancel_all(self) -> None:
+        """Cancel every task now, without waiting for their clean-up (`stop` waits)."""
+        for task in [*self._tasks.values(), *self._once]:
+            task.cancel()
+
     async def stop(self) -> None:
         """Cancel every task and wait for them; a task that swallowed its cancellation
         (a library may, as `asyncio.wait_for` does in 3.11) is cancelled again every
@@ -126,10 +131,13 @@ class Supervisor:
         pending = {*self._tasks.values(), *self._once}
         self._tasks.clear()
         self._once.clear()
+        for task in pending:
+            if not task.cancelling():  # not again: a second cancel cuts its clean-up short
+                task.cancel()
         while pending:
+            _done, pending = await asyncio.wait(pending, timeout=RECANCEL_SECONDS)
             for task in pending:
                 task.cancel()
-            _done, pending = await asyncio.wait(pending, timeout=RECANCEL_SECONDS)
 
     @staticmethod
     async def _every(failures: FailureLog, interval: float,

@@ -118,6 +118,44 @@ async def test_a_graceful_stop_frees_the_lease_before_the_leaders_work_has_ended
     assert b.leading and not a.leading
 
 
+async def test_a_leader_loops_slow_clean_up_does_not_hold_the_lease(mongo: Mongo) -> None:
+    """A leader loop's clean-up can wait for seconds (a change stream's close waits for
+    its getMore in flight): the loop is cancelled before the lease is freed, so it does
+    no leader work after, and the next instance takes the lease without waiting for
+    the clean-up; `resign` returns once it has ended."""
+    a, b = leader(mongo, "a"), leader(mongo, "b")
+    cleaning, cleaned = asyncio.Event(), asyncio.Event()
+    steps = 0
+
+    async def follower() -> None:
+        nonlocal steps
+        try:
+            while True:
+                steps += 1
+                await asyncio.sleep(0.01)
+        finally:
+            cleaning.set()
+            await cleaned.wait()  # closing its stream
+
+    a.keep("follower", follower)
+    await a.step()
+    await wait_for(lambda: steps > 2, message="the leader loop at work")
+    resigning = asyncio.create_task(a.resign())
+    await wait_for(cleaning.is_set, message="the loop cancelled")
+    worked = steps
+
+    async def b_took_it() -> bool:
+        await b.step()
+        return b.leading
+
+    await wait_for(b_took_it, 5, message="b to take the freed lease")
+    assert not resigning.done()  # a's loop is still cleaning up
+    assert steps == worked  # and did no more work once cancelled
+    cleaned.set()
+    await asyncio.wait_for(resigning, 5)
+    assert b.leading and not a.leading
+
+
 async def test_a_stopping_instance_never_takes_the_lease_again_while_it_drains(
         mongo: Mongo) -> None:
     """The renewal loop keeps ticking during a drain: after `resign` its steps must not
