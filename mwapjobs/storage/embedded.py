@@ -9,8 +9,9 @@ field (equality or `$in`, also in every branch of an `$or`) then only looks at t
 documents with those values. The filter is still applied to each of them, so the
 answer is exactly mongomock's (and in the same order): the index only picks the
 candidates, which makes it safe even where it is imprecise. An index may also keep
-its documents ordered by one more field (a date: `runAt`, `finishedAt`), so that a
-range on it (`runAt <= now`) reads only the documents in range. `count_documents` of a
+its documents ordered by one more field (a date: `runAt`, `finishedAt`), in the groups
+where that date is read (waiting and delayed runs for `runAt`), so that a range on it
+(`runAt <= now`) reads only the documents in range. `count_documents` of a
 filter that is nothing but an indexed equality is answered from the index's size.
 
 A page (`find(...).sort(...).limit(k)`, the claim of a batch of runs) is computed the
