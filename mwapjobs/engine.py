@@ -323,9 +323,13 @@ class Engine:
         await self.scheduler.shutdown()
         self._finish_stop()
 
+    def _claim_locks(self) -> list[asyncio.Lock]:
+        """Every lock a claim holds until its runs have started, in one order."""
+        return [*self._claiming.values(), self._claiming_isolated]
+
     async def _claims_done(self) -> None:
         """Wait for the claims in flight; once not accepting, no claim starts after."""
-        for lock in [*self._claiming.values(), self._claiming_isolated]:
+        for lock in self._claim_locks():
             async with lock:
                 pass
 
@@ -817,7 +821,7 @@ class Engine:
         handler started them, nothing renews them, and no other process takes a live
         owner's runs. Claims wait meanwhile, so none in flight is among them."""
         async with contextlib.AsyncExitStack() as claims:
-            for lock in [*self._claiming.values(), self._claiming_isolated]:
+            for lock in self._claim_locks():
                 await claims.enter_async_context(lock)
             ids = [i for i in await self.runs.expired_of(self.owner, now)
                    if i not in self._leased]

@@ -29,9 +29,9 @@ Updates of indexed collections made only of `$set`, `$unset`, `$inc` and a plain
 `$push` on top-level fields (every claim, renewal and outcome of a run) are applied
 here (`_update`): mongomock deep-copies and deep-compares each whole document it
 updates, and checks every unique index on each, which made a claim of 200 runs cost
-200 µs a run. A shallow copy restores a document here, because only top-level values
-are replaced, never mutated; unique indexes are checked when a field they read
-changed. A filter's `_id` equality or `$in` picks the candidates by hash and is not
+200 µs a run. The old values of the touched fields restore a document here, because
+only top-level values are replaced, never mutated; unique indexes are checked when a
+field they read changed. A filter's `_id` equality or `$in` picks the candidates by hash and is not
 checked again against each of them (a claim compared every run with every id).
 
 The indexes stay current through the few places where mongomock changes data: its
@@ -637,26 +637,13 @@ def _page(collection: Any, indexes: HashIndexes, spec: Any, sort: Any,
     documents = collection._store._documents
     in_order = indexes.in_sort_order(spec, order)
     if in_order is not None:  # read in the sort's order, only until the page is full
-        match = matcher(spec)
-        page: list[dict[str, Any]] = []
-        looked = False
-        for document in map(documents.get, in_order):
-            looked = True
-            if document is not None and match(document):
-                page.append(document)
-                if len(page) >= wanted:
-                    break
-        if not looked:
-            _applies(spec, {})  # still refuse a malformed filter, as mongomock does
-        return page[skip:]
+        return _first_matches(spec, map(documents.get, in_order), wanted)[skip:]
     ids = indexes.candidates(spec)
     if ids is None:
         return None
     # map() and the C slots below, not comprehensions: a claim's page looks at every due
     # run, and per-candidate bytecode was most of its cost.
     dataset = [d for d in map(documents.get, indexes.in_order(ids)) if d is not None]
-    if not dataset:
-        _applies(spec, {})  # still refuse a malformed filter, as mongomock does
     for key, direction in reversed(order):
         if key == "$natural":
             if direction < 0:
@@ -674,14 +661,25 @@ def _page(collection: Any, indexes: HashIndexes, spec: Any, sort: Any,
             except TypeError:  # naive and aware datetimes, say: BSON's comparison then
                 pass
         dataset.sort(key=functools.partial(_by, key), reverse=direction < 0)
-    page = []  # the first `wanted` matches in order
+    return _first_matches(spec, dataset, wanted)[skip:]
+
+
+def _first_matches(spec: Any, documents: Iterable[dict[str, Any] | None],
+                   wanted: int) -> list[dict[str, Any]]:
+    """The first `wanted` of `documents` (in order; None: deleted meanwhile) that match
+    `spec`, looking no further."""
     match = matcher(spec)
-    for document in dataset:
-        if match(document):
+    page: list[dict[str, Any]] = []
+    looked = False
+    for document in documents:
+        looked = True
+        if document is not None and match(document):
             page.append(document)
             if len(page) >= wanted:
                 break
-    return page[skip:]
+    if not looked:
+        _applies(spec, {})  # still refuse a malformed filter, as mongomock does
+    return page
 
 
 def _compute_results(self: Any, with_limit_and_skip: bool = False) -> list[dict[str, Any]]:
@@ -826,7 +824,7 @@ def _applies_simply(document: dict[str, Any], update: dict[str, dict[str, Any]])
 def _apply_simple(document: dict[str, Any], update: dict[str, dict[str, Any]],
                   share: bool) -> None:
     """Apply a `_simple_update` in place (`_applies_simply` said it can); replaced values
-    are never mutated, so a shallow copy taken before restores the document. `share`:
+    are never mutated, so the touched fields' old values restore the document. `share`:
     this is the update's only document, which may keep its values (`_simple_update`
     made them fresh) instead of a deep copy each."""
     own = _keep if share else _own
@@ -891,8 +889,9 @@ def _update(self: Any, spec: Any, document: Any, upsert: bool = False,
             **options: Any) -> dict[str, Any]:
     """mongomock's `_update` for the updates the engine makes on every run (claim,
     renewal, outcome: `$set`/`$unset`/`$inc`/`$push` on top-level fields), without its
-    deep copy and deep comparison of each whole document: a shallow copy is enough to
-    restore a document, as only top-level values are replaced. Anything else (upserts,
+    deep copy and deep comparison of each whole document: the touched fields' old values
+    tell whether it changed and restore it, as only top-level values are replaced.
+    Anything else (upserts,
     pipelines, replacements, dotted or positional paths, options) is mongomock's."""
     indexes = _indexes(self._store)
     update = (_simple_update(document) if indexes is not None and not upsert
