@@ -16,7 +16,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -39,8 +39,6 @@ class Finished:
     event: str  # the engine event to emit once written
     payload: dict[str, Any]
     due: datetime | None = None  # a retry's time, for the due timer
-    written: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop()
-                                          .create_future())
 
 
 OnWritten = Callable[[list[Finished], set[RunId]], Awaitable[None]]
@@ -98,9 +96,4 @@ class OutcomeWriter:
             failures.succeeded()
             self.batches += 1
             del self._pending[:len(batch)]
-            try:
-                await self._on_written(batch, written)
-            finally:
-                for item in batch:
-                    if not item.written.done():
-                        item.written.set_result(item.outcome.run_id in written)
+            await self._on_written(batch, written)

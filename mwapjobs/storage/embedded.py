@@ -504,7 +504,7 @@ def _combos(spec: tuple[str, ...], query: dict[str, Any]) -> list[tuple[Any, ...
 
 def _indexed(key: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """A key as the index keeps it: None (not indexed) when every field is null or
-    missing, as most runs' `key`, `slot`, `claimToken`, `writeToken` and `jobId` are."""
+    missing, as most runs' `key`, `slot` and `jobId` are."""
     return None if key.count(None) == len(key) else key
 
 
@@ -578,6 +578,14 @@ _original_add_replace = _Bulk.add_replace
 
 def _iter_documents(self: Any, filter: Any) -> Iterator[dict[str, Any]]:
     indexes = _indexes(self._store)
+    if indexes is not None and type(filter) is dict and type(filter.get("_id")) in _EXACT_IDS:
+        # One document by its `_id` (an outcome's write): no candidate set to sort.
+        document = self._store._documents.get(filter["_id"])
+        if document is None:
+            _applies(filter, {})
+        elif matcher(_beyond_ids(filter))(document):
+            yield document
+        return
     ids = indexes.candidates(filter) if indexes is not None else None
     if indexes is None or ids is None:  # every document, as mongomock's own does
         if self._store.is_empty:
@@ -786,26 +794,55 @@ def _simple_update(document: Any) -> dict[str, dict[str, Any]] | None:
     """The update document, datetimes as mongomock stores them, if it only sets, unsets,
     increments or pushes one value onto top-level fields, each named once; else None
     (mongomock's own path then)."""
-    if not isinstance(document, dict) or not document or not set(document) <= _SIMPLE:
+    if type(document) is not dict or not document:
         return None
-    seen: set[str] = set()
+    parts = []
     for op, fields in document.items():
-        if not isinstance(fields, dict) or not fields:
+        if type(fields) is not dict:
             return None
-        for name, value in fields.items():
-            if (not isinstance(name, str) or not name or name in seen or name == "_id"
-                    or "." in name or "$" in name or "\0" in name):
-                return None
-            if op == "$inc" and (isinstance(value, bool) or not isinstance(value, int | float)):
-                return None
-            if op == "$push" and isinstance(value, dict) and any(
-                    str(k).startswith("$") for k in value):
-                return None  # $each, $slice, ...
-            seen.add(name)
+        parts.append((op, *fields))
+    shape = tuple(parts)
+    simple = _SHAPES.get(shape)
+    if simple is None:
+        simple = _simple_shape(document)
+        if len(_SHAPES) >= _KEEP_SHAPES:
+            _SHAPES.clear()
+        _SHAPES[shape] = simple
+    if not simple:
+        return None
+    for value in document.get("$inc", {}).values():
+        if type(value) is bool or not isinstance(value, int | float):
+            return None
+    for value in document.get("$push", {}).values():
+        if isinstance(value, dict) and any(str(k).startswith("$") for k in value):
+            return None  # $each, $slice, ...
     patched: dict[str, dict[str, Any]] = _stored(document)
     if "$set" in patched or "$push" in patched:
         BSON.encode({**patched.get("$set", {}), **patched.get("$push", {})})  # as mongomock
     return patched
+
+
+# Whether an update's operators and field names (its shape) are simple, by shape: the
+# engine writes a handful of shapes, each thousands of times in a burst.
+_KEEP_SHAPES = 256
+_SHAPES: dict[tuple[tuple[Any, ...], ...], bool] = {}
+
+
+def _simple_shape(document: dict[Any, Any]) -> bool:
+    """Only `_SIMPLE` operators, each on a non-empty document (`_simple_update` saw that
+    they are documents) of top-level field names, each named once, none of them `_id`."""
+    if not set(document) <= _SIMPLE:
+        return False
+    seen: set[str] = set()
+    for fields in document.values():
+        if not isinstance(fields, dict) or not fields:
+            return False
+        for name in fields:
+            if (not isinstance(name, str) or not name or name in seen or name == "_id"
+                    or "." in name or "$" in name or "\0" in name):
+                return False
+            seen.add(name)
+    return True
 
 
 def _own(value: Any) -> Any:
@@ -897,7 +934,9 @@ def _update(self: Any, spec: Any, document: Any, upsert: bool = False,
     update = (_simple_update(document) if indexes is not None and not upsert
               and not any(options.values()) and isinstance(spec, dict) else None)
     spec = _stored(spec)
-    matches = (list(itertools.islice(self._iter_documents(spec), None if multi else 1))
+    # (This module's `_iter_documents`, not the collection's attribute: mongomock-motor
+    # wraps that per collection to rebuild every filter for beanie's string fields.)
+    matches = (list(itertools.islice(_iter_documents(self, spec), None if multi else 1))
                if update is not None else [])
     if indexes is None or update is None or not all(
             _applies_simply(d, update) for d in matches):

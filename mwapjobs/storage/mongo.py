@@ -62,7 +62,9 @@ DEFAULT_EMBEDDED_DB = "mwap"
 # What the embedded store indexes (see embedded.py): the lookups the engine, discovery
 # and the API make often, by equality on these fields, or by a date range in a group.
 EMBEDDED_INDEXES: dict[str, tuple[list[tuple[str, ...]], list[tuple[tuple[str, ...], str]]]] = {
-    RUNS: ([("key",), ("slot",), ("claimToken",), ("writeToken",), ("jobId",)],
+    # (No index on `claimToken` or `writeToken`: their reads also pin `_id`, and each
+    # index costs every claim and outcome a little.)
+    RUNS: ([("key",), ("slot",), ("jobId",)],
            [(("queue", "state"), "runAt"), (("state",), "runAt"),
             (("queue", "state"), "finishedAt")]),
     INTEGRATIONS: ([], [((), "updatedAt")]),

@@ -191,12 +191,17 @@ def _add_minute(minute: datetime, inc: dict[str, int]) -> Callable[[Any], Awaita
 def _outcome_update(outcome: Outcome, owner: str, token: str) -> UpdateOne:
     """The write of one attempt's end: its fields, its attempt appended, the lease (and,
     if it finished, the job id's key) dropped, only while the run is still ours."""
-    drop = {*LEASE_FIELDS, *(("key",) if outcome.finishing else ())}
+    drop = _FINISHED_DROP if outcome.finishing else _LEASE_DROP
     fields = {k: v for k, v in outcome.fields.items() if k not in drop}
     return UpdateOne(
         {"_id": outcome.run_id, "state": "active", "leaseOwner": owner},
         {"$set": {**fields, "writeToken": token}, "$push": {"attempts": outcome.attempt},
-         "$unset": dict.fromkeys(sorted(drop), "")})
+         "$unset": dict(drop)})
+
+
+# What an outcome unsets (`_outcome_update`), as `$unset` documents.
+_LEASE_DROP = dict.fromkeys(sorted(LEASE_FIELDS), "")
+_FINISHED_DROP = dict.fromkeys(sorted({*LEASE_FIELDS, "key"}), "")
 
 
 def _update_many(query: dict[str, Any], update: Any) -> Callable[[Any], Awaitable[Any]]:
@@ -360,7 +365,7 @@ class RunStore:
 
         One round trip for a single run. Two per batch: read the candidates, then flip
         those still claimable to active under a batch token; a third reads back by
-        token only if someone else took some of them in between.
+        token (among those ids) only if someone else took some of them in between.
         """
         query = {"queue": queue, "isolate": {"$ne": True}, **_due_query(now)}
         claimed = {"state": "active", "leaseOwner": owner,
@@ -392,7 +397,8 @@ class RunStore:
         )
         if result.modified_count != len(ids):
             mine: list[dict[str, Any]] = await self._mongo.call(
-                lambda db: db[RUNS].find({"claimToken": token}).to_list(None)
+                lambda db: db[RUNS].find({"_id": {"$in": ids}, "claimToken": token})
+                .to_list(None)
             )
             return mine
         for doc in candidates:
