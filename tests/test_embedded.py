@@ -12,6 +12,7 @@ from typing import Any
 import mongomock
 import pytest
 from bson import ObjectId
+from pymongo import UpdateOne
 
 from mwapjobs.storage import embedded
 from mwapjobs.storage.embedded import index_collection
@@ -278,6 +279,34 @@ def test_updates_change_what_plain_mongomock_changes(seed: int) -> None:
     assert list(indexed.find().sort("_id")) == list(plain.find().sort("_id"))
     for query in [due("a", T0), {"state": "active"}, {"slot": "s1"},
                   {"queue": "b", "state": "delayed", "runAt": {"$lte": T0}}]:
+        assert list(indexed.find(query).sort("_id")) == list(plain.find(query).sort("_id"))
+
+
+def bulk_outcome(coll: Any, requests: list[Any]) -> Any:
+    try:
+        return coll.bulk_write(requests).bulk_api_result
+    except mongomock.BulkWriteError as exc:
+        return "BulkWriteError", exc.details
+    except Exception as exc:
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_bulk_of_updates_changes_what_plain_mongomock_changes(seed: int) -> None:
+    """A bulk of plain `UpdateOne`s (the engine's outcomes: `embedded._bulk_write`)
+    gives plain mongomock's result, or its error with the same details (the updates
+    before the failing one applied, none after it), and leaves the same documents."""
+    indexed, plain, ids = update_twins(120, seed + 20)
+    rng = random.Random(seed)
+    for _ in range(150):
+        requests = [UpdateOne(*random_update(rng, ids)) for _ in range(rng.randint(1, 6))]
+        if rng.random() < 0.1:  # not plain: mongomock's own bulk
+            requests.append(UpdateOne({"_id": rng.choice(ids)}, {"$set": {"x": 1}},
+                                      upsert=True))
+        results = [bulk_outcome(c, requests) for c in (indexed, plain)]
+        assert results[0] == results[1], requests
+    assert list(indexed.find().sort("_id")) == list(plain.find().sort("_id"))
+    for query in [due("a", T0), {"state": "active"}, {"slot": "s1"}, {"key": "k1"}]:
         assert list(indexed.find(query).sort("_id")) == list(plain.find(query).sort("_id"))
 
 
