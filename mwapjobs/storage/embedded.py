@@ -57,11 +57,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import mongomock.collection
+import mongomock.results
 import mongomock.store
 from bson import BSON, ObjectId
 from mongomock import DuplicateKeyError, helpers
 from mongomock.filtering import filter_applies, resolve_sort_key
 from pymongo import UpdateOne
+from pymongo.errors import BulkWriteError, WriteError  # (mongomock raises these, with pymongo)
 from sortedcontainers import SortedList
 
 from .embedded_match import matcher
@@ -574,7 +576,7 @@ _original_create_index = _Store.create_index
 _original_drop_index = _Store.drop_index
 _original_bulk_write = _Collection.bulk_write
 _validate_update: Callable[[Any], None] = mongomock.collection.validate_ok_for_update
-_BulkWriteResult: Any = mongomock.collection.BulkWriteResult
+_BulkWriteResult: Any = mongomock.results.BulkWriteResult  # type: ignore[attr-defined]
 _Bulk: Any = mongomock.collection.BulkOperationBuilder
 _original_add_update = _Bulk.add_update
 _original_add_replace = _Bulk.add_replace
@@ -1000,10 +1002,10 @@ def _bulk_write(self: Any, requests: Any, ordered: bool = True,
     for index, request in enumerate(requests):
         try:
             answer = self._update(spec=request._filter, document=request._doc, hint=None)
-        except mongomock.WriteError as error:
+        except WriteError as error:
             result["writeErrors"].append(
                 {"index": index, "code": error.code, "errmsg": str(error)})
-            raise mongomock.BulkWriteError(result) from None
+            raise BulkWriteError(result) from None
         result["nMatched"] += answer["n"]
         result["nModified"] += answer["nModified"]
     return _BulkWriteResult(result, True)
