@@ -92,7 +92,10 @@ class EngineSettings(_Section):
     stalled_limit: int = Field(3, ge=0)
     sweep_interval: float = Field(15.0, gt=0)
     retention_interval: float = Field(60.0, gt=0)
-    claim_batch: int = Field(100, ge=1)
+    # The most runs one claim takes (never more than the queue's free slots). Each claim
+    # is two round trips whatever its size: in a burst on a wide queue, claims of 200
+    # made the embedded store about a tenth faster than claims of 100.
+    claim_batch: int = Field(200, ge=1)
     # The data fields runs can be searched by (API `field=`, the dashboard's "Find a
     # run"); each gets a partial index on the runs collection, so a search reads only
     # the runs that match. Plain names only (letters, digits, _).

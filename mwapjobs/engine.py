@@ -69,7 +69,7 @@ from .storage.runs import (
     parse_run_id,
 )
 from .supervisor import FailureLog, Supervisor
-from .timeouts import within
+from .timeouts import TimeLimits, within
 from .triggers import make_trigger
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ class Engine:
         self.leadership.on_change(self.scheduler.start_clock, self.scheduler.stop_clock)
         self._timer = DueTimer(self._wake_due, self.runs.due_after, clock)
         self._writer = OutcomeWriter(self.runs, self.owner, self._written)
+        self._limits = TimeLimits()  # the handlers' timeouts
         self._tasks = Supervisor()
         self._accepting = False
         self._started = False
@@ -619,18 +620,24 @@ class Engine:
         t0 = time.monotonic()
         error: BaseException | None = None
         result: Any = None
+        limit = run.get("timeout") or queue.options.timeout
+        timed_out, cancels = False, 0
+        task = asyncio.current_task()
         try:
             queue.check_data(run.get("data"))
-            async with asyncio.timeout(run.get("timeout") or queue.options.timeout):
+            self._limits.begin(task, limit)
+            try:
                 result = await queue.handler(job)
-                if isinstance(result, AndThen):
-                    queue.check_data(result.data)  # the next run's, before it is written
+            finally:
+                timed_out, cancels = self._limits.end(task)
+            if isinstance(result, AndThen):
+                queue.check_data(result.data)  # the next run's, before it is written
         except asyncio.CancelledError:
-            raise  # shutdown: `stop` hands the run back
+            if not timed_out or cancels:
+                raise  # shutdown: `stop` hands the run back
+            error = TimeoutError(f"timed out after {limit}s")
         except InvalidJobData as exc:
             error = PermanentError(f"the job's data does not fit its type: {exc}")
-        except TimeoutError as exc:
-            error = TimeoutError(f"timed out after {run.get('timeout')}s") if not str(exc) else exc
         except Exception as exc:
             error = exc
         duration_ms = round((time.monotonic() - t0) * 1000, 3)
