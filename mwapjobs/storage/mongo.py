@@ -7,7 +7,7 @@ Two clients are made from the same URI, as APScheduler needs a synchronous one:
 `MONGODB_URI=memory://` swaps both for mongomock, sharing one in-memory
 database. mongomock-motor runs every query synchronously on the calling
 thread and mongomock scans whole collections, so for the embedded store
-`call` runs each query on a dedicated thread with its own event loop, the way a
+`call` runs each query on a dedicated thread (`_QueryThread`), the way a
 database server would answer from another process. The loop that serves HTTP
 never executes a query itself, embedded or not.
 
@@ -21,11 +21,14 @@ State changes are logged once each, not per failed query.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import queue
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import mongomock
@@ -118,51 +121,97 @@ def database_name(uri: str) -> str:
     return str(name)
 
 
-class _EmbeddedLoop:
-    """A thread running an event loop, where mongomock-motor queries execute.
+class _QueryThread:
+    """The thread where the embedded store's (mongomock's) queries execute, one at a
+    time, in the order they were asked.
 
-    mongomock queries are pure-Python CPU work, so this thread competes with
-    the event loop for the GIL. A shorter switch interval (5 ms by default)
-    hands the GIL back to the loop sooner; measured with bench/engine.py it cut
-    the loop's worst stall during a burst from hundreds of ms to tens.
+    mongomock queries are pure-Python CPU work, so they must not run on the event
+    loop's thread, and this thread competes with the loop for the GIL: a shorter switch
+    interval (5 ms by default) hands the GIL back to the loop sooner; measured with
+    bench/engine.py it cut the loop's worst stall during a burst from hundreds of ms to
+    tens. mongomock-motor's coroutines never suspend (each wraps a synchronous call), so
+    a query is run here by stepping its coroutine once, with no event loop on this
+    thread: one there (a task per query, two wake-ups through its self-pipe) made a
+    round trip cost about 300 µs of CPU, this a third of that. A query that does
+    suspend is a bug, and fails with RuntimeError.
     """
 
     def __init__(self) -> None:
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-        self.loop = asyncio.new_event_loop()
+        self._queue: queue.SimpleQueue[_Query | None] = queue.SimpleQueue()
         self._stopping = False
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="mwapjobs-embedded-db", daemon=True
-        )
+        self._thread = threading.Thread(target=self._serve, name="mwapjobs-embedded-db",
+                                        daemon=True)
         self._thread.start()
 
     async def run(self, op: Callable[[Any], Awaitable[T]], db: Any) -> T:
         if self._stopping:
             raise RuntimeError("the database handle is closed")
-        future = asyncio.run_coroutine_threadsafe(_invoke(op, db), self.loop)
-        return await asyncio.wrap_future(future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Query(op, db, future, loop))
+        return await future
 
     def stop(self) -> None:
         """Stop the thread. Queries still queued are cancelled, so whoever awaits them
         gets CancelledError rather than waiting forever."""
         self._stopping = True
-        if self.loop.is_running():
-            asyncio.run_coroutine_threadsafe(self._cancel_all_and_stop(), self.loop)
+        if self._thread.is_alive():
+            self._queue.put(None)
             self._thread.join(timeout=5)
-        if not self.loop.is_running() and not self.loop.is_closed():
-            self.loop.close()
 
-    async def _cancel_all_and_stop(self) -> None:
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.loop.stop()
+    def _serve(self) -> None:
+        while (query := self._queue.get()) is not None:
+            if self._stopping:
+                query.settle(None, asyncio.CancelledError())
+            elif not query.future.cancelled():  # (its caller gave up before it ran)
+                try:
+                    value, error = _step(query.op(query.db)), None
+                except BaseException as exc:
+                    value, error = None, exc
+                query.settle(value, error)
+        while True:  # stopped: what came after the stop is cancelled too
+            try:
+                late = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if late is not None:
+                late.settle(None, asyncio.CancelledError())
 
 
-async def _invoke(op: Callable[[Any], Awaitable[T]], db: Any) -> T:
-    """Build and await the query on the embedded thread, cursor creation included."""
-    return await op(db)
+@dataclass
+class _Query:
+    op: Callable[[Any], Awaitable[Any]]
+    db: Any
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+    def settle(self, value: Any, error: BaseException | None) -> None:
+        """Hand the answer to the asking loop (from the query thread)."""
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+            self.loop.call_soon_threadsafe(_settle, self.future, value, error)
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if isinstance(error, asyncio.CancelledError):
+        future.cancel()
+    elif error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def _step(awaitable: Awaitable[T]) -> T:
+    """The result of an awaitable that completes without suspending."""
+    steps = awaitable.__await__()
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    steps.close()
+    raise RuntimeError("an embedded-store query suspended; it may await only the store")
 
 
 class Mongo:
@@ -186,7 +235,7 @@ class Mongo:
         self.db = async_client[db_name]
         self.embedded = embedded
         self._jobstore_client = jobstore_client
-        self._embedded_loop = _EmbeddedLoop() if embedded else None
+        self._queries = _QueryThread() if embedded else None
         self.round_trips = 0
         self.closed = False
         # Reachability, as the last query or ping found it.
@@ -245,8 +294,8 @@ class Mongo:
             raise RuntimeError("the database handle is closed")
         self.round_trips += 1
         try:
-            if self._embedded_loop is not None:
-                return await self._embedded_loop.run(op, self.db)
+            if self._queries is not None:
+                return await self._queries.run(op, self.db)
             result = await op(self.db)
         except ConnectionFailure as exc:
             self.mark_down(exc)
@@ -304,8 +353,8 @@ class Mongo:
         """Close the clients. Blocking (motor's close ends the server sessions from the
         calling thread): on the event loop, await `aclose` instead."""
         self.closed = True
-        if self._embedded_loop is not None:
-            self._embedded_loop.stop()
+        if self._queries is not None:
+            self._queries.stop()
         else:
             self.client.close()
 
