@@ -154,6 +154,13 @@ class HashIndexes:
         self._lead_of: dict[int, Any] = {}
         self._fields = sorted({f for spec in self.specs for f in spec} | (
             {self.lead} if self.lead else set()))
+        # What `put` reads: where each spec's fields are in `_fields`, each spec's
+        # entries (aligned with `specs`), where the lead is, whether no field is dotted.
+        self._picks = [tuple(self._fields.index(f) for f in spec) for spec in self.specs]
+        self._entry_list = [self._entries[spec] for spec in self.specs]
+        self._none: tuple[None, ...] = (None,) * len(self.specs)
+        self._lead_at = self._fields.index(self.lead) if self.lead else -1
+        self._flat = all("." not in f for f in self._fields)
         self._wild: set[int] = set()  # documents with an array or document in a field
         self._rank: dict[Any, int] = {}  # _id -> insertion rank
         self._id_at: dict[int, Any] = {}  # insertion rank -> _id
@@ -169,37 +176,43 @@ class HashIndexes:
         if rank is None:
             rank = self._rank[_id] = next(self._next)
             self._id_at[rank] = _id
-        value: dict[str, Any] = {}  # each field once; a loop, as this runs per write
-        for f in self._fields:
-            v = doc.get(f) if "." not in f else _field(doc, f)
+        # Each field once, then each spec's key from them (C-level loops where it can:
+        # this runs twice per run in a burst, for a claim and an outcome).
+        values = (list(map(doc.get, self._fields)) if self._flat
+                  else [_field(doc, f) for f in self._fields])
+        for v in values:
             if type(v) not in _HASHABLE:
                 try:
-                    v = _key(v)
+                    _key(v)
                 except _Unhashable:
                     self._unindex(rank)
                     self._wild.add(rank)
                     return
-            value[f] = v
-        parts = [tuple(map(value.__getitem__, spec)) for spec in self.specs]
-        keys = tuple([k if k.count(None) != len(k) else None for k in parts])  # `_indexed`
+        keys = tuple([k if k.count(None) != len(k) else None  # `_indexed`
+                      for k in [tuple([values[p] for p in pick]) for pick in self._picks]])
         self._wild.discard(rank)
         old_keys = self._keys.get(rank)
         old_dates = self._dates.get(rank, ())
-        for i, (spec, key) in enumerate(zip(self.specs, keys, strict=True)):
-            old = old_keys[i] if old_keys is not None else None
-            if old_keys is not None and old == key:
-                continue
-            if old is not None:
-                self._unlist(spec, old, rank)
-            if key is not None:
-                entries = self._entries[spec]
-                ranks = entries.get(key)
-                if ranks is None:
-                    ranks = entries[key] = set()
-                ranks.add(rank)
+        if old_keys != keys:
+            for old, key, entries in zip(old_keys or self._none, keys, self._entry_list,
+                                         strict=True):
+                if old == key:
+                    continue
+                if old is not None:
+                    ranks = entries.get(old)
+                    if ranks is not None:
+                        ranks.discard(rank)
+                        if not ranks:
+                            del entries[old]
+                if key is not None:
+                    ranks = entries.get(key)
+                    if ranks is None:
+                        entries[key] = {rank}
+                    else:
+                        ranks.add(rank)
         self._keys[rank] = keys
         dates: list[Any] = []
-        lead_value = _lead_key(value.get(self.lead)) if self.lead else None
+        lead_value = _lead_key(values[self._lead_at]) if self.lead else None
         old_lead = self._lead_of.get(rank)
         for j, (field, at, groups) in enumerate(self._ordered_at):
             when = doc.get(field) if "." not in field else _field(doc, field)
