@@ -10,17 +10,17 @@ from collections.abc import AsyncIterator
 import pytest
 
 from mwapjobs import gcpolicy
-from mwapjobs.gcpolicy import CALM_INTERVAL, CALM_YOUNG_PER_SECOND, MAX_INTERVAL, THAW_EVERY
+from mwapjobs.gcpolicy import CALM_CPU, CALM_INTERVAL, MAX_INTERVAL, THAW_EVERY
 from mwapjobs.supervisor import Supervisor
 
-BUSY = CALM_YOUNG_PER_SECOND * 10
+BUSY = 1.0  # a core
 
 
-@pytest.mark.parametrize(("since_full", "young_per_second", "fulls", "step"), [
+@pytest.mark.parametrize(("since_full", "cpu", "fulls", "step"), [
     (0.0, 0.0, 0, "wait"),                              # just collected
     (CALM_INTERVAL - 1, 0.0, 0, "wait"),                # calm, but not due yet
     (CALM_INTERVAL, 0.0, 0, "collect"),                 # calm and due
-    (CALM_INTERVAL, CALM_YOUNG_PER_SECOND, 0, "collect"),
+    (CALM_INTERVAL, CALM_CPU, 0, "collect"),
     (CALM_INTERVAL, BUSY, 0, "wait"),                   # a burst under way: later
     (MAX_INTERVAL - 1, BUSY, 0, "wait"),
     (MAX_INTERVAL, BUSY, 0, "collect"),                 # busy for too long: now anyway
@@ -28,8 +28,8 @@ BUSY = CALM_YOUNG_PER_SECOND * 10
     (CALM_INTERVAL, 0.0, THAW_EVERY, "collect"),
     (MAX_INTERVAL, BUSY, 2 * THAW_EVERY - 1, "thaw-and-collect"),
 ])
-def test_decide(since_full: float, young_per_second: float, fulls: int, step: str) -> None:
-    assert gcpolicy.decide(since_full, young_per_second, fulls) == step
+def test_decide(since_full: float, cpu: float, fulls: int, step: str) -> None:
+    assert gcpolicy.decide(since_full, cpu, fulls) == step
 
 
 @pytest.fixture
@@ -48,6 +48,7 @@ async def policy() -> AsyncIterator[Supervisor]:
 async def test_a_running_daemon_leaves_no_automatic_full_collection(
         policy: Supervisor) -> None:
     assert gc.get_threshold()[2] == gcpolicy.NO_AUTOMATIC_FULL
+    assert gc.get_threshold()[0] >= gcpolicy.YOUNG_THRESHOLD  # not a collection per claim
     other = Supervisor()
     release = gcpolicy.install(other)  # a second daemon in the same process
     await other.stop()
@@ -66,7 +67,7 @@ async def test_a_tick_when_due_collects_cycles_and_freezes_the_survivors(
     await gcpolicy.tick()  # just installed: nothing due
     assert not caplog.records
     monkeypatch.setattr(gcpolicy, "CALM_INTERVAL", 0.0)
-    monkeypatch.setattr(gcpolicy, "CALM_YOUNG_PER_SECOND", float("inf"))
+    monkeypatch.setattr(gcpolicy, "CALM_CPU", float("inf"))
 
     class Cycle:
         def __init__(self) -> None:
