@@ -766,7 +766,10 @@ def _stored(value: Any) -> Any:
         return [v if type(v) in _IMMUTABLE else _stored(v) for v in value]
     if kind is datetime:
         mongo_us = (value.microsecond // 1000) * 1000
-        if value.tzinfo:
+        tz = value.tzinfo
+        if tz is UTC:  # the engine's clock: no offset to take away
+            return value.replace(tzinfo=None, microsecond=mongo_us)
+        if tz:
             return (value - value.utcoffset()).replace(tzinfo=None, microsecond=mongo_us)
         return value.replace(microsecond=mongo_us)
     return _stored_dates(value)
@@ -884,14 +887,22 @@ def _apply_simple(document: dict[str, Any], update: dict[str, dict[str, Any]],
     this is the update's only document, which may keep its values (`_simple_update`
     made them fresh) instead of a deep copy each."""
     own = _keep if share else _own
-    for name, value in update.get("$set", {}).items():
-        document[name] = own(value)
+    sets = update.get("$set")
+    if sets:
+        if share or all(type(v) in _SHAREABLE for v in sets.values()):
+            document.update(sets)  # nothing to copy: in C
+        else:
+            for name, value in sets.items():
+                document[name] = own(value)
     for name in update.get("$unset", {}):
         document.pop(name, None)
     for name, value in update.get("$inc", {}).items():
         document[name] = document.get(name, 0) + value
     for name, value in update.get("$push", {}).items():
         document[name] = [*document.get(name, []), own(value)]
+
+
+_SHAREABLE = _IMMUTABLE | {datetime}  # values two documents may hold as one object
 
 
 def _keep(value: Any) -> Any:
@@ -962,25 +973,26 @@ def _update(self: Any, spec: Any, document: Any, upsert: bool = False,
         result: dict[str, Any] = _original_update(
             self, spec, document, upsert, manipulate, multi, check_keys, **options)
         return result
-    touched = {name for fields in update.values() for name in fields}
+    touched = tuple({name: None for fields in update.values() for name in fields})
     unique, removal = _unique_fields(self)
     removed = update.get("$unset", {})
     check_unique = any(name in removal if name in removed else name in unique
                        for name in touched)
     modified = 0
+    missing = itertools.repeat(_MISSING)
     for existing in matches:
         # Only the touched fields change: what they held is enough to tell whether the
-        # document changed, and to restore it.
-        before = {name: existing.get(name, _MISSING) for name in touched}
+        # document changed, and to restore it. (map and list equality: loops in C.)
+        before = list(map(existing.get, touched, missing))
         _apply_simple(existing, update, share=len(matches) == 1)
-        if all(existing.get(name, _MISSING) == old for name, old in before.items()):
+        if list(map(existing.get, touched, missing)) == before:
             continue
         indexes.put(existing)  # before the unique check: it looks through the indexes
         if check_unique:
             try:
                 self._ensure_uniques(existing)
             except DuplicateKeyError:
-                for name, old in before.items():
+                for name, old in zip(touched, before, strict=True):
                     if old is _MISSING:
                         existing.pop(name, None)
                     else:
