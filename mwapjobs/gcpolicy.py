@@ -11,7 +11,9 @@ trigger dozens of them: they were the loop's longest stalls. So, while a daemon 
   containers rather than CPython's 700: a claim of 200 runs makes a thousand at once,
   which at 700 started a collection each time (344 in a burst of 10,000 runs, 70 ms of
   its CPU, for next to no garbage: the claim's containers die with it, by reference
-  count); at 5,000, one;
+  count); at 5,000, one. Generation 1 is collected every `MIDDLE_THRESHOLD`-th time
+  (CPython: 10), so that it never holds more than a few young collections' survivors:
+  at 10, one such collection in a burst took 21 ms;
 - the full collection is made here, `decide`d every TICK seconds: when the process is
   calm (it used at most `CALM_CPU` of a core since the last tick: no burst under way)
   and the last one is `CALM_INTERVAL` s old, or unconditionally after `MAX_INTERVAL`
@@ -41,6 +43,7 @@ CALM_INTERVAL = 60.0
 MAX_INTERVAL = 600.0
 CALM_CPU = 0.25  # of a core, since the last tick
 YOUNG_THRESHOLD = 5_000
+MIDDLE_THRESHOLD = 2
 THAW_EVERY = 10
 # Generation 2 would be collected after this many generation-1 collections: never, in
 # practice (this module collects it).
@@ -91,7 +94,8 @@ def _take() -> None:
     if _state.users == 0:
         young, middle, _ = gc.get_threshold()
         _state.saved_threshold = gc.get_threshold()
-        gc.set_threshold(max(young, YOUNG_THRESHOLD), middle, NO_AUTOMATIC_FULL)
+        gc.set_threshold(max(young, YOUNG_THRESHOLD), min(middle, MIDDLE_THRESHOLD),
+                         NO_AUTOMATIC_FULL)
         _state.last_full = _state.last_tick = time.monotonic()
         _state.cpu_at_tick = time.process_time()
     _state.users += 1

@@ -49,6 +49,7 @@ async def test_a_running_daemon_leaves_no_automatic_full_collection(
         policy: Supervisor) -> None:
     assert gc.get_threshold()[2] == gcpolicy.NO_AUTOMATIC_FULL
     assert gc.get_threshold()[0] >= gcpolicy.YOUNG_THRESHOLD  # not a collection per claim
+    assert gc.get_threshold()[1] <= gcpolicy.MIDDLE_THRESHOLD
     other = Supervisor()
     release = gcpolicy.install(other)  # a second daemon in the same process
     await other.stop()
