@@ -975,9 +975,9 @@ def _update(self: Any, spec: Any, document: Any, upsert: bool = False,
         return result
     touched = tuple({name: None for fields in update.values() for name in fields})
     unique, removal = _unique_fields(self)
-    removed = update.get("$unset", {})
-    check_unique = any(name in removal if name in removed else name in unique
-                       for name in touched)
+    removed = update.get("$unset", {})  # (a field unset is one touched)
+    check_unique = bool(unique.intersection(touched).difference(removed)
+                        or removal.intersection(removed))
     modified = 0
     missing = itertools.repeat(_MISSING)
     for existing in matches:
