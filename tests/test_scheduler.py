@@ -342,8 +342,11 @@ async def test_repeat_missed_by_hours_still_fires_once_after_restart(
 ) -> None:
     """misfire_grace_time=None: a fire however late still creates its run (APScheduler's
     default grace of one second would drop it), and coalescing makes it one run."""
+    # A daily hour two hours back: its latest occurrence is two to three hours old
+    # whenever the test runs (a fixed 03:00 was 48 s old when it ran at 03:00:48).
+    hour = (utcnow() - timedelta(hours=2)).hour
     a = await make_engine()
-    await a.repeat("q", {"daily": True}, cron="0 3 * * *", job_id="daily")
+    await a.repeat("q", {"daily": True}, cron=f"0 {hour} * * *", job_id="daily")
     await a.stop(1)
     missed_from = await asyncio.to_thread(backdate_repeat, mongo, f"{REPEAT_PREFIX}q:daily",
                                           timedelta(days=3))
@@ -367,7 +370,7 @@ async def test_repeat_missed_by_hours_still_fires_once_after_restart(
     await wait_for(caught_up, timeout=3, message="the catch-up run")
     assert len(fired) == 1
     assert fired[0] < utcnow() - timedelta(hours=1)  # a fire for a long-past occurrence
-    assert fired[0].astimezone(UTC).hour == 3
+    assert fired[0].astimezone(UTC).hour == hour
     [run] = await runs(mongo)
     assert run["jobId"] == "daily" and run["data"] == {"daily": True}
     [listed] = await Operations(b).repeats()
