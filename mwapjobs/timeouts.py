@@ -46,8 +46,8 @@ class TimeLimits:
     """The time limits of many tasks, on one timer of the event loop.
 
     An engine runs each handler under its queue's timeout. `asyncio.timeout` around
-    each run costs a timer handle, its heap entry and its clean-up: measured, a tenth
-    of the loop's work per run in a burst of short runs. Here a limit is a dict entry;
+    each run costs a timer handle, its heap entry and its clean-up: a tenth of the
+    loop's work per run in a profile of a burst of short runs. Here a limit is a dict entry;
     one timer, armed for the earliest limit, cancels the tasks whose limit passed, and
     `end` tells each task whether that cancellation was its limit's (and takes it
     back from the task's cancel count, as `asyncio.timeout` does), so that the task

@@ -31,8 +31,10 @@ here (`_update`): mongomock deep-copies and deep-compares each whole document it
 updates, and checks every unique index on each, which made a claim of 200 runs cost
 200 µs a run. The old values of the touched fields restore a document here, because
 only top-level values are replaced, never mutated; unique indexes are checked when a
-field they read changed. A filter's `_id` equality or `$in` picks the candidates by hash and is not
-checked again against each of them (a claim compared every run with every id).
+field they read changed. A batch of outcomes (`bulk_write` of plain `UpdateOne`s) goes
+to `_update` one by one without mongomock's bulk builder (`_bulk_write`). A filter's
+`_id` equality or `$in` picks the candidates by hash and is not checked again against
+each of them (a claim compared every run with every id).
 
 The indexes stay current through the few places where mongomock changes data: its
 store's `__setitem__` (inserts, rollbacks) and `__delitem__` (deletes), the two
